@@ -1,0 +1,51 @@
+# Two commands for a newcomer: `make demo` (the main job) and `make test`.
+# Each creates .venv, installs torch's CPU build first (a plain `torch`
+# requirement would pull a multi-GB CUDA build), then the project.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test test-slow bench fashion-mnist venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package.
+fashion-mnist:
+	@if [ -f $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing dataset-fashion-mnist (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+	  echo "Fashion-MNIST is missing at $(FMNIST) and apt is not usable here."; \
+	  echo "Install it with: sudo apt-get install -y dataset-fashion-mnist"; \
+	  echo "or point data.path= at a folder holding the four IDX .gz files."; \
+	  exit 1; \
+	fi
+
+demo: $(STAMP) fashion-mnist
+	$(BIN)/gdm-ray demo
+
+test: $(STAMP) fashion-mnist
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP) fashion-mnist
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP) fashion-mnist
+	$(BIN)/python bench/attack.py
+
+clean:
+	rm -rf $(VENV) gdm-ray-runs .pytest_cache

@@ -1,0 +1,57 @@
+"""Clean accuracy and attack success rate (ASR).
+
+ASR is the share of images whose true class is not the target that the
+model classifies as the target once the trigger is applied, with a random
+placement drawn per image for random-location triggers (DESIGN.md section 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gdm_ray.core.data import ImageSet
+from gdm_ray.core.triggers import Trigger
+from gdm_ray.core.train import model_device
+
+__all__ = ["predict", "clean_accuracy", "attack_success_rate"]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted classes for x, in eval mode (the model's mode is restored)."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def clean_accuracy(model: nn.Module, data: ImageSet, batch_size: int = 512) -> float:
+    if len(data) == 0:
+        return float("nan")
+    return float((predict(model, data.x, batch_size) == data.y).float().mean())
+
+
+def attack_success_rate(
+    model: nn.Module,
+    data: ImageSet,
+    trigger: Trigger,
+    target: int,
+    generator: torch.Generator | None = None,
+    batch_size: int = 512,
+) -> float:
+    """ASR of ``trigger`` for class ``target`` on the images of data not in ``target``."""
+    keep = data.y != int(target)
+    if not bool(keep.any()):
+        return float("nan")
+    x = data.x[keep]
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    hits = 0
+    for i in range(0, len(x), batch_size):
+        xb = trigger.apply(x[i : i + batch_size], g)
+        hits += int((predict(model, xb, batch_size) == int(target)).sum())
+    return hits / len(x)

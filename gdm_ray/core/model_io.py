@@ -1,0 +1,228 @@
+"""Save and load classifiers without unpickling untrusted files.
+
+Two formats (DESIGN.md section 3, "Models"):
+- TorchScript (``torch.jit.save``), with a small JSON description stored as
+  an extra file inside the archive;
+- a known architecture name + a safetensors state dict, the architecture and
+  its arguments in the safetensors metadata header.
+
+Loading checks what it can (readable, a known format, accepts the input
+shape, returns N x K finite logits) and raises ModelLoadError with one line
+naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gdm_ray.core.errors import ModelLoadError
+from gdm_ray.core.models import ARCHS, build_model
+
+__all__ = ["LoadedModel", "save_torchscript", "save_safetensors", "load_model", "file_sha256", "MODEL_SUFFIXES"]
+
+META_NAME = "gdm_ray.json"
+MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".safetensors")
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    input_shape: tuple[int, int, int] | None
+    num_classes: int
+    path: str
+    sha256: str
+    meta: dict
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files 0600
+    os.replace(tmp, final)
+
+
+def _atomic_target(path: Path) -> tuple[Path, Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return path, Path(tmp)
+
+
+def save_torchscript(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], meta: dict | None = None) -> Path:
+    """Script (or, failing that, trace) the model and save it atomically."""
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            scripted = torch.jit.script(model)
+        except Exception:  # noqa: BLE001 - some modules only trace
+            scripted = torch.jit.trace(model, torch.zeros(1, *input_shape, device=_device(model)))
+    finally:
+        model.train(was_training)
+    info = {"input_shape": list(input_shape), **(meta or {})}
+    final, tmp = _atomic_target(Path(path))
+    try:
+        torch.jit.save(scripted.cpu(), str(tmp), _extra_files={META_NAME: json.dumps(info)})
+        _publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def save_safetensors(
+    model: nn.Module, path: str | Path, arch: str, input_shape: tuple[int, int, int], num_classes: int, width: int | None = None
+) -> Path:
+    """Save a state dict with the architecture description in the header."""
+    from safetensors.torch import save_file
+
+    if arch not in ARCHS:
+        raise ModelLoadError(f"cannot save arch {arch!r}: not one of {', '.join(ARCHS)}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "arch": arch,
+        "input_shape": json.dumps(list(input_shape)),
+        "num_classes": str(num_classes),
+        "width": "" if width is None else str(width),
+    }
+    final, tmp = _atomic_target(Path(path))
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        _publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def load_model(
+    path: str | Path,
+    input_shape: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
+    arch: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load and check a classifier file.
+
+    input_shape: C x H x W the caller will feed (checked by a forward pass);
+    num_classes: the number of classes the data has (the model must output at
+    least that many logits). ``arch`` is only needed for a safetensors file
+    whose header does not name one.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"model={p}: no such file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise ModelLoadError(f"model={p}: cannot read ({exc.strerror})") from None
+    if head[:4] == b"PK\x03\x04":
+        module, meta = _load_torchscript(p, device)
+    elif len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000:
+        module, meta = _load_safetensors(p, arch, device)
+    else:
+        raise ModelLoadError(f"model={p}: neither a TorchScript archive nor a safetensors file")
+    module.eval()
+    recorded = meta.get("input_shape")
+    if input_shape is not None and recorded and int(recorded[0]) != int(input_shape[0]):
+        rs, cs = "x".join(map(str, recorded)), "x".join(map(str, input_shape))
+        raise ModelLoadError(f"model={p}: made for {rs} images ({recorded[0]} channels), but the data is {cs}")
+    shape = tuple(input_shape) if input_shape is not None else (tuple(meta["input_shape"]) if meta.get("input_shape") else None)
+    k = _check_forward(p, module, shape, device)
+    if num_classes is not None and k < num_classes:
+        raise ModelLoadError(f"model={p}: outputs {k} logits but the data has {num_classes} classes")
+    return LoadedModel(module, shape, k, str(p), file_sha256(p), meta)  # type: ignore[arg-type]
+
+
+def _load_torchscript(p: Path, device: str | torch.device) -> tuple[nn.Module, dict]:
+    extra = {META_NAME: ""}
+    try:
+        module = torch.jit.load(str(p), map_location=device, _extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt archives
+        raise ModelLoadError(f"model={p}: corrupt or unreadable TorchScript ({_first_line(exc)})") from None
+    try:
+        meta = json.loads(extra[META_NAME]) if extra[META_NAME] else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = {}
+    meta.setdefault("format", "torchscript")
+    return module, meta
+
+
+def _load_safetensors(p: Path, arch: str | None, device: str | torch.device) -> tuple[nn.Module, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+        state = load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"model={p}: corrupt safetensors file ({_first_line(exc)})") from None
+    arch = arch or header.get("arch")
+    if not arch:
+        raise ModelLoadError(f"model={p}: safetensors header names no architecture; pass model.arch=...")
+    if arch not in ARCHS:
+        raise ModelLoadError(f"model={p}: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    try:
+        input_shape = json.loads(header["input_shape"]) if header.get("input_shape") else None
+        num_classes = int(header.get("num_classes") or 0)
+        width = int(header["width"]) if header.get("width") else None
+    except (ValueError, json.JSONDecodeError):
+        raise ModelLoadError(f"model={p}: malformed safetensors metadata {header}") from None
+    if not input_shape or num_classes < 2:
+        raise ModelLoadError(f"model={p}: safetensors metadata lacks input_shape/num_classes")
+    module = build_model(arch, int(input_shape[0]), num_classes, width)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"model={p}: weights do not fit arch {arch!r} ({_first_line(exc)})") from None
+    meta = {"format": "safetensors", "arch": arch, "input_shape": input_shape, "num_classes": num_classes, "width": width}
+    return module.to(device), meta
+
+
+def _check_forward(p: Path, module: nn.Module, shape: tuple[int, ...] | None, device: str | torch.device) -> int:
+    if shape is None:
+        raise ModelLoadError(f"model={p}: input shape unknown; the file records none and no data was given")
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the shape is wrong
+        cs = "x".join(str(s) for s in shape)
+        raise ModelLoadError(f"model={p}: does not accept input of shape {cs} ({_first_line(exc)})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelLoadError(f"model={p}: output must be N x K logits, got {got} for a batch of 2")
+    if out.shape[1] < 2:
+        raise ModelLoadError(f"model={p}: outputs {out.shape[1]} logit(s); a classifier needs at least 2")
+    if not torch.isfinite(out).all():
+        raise ModelLoadError(f"model={p}: produces non-finite logits")
+    return int(out.shape[1])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

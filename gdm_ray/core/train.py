@@ -1,0 +1,154 @@
+"""The one supervised training loop that attacks (and later defenses) share.
+
+A ``batch_hook`` transforms each (augmented) batch before the step: the
+attack poisons images there, the defense applies sampled triggers there.
+Augmentation happens before the hook, so triggers are never cropped or
+flipped away.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gdm_ray.core.data import ImageSet
+from gdm_ray.core.errors import ConfigError
+
+__all__ = ["TrainConfig", "train_classifier", "augment", "model_device"]
+
+BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. The defaults suit the small CNN on Fashion-MNIST."""
+
+    epochs: float = 5
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    label_smoothing: float = 0.0
+    crop_pad: int = 0  # random-crop padding (0 = off)
+    flip: bool = False  # random horizontal flips
+    channels_last: bool = True  # faster convolutions on CPU
+
+    def __post_init__(self) -> None:
+        if float(self.epochs) <= 0:
+            raise ConfigError(f"train.epochs={self.epochs} must be > 0")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be >= 1")
+        if float(self.lr) <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"train.optimizer={self.optimizer!r} must be 'sgd' or 'adam'")
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise ConfigError(f"train.schedule={self.schedule!r} must be onecycle, cosine or constant")
+        if int(self.crop_pad) < 0:
+            raise ConfigError(f"train.crop_pad={self.crop_pad} must be >= 0")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model lives on (its first parameter or buffer)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def augment(x: torch.Tensor, crop_pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with reflect padding and random horizontal flip, batched."""
+    n, _, h, w = x.shape
+    if crop_pad > 0:
+        padded = nn.functional.pad(x, (crop_pad,) * 4, mode="reflect")
+        off = torch.randint(0, 2 * crop_pad + 1, (n, 2), generator=generator).to(x.device)
+        rows = (off[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (off[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        idx = torch.arange(n, device=x.device)[:, None, None, None]
+        ch = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[idx, ch, rows, cols]
+    if flip:
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def train_classifier(
+    model: nn.Module,
+    data: ImageSet,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    batch_hook: BatchHook | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[float]:
+    """Train in place; returns the mean loss of each epoch.
+
+    ``generator`` drives shuffling, augmentation and the hook's randomness,
+    so a run is reproducible from its seed. ``progress(step, total, loss)``
+    is called after every step.
+    """
+    device = model_device(model)
+    n = len(data)
+    if n == 0:
+        raise ConfigError("cannot train on an empty data set")
+    bs = min(int(cfg.batch_size), n)
+    steps_per_epoch = math.ceil(n / bs)
+    total = max(1, int(round(float(cfg.epochs) * steps_per_epoch)))
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    elif cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    else:
+        sched = None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg.label_smoothing))
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    step, epoch_loss, epoch_count = 0, 0.0, 0
+    try:
+        while step < total:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, bs):
+                if step >= total:
+                    break
+                idx = order[start : start + bs]
+                x = data.x[idx].to(device, non_blocking=True)
+                y = data.y[idx].to(device, non_blocking=True)
+                x = augment(x, int(cfg.crop_pad), bool(cfg.flip), generator)
+                if batch_hook is not None:
+                    x, y = batch_hook(x, y, generator)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                step += 1
+                lv = float(loss.detach())
+                epoch_loss += lv * len(idx)
+                epoch_count += len(idx)
+                if progress is not None:
+                    progress(step, total, lv)
+            losses.append(epoch_loss / max(1, epoch_count))
+            epoch_loss, epoch_count = 0.0, 0
+    finally:
+        model.train(was_training)
+        if cfg.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+    return losses
