@@ -16,6 +16,7 @@ import os
 import struct
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,7 +264,7 @@ def load_npz(path: Path) -> ImageSet:
             classes = [str(c) for c in z["classes"]] if "classes" in z else None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"data.path={path}: not a readable npz file ({exc})") from None
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"data.path={path}: y must be a 1-D integer array, got {y.dtype} {y.shape}")

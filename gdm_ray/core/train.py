@@ -109,46 +109,72 @@ def train_classifier(
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+        # OneCycleLR divides by zero for a one-step warm-up (pct_start * total_steps == 1).
+        pct = 0.3 if 0.25 * total == 1 else 0.25
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct)
     elif cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     else:
         sched = None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg.label_smoothing))
+    # Dropout draws from torch's global RNG: fork it and seed it from
+    # ``generator`` so the run repeats from its seed without touching the
+    # caller's global state.
+    devices = [device.index or 0] if device.type == "cuda" else []
     was_training = model.training
-    model.train()
-    losses: list[float] = []
-    step, epoch_loss, epoch_count = 0, 0.0, 0
     try:
-        while step < total:
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, bs):
-                if step >= total:
-                    break
-                idx = order[start : start + bs]
-                x = data.x[idx].to(device, non_blocking=True)
-                y = data.y[idx].to(device, non_blocking=True)
-                x = augment(x, int(cfg.crop_pad), bool(cfg.flip), generator)
-                if batch_hook is not None:
-                    x, y = batch_hook(x, y, generator)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                step += 1
-                lv = float(loss.detach())
-                epoch_loss += lv * len(idx)
-                epoch_count += len(idx)
-                if progress is not None:
-                    progress(step, total, lv)
-            losses.append(epoch_loss / max(1, epoch_count))
-            epoch_loss, epoch_count = 0.0, 0
+        model.train()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            return _loop(model, data, cfg, generator, batch_hook, progress, opt, sched, loss_fn, bs, total)
     finally:
         model.train(was_training)
         if cfg.channels_last:
             model.to(memory_format=torch.contiguous_format)
+
+
+def _loop(
+    model: nn.Module,
+    data: ImageSet,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    batch_hook: BatchHook | None,
+    progress: Callable[[int, int, float], None] | None,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    loss_fn: nn.Module,
+    bs: int,
+    total: int,
+) -> list[float]:
+    device = model_device(model)
+    n = len(data)
+    losses: list[float] = []
+    step, epoch_loss, epoch_count = 0, 0.0, 0
+    while step < total:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, bs):
+            if step >= total:
+                break
+            idx = order[start : start + bs]
+            x = data.x[idx].to(device, non_blocking=True)
+            y = data.y[idx].to(device, non_blocking=True)
+            x = augment(x, int(cfg.crop_pad), bool(cfg.flip), generator)
+            if batch_hook is not None:
+                x, y = batch_hook(x, y, generator)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            step += 1
+            lv = float(loss.detach())
+            epoch_loss += lv * len(idx)
+            epoch_count += len(idx)
+            if progress is not None:
+                progress(step, total, lv)
+        losses.append(epoch_loss / max(1, epoch_count))
+        epoch_loss, epoch_count = 0.0, 0
     return losses
