@@ -1,0 +1,423 @@
+"""MESA, the max-entropy staircase approximator (Qiao, Yang, Li, "Defending
+Neural Backdoors via Generative Distribution Modeling", NeurIPS 2019), with
+entropy estimated by MINE (Belghazi et al., "Mutual Information Neural
+Estimation", ICML 2018).
+
+The valid triggers of a backdoored classifier for target class c form a
+distribution, modelled through ASR(x) cut into N levels (DESIGN.md section 1):
+beta_i (i/N by default), X_i = {x : ASR(x) > beta_i}, and one generator G_i
+per level trained to maximise the entropy of G_i(Z) while staying in X_i:
+
+    L_i = -alpha * I_hat_i(G_i(z); z) + mean_b max(0, beta_i - F(G_i(z_b)))
+
+F is the testing function, a differentiable stand-in for ASR: the backdoored
+model's softmax probability of c on a clean non-target image with the
+trigger applied at a random place ("softmax"), or the same constraint in log
+space, max(0, log beta_i - log p_c), whose gradient does not vanish far from
+the target ("ce", a cross-entropy hinge). I_hat_i is the MINE estimate of
+its level's statistics network; for a deterministic G, h(G(Z)) = I(G(Z); Z),
+so maximising I_hat maximises entropy.
+
+All N levels train together: each step draws a batch per level, runs the N
+generators and statistics networks batched, and makes one forward/backward
+of the frozen classifier over the concatenated N x B triggered images.
+
+Ensemble weights ("staircase" rule). The layer-cake identity gives
+ASR(x) = integral_0^1 1[ASR(x) > t] dt ~ sum_i (beta_{i+1} - beta_i) 1[x in X_i]
+with beta_N = 1. Each indicator is vol(X_i) times the uniform density on X_i;
+the max-entropy G_i approximates that uniform density, and vol(X_i) =
+exp(h(uniform on X_i)) ~ exp(H_i). So the normalised staircase density is the
+mixture w_i ∝ (beta_{i+1} - beta_i) * exp(H_i), with H_i the level's final
+(smoothed) MINE estimate. The MINE value is a lower bound and only its
+differences between levels matter, so treat these weights as a rough
+approximation; ``ensemble="uniform"`` gives every level 1/N.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gdm_ray.core.data import ImageSet
+from gdm_ray.core.errors import ConfigError, DataError
+from gdm_ray.core.generator import NOISES, StaircaseGenerators, sample_noise
+from gdm_ray.core.statistics_network import MINE, StaircaseStatistics
+from gdm_ray.core.train import model_device
+from gdm_ray.core.triggers import apply_trigger, random_positions
+
+__all__ = ["MESAConfig", "MESA", "MESAResult", "TESTING_FUNCTIONS", "ENSEMBLE_RULES"]
+
+TESTING_FUNCTIONS = ("softmax", "ce")
+ENSEMBLE_RULES = ("staircase", "uniform")
+_POOL_ON_DEVICE_BYTES = 256 * 2**20  # clean images smaller than this move to the device once
+
+
+@dataclass
+class MESAConfig:
+    """MESA settings (the ``mesa`` config group). Paper defaults: N = 3 levels,
+    beta_i = i/N, alpha = 0.1, noise dimension 10, 3x3 triggers, softmax
+    testing function.
+
+    levels: N. betas: ascending thresholds in [0, 1), one per level (None:
+      i/N). alpha: entropy weight (>= 0). steps / batch_size (per level) / lr:
+      Adam optimisation of generators and statistics networks together.
+    noise: "normal" (Z ~ N(0, I)) or "uniform" (U(0, 1)^d).
+    hidden / layers: generator MLP; stat_hidden / stat_layers: statistics network.
+    trigger_size: [h, w]; with_alpha: also learn an alpha mask (arbitrary shape).
+    testing: "softmax" or "ce" (see the module docstring).
+    images_per_trigger: clean images each trigger is tested on per step
+      (F is their mean; 1 is cheapest).
+    ma_rate: MINE moving-average rate. log_every: steps per history row.
+    eval_samples: triggers per level for the final ASR of each level.
+    ensemble: "staircase" or "uniform" weights.
+    seed: seeds the torch.Generator when ``fit`` is given none.
+    """
+
+    levels: int = 3
+    betas: list[float] | None = None
+    alpha: float = 0.1
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    noise_dim: int = 10
+    noise: str = "normal"
+    hidden: int = 64
+    layers: int = 2
+    stat_hidden: int = 128
+    stat_layers: int = 2
+    trigger_size: list[int] = field(default_factory=lambda: [3, 3])
+    with_alpha: bool = False
+    testing: str = "softmax"
+    images_per_trigger: int = 1
+    ma_rate: float = 0.01
+    log_every: int = 50
+    eval_samples: int = 512
+    ensemble: str = "staircase"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.levels) < 1:
+            raise ConfigError(f"mesa.levels={self.levels} must be >= 1")
+        if self.betas is not None:
+            b = [float(v) for v in self.betas]
+            if len(b) != int(self.levels):
+                raise ConfigError(f"mesa.betas={list(self.betas)} has {len(b)} values but mesa.levels={self.levels}")
+            for v in b:
+                if not 0.0 <= v < 1.0:
+                    raise ConfigError(f"mesa.betas={list(self.betas)}: {v} is outside [0, 1)")
+            if any(x >= y for x, y in zip(b, b[1:])):
+                raise ConfigError(f"mesa.betas={list(self.betas)} must be strictly ascending")
+            self.betas = b
+        if not (math.isfinite(float(self.alpha)) and float(self.alpha) >= 0):
+            raise ConfigError(f"mesa.alpha={self.alpha} must be a finite number >= 0")
+        for key in ("steps", "noise_dim", "hidden", "layers", "stat_hidden", "stat_layers", "images_per_trigger", "log_every", "eval_samples"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"mesa.{key}={getattr(self, key)} must be >= 1")
+        if int(self.batch_size) < 2:
+            raise ConfigError(f"mesa.batch_size={self.batch_size} must be >= 2 (MINE shuffles within a batch)")
+        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
+            raise ConfigError(f"mesa.lr={self.lr} must be > 0")
+        if not 0.0 < float(self.ma_rate) <= 1.0:
+            raise ConfigError(f"mesa.ma_rate={self.ma_rate} must be in (0, 1]")
+        ts = list(self.trigger_size)
+        if len(ts) != 2 or min(int(s) for s in ts) < 1:
+            raise ConfigError(f"mesa.trigger_size={ts} must be two positive integers [h, w]")
+        self.trigger_size = [int(s) for s in ts]
+        if self.noise not in NOISES:
+            raise ConfigError(f"mesa.noise={self.noise!r} must be one of {', '.join(NOISES)}")
+        if self.testing not in TESTING_FUNCTIONS:
+            raise ConfigError(f"mesa.testing={self.testing!r} must be one of {', '.join(TESTING_FUNCTIONS)}")
+        if self.ensemble not in ENSEMBLE_RULES:
+            raise ConfigError(f"mesa.ensemble={self.ensemble!r} must be one of {', '.join(ENSEMBLE_RULES)}")
+
+    @property
+    def beta_values(self) -> list[float]:
+        """The thresholds beta_0..beta_{N-1} (i/N unless given)."""
+        n = int(self.levels)
+        return list(self.betas) if self.betas is not None else [i / n for i in range(n)]
+
+
+@dataclass
+class MESAResult:
+    """What a MESA search found.
+
+    generators: the trained staircase (on the model's device).
+    weights: ensemble weight of each level (sums to 1).
+    entropy: final smoothed MINE estimate per level (the entropy proxy H_i).
+    asr: per level, the share of non-target images of ``data`` classified as
+      the target with a fresh sample of that level's triggers applied.
+    history: one row per level per logging interval, with the interval's
+      means: step, level, beta, asr (of the training samples), score (mean
+      F), hinge, mi.
+    """
+
+    target: int
+    betas: list[float]
+    alpha: float
+    weights: list[float]
+    entropy: list[float]
+    asr: list[float]
+    history: list[dict[str, float]]
+    seconds: float
+    steps: int
+    generators: StaircaseGenerators
+    config: dict = field(default_factory=dict)
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+class MESA:
+    """Model the valid triggers of ``target`` with a staircase of generators.
+
+    Args:
+        config: a ``MESAConfig`` (defaults: the paper's).
+
+    Shape:
+        ``fit`` takes a classifier of N x C x H x W images in [0, 1] and clean
+        images of that shape; ``sample`` returns patterns n x C x h x w and
+        alphas n x h x w in [0, 1].
+
+    Example:
+        >>> mesa = MESA(MESAConfig(steps=500))
+        >>> result = mesa.fit(model, splits.defense, target=3, generator=torch.Generator().manual_seed(0))
+        >>> patterns, alphas = mesa.sample(64, generator=torch.Generator().manual_seed(1))
+    """
+
+    def __init__(self, config: MESAConfig | None = None) -> None:
+        self.config = config if config is not None else MESAConfig()
+        self.generators: StaircaseGenerators | None = None
+        self.weights: torch.Tensor | None = None
+
+    # --- search ---------------------------------------------------------------
+
+    def fit(
+        self,
+        model: nn.Module,
+        data: ImageSet,
+        target: int,
+        generator: torch.Generator | None = None,
+        progress: Callable[[int, int, float], None] | None = None,
+    ) -> MESAResult:
+        """Train the N generators against the frozen ``model``.
+
+        ``data`` holds clean images (the defender's set); only those whose
+        label is not ``target`` are used. ``generator`` drives every random
+        draw (initialisation, noise, images, positions, shuffles); without one,
+        ``config.seed`` seeds a fresh one. ``progress(step, total, loss)`` is
+        called after every step. The model's parameters, ``requires_grad``
+        flags and train/eval mode are left as they were.
+        """
+        cfg = self.config
+        g = generator if generator is not None else torch.Generator().manual_seed(int(cfg.seed))
+        target = int(target)
+        ch, H, W = data.shape
+        h, w = cfg.trigger_size
+        if h > H or w > W:
+            raise ConfigError(f"mesa.trigger_size={cfg.trigger_size} is larger than the image {H}x{W}")
+        if target < 0 or (data.num_classes > 0 and target >= data.num_classes):
+            raise ConfigError(f"mesa.target={target} but the data has {data.num_classes} classes (0..{data.num_classes - 1})")
+        pool = data.x[data.y != target]
+        if len(pool) == 0:
+            raise DataError(f"no clean images outside the target class {target} to test triggers on")
+
+        device = model_device(model)
+        if pool.numel() * pool.element_size() <= _POOL_ON_DEVICE_BYTES:
+            pool = pool.to(device)
+        n_lv, bs, k = int(cfg.levels), int(cfg.batch_size), int(cfg.images_per_trigger)
+        betas = torch.tensor(cfg.beta_values, dtype=torch.float32, device=device)
+        gens = StaircaseGenerators(
+            n_lv, ch, (h, w), cfg.noise_dim, cfg.hidden, cfg.layers, cfg.with_alpha, cfg.noise, generator=g
+        ).to(device)
+        stats = StaircaseStatistics(n_lv, cfg.noise_dim, gens.out_dim, cfg.stat_hidden, cfg.stat_layers, generator=g)
+        mine = MINE(stats, cfg.ma_rate, levels=(n_lv,)).to(device)
+        opt = torch.optim.Adam(list(gens.parameters()) + list(mine.parameters()), lr=float(cfg.lr))
+
+        history: list[dict[str, float]] = []
+        sums = torch.zeros(4, n_lv, device=device)  # asr, score, hinge, mi over the interval
+        count = 0
+        mi_ema, ema_rate = torch.zeros(n_lv, device=device), 0.02
+        t0 = time.perf_counter()
+        with _frozen(model):
+            for step in range(1, int(cfg.steps) + 1):
+                z = gens.sample_noise(bs, g).to(device)  # N x B x d
+                pattern, alpha = gens(z)
+                x_flat = _flat(pattern, alpha, cfg.with_alpha)
+                # T ascends I_hat at full strength; the generator gets alpha * grad I_hat
+                # through x (the -alpha * I_hat term of L_i), all from one MINE call.
+                mi = mine(z, _GradScale.apply(x_flat, float(cfg.alpha)), generator=g)  # N
+                logits = self._classify(model, pool, pattern, alpha, k, g)  # (N*B*k) x K
+                score, hinge, asr = self._testing(logits, target, betas, n_lv, bs, k)
+                loss = (hinge - mi).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+                with torch.no_grad():
+                    sums += torch.stack([asr, score, hinge, mi.detach()])
+                    mi_ema.mul_(1 - ema_rate).add_(mi.detach(), alpha=ema_rate)
+                count += 1
+                if step % int(cfg.log_every) == 0 or step == int(cfg.steps):
+                    means = (sums / count).cpu()
+                    for i in range(n_lv):
+                        history.append(dict(step=step, level=i, beta=cfg.beta_values[i], asr=float(means[0, i]),
+                                            score=float(means[1, i]), hinge=float(means[2, i]), mi=float(means[3, i])))  # fmt: skip
+                    sums.zero_()
+                    count = 0
+                if progress is not None:
+                    progress(step, int(cfg.steps), float(loss.detach()))
+            # bias-corrected EMA (as Adam's), so short runs are not pulled towards 0
+            entropy = (mi_ema / (1 - (1 - ema_rate) ** int(cfg.steps))).cpu()
+            gens.eval()
+            asr_final = self._evaluate(model, gens, pool, target, g)
+        seconds = time.perf_counter() - t0
+
+        weights = self._ensemble_weights(entropy)
+        self.generators, self.weights = gens, weights
+        return MESAResult(
+            target=target,
+            betas=cfg.beta_values,
+            alpha=float(cfg.alpha),
+            weights=[float(v) for v in weights],
+            entropy=[float(v) for v in entropy],
+            asr=asr_final,
+            history=history,
+            seconds=seconds,
+            steps=int(cfg.steps),
+            generators=gens,
+            config=asdict(cfg),
+        )
+
+    def _classify(
+        self, model: nn.Module, pool: torch.Tensor, pattern: torch.Tensor, alpha: torch.Tensor, k: int, g: torch.Generator
+    ) -> torch.Tensor:
+        """Logits of the model on k random clean images per trigger, one forward for all levels."""
+        n_lv, bs = pattern.shape[:2]
+        m = n_lv * bs * k
+        idx = torch.randint(0, len(pool), (m,), generator=g).to(pool.device)
+        images = pool[idx].to(pattern.device)
+        pos = random_positions(m, tuple(pattern.shape[-2:]), tuple(images.shape[-2:]), g)
+        pat = pattern.reshape(n_lv * bs, *pattern.shape[2:]).repeat_interleave(k, dim=0)
+        alp = alpha.reshape(n_lv * bs, *alpha.shape[2:]).repeat_interleave(k, dim=0)
+        return model(apply_trigger(images, pat, alp, pos))
+
+    def _testing(
+        self, logits: torch.Tensor, target: int, betas: torch.Tensor, n_lv: int, bs: int, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per level: mean F (target probability), mean hinge, and ASR of the batch."""
+        if logits.dim() != 2 or logits.shape[1] <= target:
+            raise ConfigError(f"mesa.target={target} but the model outputs {list(logits.shape)} logits")
+        logp = F.log_softmax(logits.float(), dim=1)[:, target].view(n_lv, bs, k)
+        log_f = torch.logsumexp(logp, dim=2) - math.log(k)  # log of F = mean p over the k images
+        b = betas[:, None]
+        if self.config.testing == "softmax":
+            hinge = F.relu(b - log_f.exp())
+        else:  # "ce": the same constraint F >= beta in log space; beta = 0 never binds
+            hinge = torch.where(b > 0, F.relu(torch.log(b.clamp_min(1e-12)) - log_f), torch.zeros_like(log_f))
+        with torch.no_grad():
+            hits = (logits.argmax(1) == target).float().view(n_lv, bs * k).mean(1)
+            score = log_f.exp().mean(1)
+        return score.detach(), hinge.mean(1), hits
+
+    @torch.no_grad()
+    def _evaluate(
+        self, model: nn.Module, gens: StaircaseGenerators, pool: torch.Tensor, target: int, g: torch.Generator
+    ) -> list[float]:
+        """ASR of each level's fresh samples on random clean non-target images."""
+        n_lv, total = gens.levels, int(self.config.eval_samples)
+        device = gens.mlp.layers[0].weight.device
+        hits = torch.zeros(n_lv, device=device)
+        chunk = max(1, 2048 // n_lv)
+        for start in range(0, total, chunk):
+            b = min(chunk, total - start)
+            pattern, alpha = gens(gens.sample_noise(b, g).to(device))
+            logits = self._classify(model, pool, pattern, alpha, 1, g)
+            hits += (logits.argmax(1) == target).float().view(n_lv, b).sum(1)
+        return [float(v) for v in (hits / total).cpu()]
+
+    def _ensemble_weights(self, entropy: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        n = int(cfg.levels)
+        if cfg.ensemble == "uniform":
+            return torch.full((n,), 1.0 / n)
+        b = cfg.beta_values + [1.0]
+        steps = torch.tensor([b[i + 1] - b[i] for i in range(n)], dtype=torch.float32)
+        # w_i ∝ (beta_{i+1} - beta_i) exp(H_i), in log space; a MINE bound below 0 means ~0 entropy
+        return torch.softmax(steps.log() + entropy.float().clamp_min(0.0), dim=0)
+
+    # --- sampling -------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, level: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n triggers from the ensemble (a level drawn per sample by the
+        ensemble weights) or from one ``level``. Returns (patterns n x C x h x w,
+        alphas n x h x w) on the generators' device. Pass ``generator`` for
+        reproducible draws (without one, torch's default generator is used).
+        """
+        if self.generators is None or self.weights is None:
+            raise RuntimeError("MESA.sample needs a fitted staircase: call fit first")
+        gens = self.generators
+        n = int(n)
+        if n < 0:
+            raise ConfigError(f"sample n={n} must be >= 0")
+        if level is not None and not 0 <= int(level) < gens.levels:
+            raise ConfigError(f"level={level} must be in 0..{gens.levels - 1}")
+        if level is None:
+            levels = torch.multinomial(self.weights, n, replacement=True, generator=generator) if n else torch.zeros(0, dtype=torch.long)
+        else:
+            levels = torch.full((n,), int(level), dtype=torch.long)
+        device = gens.mlp.layers[0].weight.device
+        z = sample_noise((n, gens.noise_dim), gens.noise, generator)
+        was_training = gens.training
+        gens.eval()
+        try:
+            # every level on every z is cheap (tiny MLPs); pick each sample's level after
+            pattern, alpha = gens(z.to(device).unsqueeze(0).expand(gens.levels, -1, -1).contiguous())
+        finally:
+            gens.train(was_training)
+        pick = torch.arange(n, device=device)
+        levels = levels.to(device)
+        return pattern[levels, pick].contiguous(), alpha[levels, pick].contiguous()
+
+
+def _flat(pattern: torch.Tensor, alpha: torch.Tensor, with_alpha: bool) -> torch.Tensor:
+    """N x B x D vector of what the generator outputs (pattern, and alpha if learned)."""
+    flat = pattern.flatten(2)
+    return torch.cat([flat, alpha.flatten(2)], dim=2) if with_alpha else flat
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Model in eval mode with requires_grad False; flags and modes restored on exit."""
+    flags = [p.requires_grad for p in model.parameters()]
+    # every submodule's own mode, since a model may be partly in eval mode
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
