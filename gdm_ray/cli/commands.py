@@ -37,7 +37,9 @@ T = TypeVar("T")
 
 
 def run(command: str, cfg: DictConfig) -> dict[str, Any]:
-    fn = {"attack": attack, "evaluate": evaluate, "demo": demo}[command]
+    from gdm_ray.cli.search import defend, search
+
+    fn = {"attack": attack, "evaluate": evaluate, "demo": demo, "search": search, "defend": defend}[command]
     return fn(cfg)
 
 
@@ -209,7 +211,7 @@ def attack(cfg: DictConfig) -> dict[str, Any]:
     return {**card, "out": str(run_dir.final)}
 
 
-def _card_for(model_path: Path) -> dict[str, Any]:
+def card_for(model_path: Path) -> dict[str, Any]:
     import json
 
     card = model_path.with_suffix(".json")
@@ -231,7 +233,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     c, h, w = splits.shape
     arch = cfg.arch.name if cfg.get("arch") else None
     loaded = load_model(model_path, (c, h, w), splits.eval.num_classes, arch=arch, device=device)
-    card = _card_for(model_path)
+    card = card_for(model_path)
     if cfg.get("trigger") is not None:
         spec = typed(TriggerSpec, cfg.trigger, "trigger")
     elif card.get("trigger"):

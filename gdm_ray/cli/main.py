@@ -18,6 +18,8 @@ __all__ = ["main", "compose_config", "config_dir", "COMMANDS"]
 COMMANDS = {
     "attack": "train a backdoored classifier (BadNets poisoning); writes model.pt + model.json",
     "evaluate": "clean accuracy and attack success rate of a model for a trigger",
+    "search": "model the valid triggers of one class (MESA) or reverse-engineer one (baseline)",
+    "defend": "repair a model by retraining against the found triggers; writes model.pt + metrics.json",
     "demo": "the end-to-end main job on the embedded default",
 }
 

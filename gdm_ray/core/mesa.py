@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -49,7 +48,7 @@ from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
 from gdm_ray.core.generator import NOISES, StaircaseGenerators, sample_noise
 from gdm_ray.core.statistics_network import MINE, StaircaseStatistics
-from gdm_ray.core.train import model_device
+from gdm_ray.core.train import frozen, model_device
 from gdm_ray.core.triggers import apply_trigger, random_positions
 
 __all__ = ["MESAConfig", "MESA", "MESAResult", "TESTING_FUNCTIONS", "ENSEMBLE_RULES"]
@@ -255,7 +254,7 @@ class MESA:
         count = 0
         mi_ema, ema_rate = torch.zeros(n_lv, device=device), 0.02
         t0 = time.perf_counter()
-        with _frozen(model):
+        with frozen(model):
             for step in range(1, int(cfg.steps) + 1):
                 z = gens.sample_noise(bs, g).to(device)  # N x B x d
                 pattern, alpha = gens(z)
@@ -403,21 +402,3 @@ def _flat(pattern: torch.Tensor, alpha: torch.Tensor, with_alpha: bool) -> torch
     """N x B x D vector of what the generator outputs (pattern, and alpha if learned)."""
     flat = pattern.flatten(2)
     return torch.cat([flat, alpha.flatten(2)], dim=2) if with_alpha else flat
-
-
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Model in eval mode with requires_grad False; flags and modes restored on exit."""
-    flags = [p.requires_grad for p in model.parameters()]
-    # every submodule's own mode, since a model may be partly in eval mode
-    modes = [m.training for m in model.modules()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        for m, mode in zip(model.modules(), modes):
-            m.training = mode

@@ -7,6 +7,8 @@ placement drawn per image for random-location triggers (DESIGN.md section 1).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -14,7 +16,10 @@ from gdm_ray.core.data import ImageSet
 from gdm_ray.core.triggers import Trigger
 from gdm_ray.core.train import model_device
 
-__all__ = ["predict", "clean_accuracy", "attack_success_rate"]
+if TYPE_CHECKING:
+    from gdm_ray.core.defense import TriggerSampler
+
+__all__ = ["predict", "clean_accuracy", "attack_success_rate", "sampled_asr"]
 
 
 @torch.no_grad()
@@ -54,4 +59,30 @@ def attack_success_rate(
     for i in range(0, len(x), batch_size):
         xb = trigger.apply(x[i : i + batch_size], g)
         hits += int((predict(model, xb, batch_size) == int(target)).sum())
+    return hits / len(x)
+
+
+def sampled_asr(
+    model: nn.Module,
+    data: ImageSet,
+    sampler: "TriggerSampler",
+    target: int,
+    generator: torch.Generator,
+    batch_size: int = 512,
+) -> float:
+    """ASR of a trigger *distribution*: each non-target image gets a fresh
+    sample, at a random place, and counts if the model says ``target``."""
+    from gdm_ray.core.triggers import apply_trigger, random_positions
+
+    keep = data.y != int(target)
+    if not bool(keep.any()):
+        return float("nan")
+    x = data.x[keep]
+    hits = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        pattern, alpha = sampler.sample(len(xb), generator=generator)
+        pos = random_positions(len(xb), tuple(alpha.shape[-2:]), tuple(xb.shape[2:]), generator)
+        triggered = apply_trigger(xb, pattern.to(xb.device), alpha.to(xb.device), pos)
+        hits += int((predict(model, triggered, batch_size) == int(target)).sum())
     return hits / len(x)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_examples"]
+__all__ = ["save_examples", "save_level_grid", "save_pca_scatter", "save_curves"]
 
 
 def _to_hwc(img: torch.Tensor):
@@ -54,6 +54,99 @@ def save_examples(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _composite(pattern: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Show a trigger over mid-grey so its alpha mask is visible."""
+    return (1 - alpha.unsqueeze(0)) * 0.5 + alpha.unsqueeze(0) * pattern
+
+
+def save_level_grid(path: Path, samples: list[tuple[torch.Tensor, torch.Tensor]], title: str = "",
+                    row_labels: list[str] | None = None) -> Path:  # fmt: skip
+    """One row per level: its sampled triggers (pattern blended on grey by alpha)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(samples), max(len(p) for p, _ in samples)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.2, 0.95 * rows + 0.6), squeeze=False)
+    for r, (patterns, alphas) in enumerate(samples):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(patterns):
+                img = _composite(patterns[c].cpu(), alphas[c].cpu())
+                ax.imshow(_to_hwc(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+        axes[r][0].set_ylabel(row_labels[r] if row_labels else f"level {r}", fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_pca_scatter(path: Path, samples: list[torch.Tensor], title: str = "", labels: list[str] | None = None) -> Path:
+    """2-D PCA of flattened trigger samples, coloured by level (the paper's figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flat = [s.detach().float().flatten(1).cpu() for s in samples]
+    allx = torch.cat(flat)
+    mean = allx.mean(0, keepdim=True)
+    # principal axes from the SVD of the centred samples
+    _, _, v = torch.linalg.svd(allx - mean, full_matrices=False)
+    axes2 = v[:2].T
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    cmap = plt.get_cmap("viridis")
+    for i, f in enumerate(flat):
+        pts = (f - mean) @ axes2
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, color=cmap(i / max(1, len(flat) - 1)),
+                   label=labels[i] if labels else f"level {i}")  # fmt: skip
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=7, markerscale=2)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_curves(path: Path, history: list[dict[str, float]], title: str = "") -> Path:
+    """ASR and MI estimate of each level over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({int(r["level"]) for r in history})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    cmap = plt.get_cmap("viridis")
+    for lv in levels:
+        rows = [r for r in history if int(r["level"]) == lv]
+        steps = [r["step"] for r in rows]
+        color = cmap(lv / max(1, len(levels) - 1))
+        a1.plot(steps, [r["asr"] for r in rows], color=color, label=f"level {lv} (beta {rows[0]['beta']:.2f})")
+        a1.axhline(rows[0]["beta"], color=color, linestyle=":", linewidth=0.8)
+        a2.plot(steps, [r["mi"] for r in rows], color=color)
+    a1.set_xlabel("step")
+    a1.set_ylabel("ASR of samples")
+    a1.set_ylim(-0.02, 1.02)
+    a1.legend(fontsize=7)
+    a2.set_xlabel("step")
+    a2.set_ylabel("MI estimate (nats)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -9,7 +9,8 @@ flipped away.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError
 
-__all__ = ["TrainConfig", "train_classifier", "augment", "model_device"]
+__all__ = ["TrainConfig", "train_classifier", "augment", "model_device", "frozen"]
 
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,6 +62,24 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode with requires_grad False (a search must not
+    train it); flags and every submodule's own mode restored on exit."""
+    flags = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
 
 
 def augment(x: torch.Tensor, crop_pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:

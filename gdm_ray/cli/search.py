@@ -1,0 +1,189 @@
+"""`gdm-ray search` and `gdm-ray defend`: the trigger search and the repair."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from gdm_ray.cli.commands import card_for, load_data, plain, print_table, progress_bar, setup, typed
+from gdm_ray.core.baseline import BaselineConfig, PixelBaseline
+from gdm_ray.core.data import Splits
+from gdm_ray.core.defense import DefenseConfig, TriggerSampler, retrain
+from gdm_ray.core.ensemble import save_ensemble
+from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.mesa import MESA, MESAConfig
+from gdm_ray.core.metrics import attack_success_rate, clean_accuracy, sampled_asr
+from gdm_ray.core.model_io import LoadedModel, file_sha256, load_model, save_torchscript
+from gdm_ray.core.plots import save_curves, save_level_grid, save_pca_scatter
+from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
+from gdm_ray.store import RunDir, code_version, config_hash, write_json
+
+__all__ = ["search", "defend", "run_search"]
+
+METHODS = ("mesa", "baseline")
+
+
+def _load(cfg: DictConfig, device: torch.device) -> tuple[LoadedModel, Splits, int, str]:
+    model_path = Path(str(cfg.model))
+    if not model_path.is_file():  # fail before the (slow) data load
+        raise ConfigError(f"model={model_path}: no such file")
+    method = str(cfg.method)
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} must be one of {', '.join(METHODS)}")
+    target = cfg.target_class
+    if isinstance(target, bool) or not isinstance(target, int):
+        raise ConfigError(f"target_class={target!r} must be a class index")
+    splits = load_data(cfg)
+    arch = cfg.arch.name if cfg.get("arch") else None
+    loaded = load_model(model_path, splits.shape, splits.eval.num_classes, arch=arch, device=device)
+    if not 0 <= target < loaded.num_classes:
+        raise ConfigError(f"target_class={target} is not a class of the model (0..{loaded.num_classes - 1})")
+    return loaded, splits, int(target), method
+
+
+def run_search(
+    cfg: DictConfig, method: str, loaded: LoadedModel, splits: Splits, target: int, run_dir: RunDir, g: torch.Generator
+) -> tuple[TriggerSampler, dict[str, Any]]:
+    """Run MESA or the baseline on the defense split; write its artifact and
+    pictures into run_dir; return the sampler and a summary."""
+    update, close = progress_bar(cfg, f"{method} search")
+    t0 = time.perf_counter()
+    name = Path(loaded.path).name
+    try:
+        if method == "mesa":
+            mesa = MESA(typed(MESAConfig, cfg.mesa, "mesa"))
+            result = mesa.fit(loaded.module, splits.defense, target, g, update)
+        else:
+            base = PixelBaseline(typed(BaselineConfig, cfg.baseline, "baseline"))
+            bres = base.fit(loaded.module, splits.defense, target, g, update)
+    finally:
+        close()
+    seconds = time.perf_counter() - t0
+    k = int(cfg.samples_per_level)
+    if method == "mesa":
+        save_ensemble(mesa, result, run_dir.path("ensemble"), loaded.sha256,
+                      {"source_model": loaded.path, "code_version": code_version()})  # fmt: skip
+        per_level = [mesa.sample(max(k, 200), generator=g, level=i) for i in range(result.generators.levels)]
+        labels = [f"L{i} b={b:.2f}\nASR {a:.0%}" for i, (b, a) in enumerate(zip(result.betas, result.asr))]
+        save_level_grid(run_dir.path("samples.png"), [(p[:k], a[:k]) for p, a in per_level],
+                        f"{name}: MESA triggers for class {target}, one row per level", labels)  # fmt: skip
+        flat = [torch.cat([p.flatten(1), a.flatten(1)], 1) if mesa.config.with_alpha else p for p, a in per_level]
+        save_pca_scatter(run_dir.path("pca.png"), flat, f"{name}: samples by level (PCA)")
+        save_curves(run_dir.path("curves.png"), result.history, f"{name}: MESA training, class {target}")
+        summary = {
+            "method": "mesa", "levels": result.generators.levels, "betas": result.betas, "alpha": result.alpha,
+            "level_asr": result.asr, "entropy": result.entropy, "weights": result.weights, "steps": result.steps,
+        }  # fmt: skip
+        sampler: TriggerSampler = mesa
+    else:
+        save_level_grid(run_dir.path("samples.png"), [(bres.pattern[None], bres.alpha[None])],
+                        f"{name}: baseline trigger for class {target}", [f"ASR {bres.asr:.0%}"])  # fmt: skip
+        from safetensors.torch import save_file
+
+        save_file({"pattern": bres.pattern.contiguous(), "alpha": bres.alpha.contiguous()}, str(run_dir.path("trigger.safetensors")))
+        summary = {"method": "baseline", "found_asr_search": bres.asr, "restart_asr": bres.restart_asr}
+        sampler = base
+    summary.update({"search_seconds": round(seconds, 2), "target_class": target})
+    return sampler, summary
+
+
+def search(cfg: DictConfig) -> dict[str, Any]:
+    """Search the valid triggers of target_class and write them out."""
+    device = setup(cfg)
+    loaded, splits, target, method = _load(cfg, device)
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    print(f"gdm-ray search: {loaded.path}, class {target}, {method} on {len(splits.defense)} clean images", file=sys.stderr)
+    with RunDir(cfg.get("out"), "search") as run_dir:
+        sampler, summary = run_search(cfg, method, loaded, splits, target, run_dir, g)
+        summary["found_asr_eval"] = sampled_asr(loaded.module, splits.eval, sampler, target, g)
+        summary.update({"model": loaded.path, "model_sha256": loaded.sha256, "config_hash": config_hash(plain(cfg)),
+                        "code_version": code_version()})  # fmt: skip
+        write_json(run_dir.path("search.json"), summary)
+    rows = [("method", method), ("found triggers' ASR (eval)", f"{summary['found_asr_eval']:.2%}"),
+            ("search seconds", f"{summary['search_seconds']:.1f}")]  # fmt: skip
+    if method == "mesa":
+        rows.insert(1, ("level ASR", ", ".join(f"{a:.0%}" for a in summary["level_asr"])))
+    print_table(rows)
+    print(f"wrote {run_dir.final}")
+    return {**summary, "out": str(run_dir.final)}
+
+
+def _real_trigger(cfg: DictConfig, model_path: Path, splits: Splits) -> tuple[Trigger | None, int | None, dict | None]:
+    """The trigger the model was actually poisoned with, when known (trigger= or the card)."""
+    card = card_for(model_path)
+    if cfg.get("trigger") is not None:
+        spec = typed(TriggerSpec, cfg.trigger, "trigger")
+        target = int(cfg.target_class)
+    elif card.get("trigger"):
+        spec = typed(TriggerSpec, card["trigger"], "model card trigger")
+        target = int(card["target"])
+    else:
+        return None, None, None
+    c, h, w = splits.shape
+    return make_trigger(spec, c, (h, w)), target, dataclasses.asdict(spec)
+
+
+def defend(cfg: DictConfig) -> dict[str, Any]:
+    """Search, then retrain against the found triggers; write the repaired model and metrics."""
+    device = setup(cfg)
+    loaded, splits, target, method = _load(cfg, device)
+    defense_cfg = typed(DefenseConfig, cfg.defense, "defense")
+    real, real_target, real_spec = _real_trigger(cfg, Path(loaded.path), splits)
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    eval_seed = int(cfg.seed) + 7919
+
+    def measure(model: torch.nn.Module, sampler: TriggerSampler | None) -> dict[str, float | None]:
+        out: dict[str, float | None] = {"clean_accuracy": clean_accuracy(model, splits.eval)}
+        out["asr"] = (attack_success_rate(model, splits.eval, real, real_target, torch.Generator().manual_seed(eval_seed))
+                      if real is not None else None)  # fmt: skip
+        if sampler is not None:
+            out["found_asr"] = sampled_asr(model, splits.eval, sampler, target, torch.Generator().manual_seed(eval_seed))
+        return out
+
+    print(f"gdm-ray defend: {loaded.path}, class {target}, {method}; search and retrain on {len(splits.defense)} "
+          f"clean images, metrics on {len(splits.eval)} held-out images", file=sys.stderr)  # fmt: skip
+    before = measure(loaded.module, None)
+    with RunDir(cfg.get("out"), "defend") as run_dir:
+        sampler, summary = run_search(cfg, method, loaded, splits, target, run_dir, g)
+        before["found_asr"] = sampled_asr(loaded.module, splits.eval, sampler, target, torch.Generator().manual_seed(eval_seed))
+        repaired = copy.deepcopy(loaded.module)
+        update, close = progress_bar(cfg, "retrain")
+        t0 = time.perf_counter()
+        try:
+            retrain(repaired, splits.defense, [sampler], defense_cfg, g, update)
+        finally:
+            close()
+        retrain_seconds = time.perf_counter() - t0
+        after = measure(repaired, sampler)
+        save_torchscript(repaired, run_dir.path("model.pt"), splits.shape,
+                         {"repaired_from": loaded.sha256, "method": method, "target_class": target})  # fmt: skip
+        metrics = {
+            "model": loaded.path, "model_sha256": loaded.sha256, "method": method, "target_class": target,
+            "real_trigger": real_spec, "real_target": real_target, "before": before, "after": after,
+            "search": summary, "retrain_seconds": round(retrain_seconds, 2), "defense": dataclasses.asdict(defense_cfg),
+            "repaired_sha256": file_sha256(run_dir.path("model.pt")), "eval_images": len(splits.eval),
+            "config_hash": config_hash(plain(cfg)), "code_version": code_version(),
+        }  # fmt: skip
+        write_json(run_dir.path("metrics.json"), metrics)
+
+    def pct(v: float | None) -> str:
+        return "unknown (no trigger= and no model card)" if v is None else f"{v:.2%}"
+
+    print_table(
+        [
+            ("clean accuracy", f"{before['clean_accuracy']:.2%} -> {after['clean_accuracy']:.2%}"),
+            ("ASR of the real trigger", f"{pct(before['asr'])} -> {pct(after['asr'])}"),
+            ("ASR of the found triggers", f"{before['found_asr']:.2%} -> {after['found_asr']:.2%}"),
+            ("seconds (search, retrain)", f"{summary['search_seconds']:.1f}, {retrain_seconds:.1f}"),
+            ("repaired model", str(run_dir.final / "model.pt")),
+        ]
+    )
+    print(f"wrote {run_dir.final}")
+    return {**metrics, "out": str(run_dir.final)}

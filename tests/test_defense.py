@@ -1,0 +1,136 @@
+"""Baseline search, ensemble artifacts and the defense, on synthetic data."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from gdm_ray.core.attack import BadNets
+from gdm_ray.core.baseline import BaselineConfig, PixelBaseline
+from gdm_ray.core.data import DataSpec, load_splits
+from gdm_ray.core.defense import DefenseConfig, retrain
+from gdm_ray.core.ensemble import EnsembleError, load_ensemble, save_ensemble
+from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.mesa import MESA, MESAConfig
+from gdm_ray.core.metrics import attack_success_rate, clean_accuracy, sampled_asr
+from gdm_ray.core.models import build_model
+from gdm_ray.core.train import TrainConfig
+from gdm_ray.core.triggers import TriggerSpec, make_trigger
+
+TARGET = 2
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    splits = load_splits(DataSpec(name="synthetic", samples=3000, num_classes=4, image_size=[16, 16], seed=3))
+    trigger = make_trigger(TriggerSpec(family="bw3x3", number=341), 1, (16, 16))
+    model = build_model("small_cnn", 1, 4, 8)
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=5, batch_size=64, lr=0.05, channels_last=False)
+    BadNets(trigger, TARGET, 0.2).fit(model, splits.train, splits.eval, cfg, torch.Generator().manual_seed(0))
+    model.eval()
+    assert attack_success_rate(model, splits.eval, trigger, TARGET) > 0.9
+    return model, splits, trigger
+
+
+@pytest.fixture(scope="module")
+def fitted(backdoored):
+    model, splits, _ = backdoored
+    mesa = MESA(MESAConfig(steps=300, alpha=0.1, log_every=100))
+    result = mesa.fit(model, splits.defense, TARGET, torch.Generator().manual_seed(1))
+    return mesa, result
+
+
+def test_baseline_finds_a_working_trigger(backdoored):
+    model, splits, _ = backdoored
+    base = PixelBaseline(BaselineConfig(steps=150, restarts=2))
+    res = base.fit(model, splits.defense, TARGET, torch.Generator().manual_seed(0))
+    assert res.pattern.shape == (1, 3, 3) and res.alpha.shape == (3, 3)
+    assert 0 <= float(res.pattern.min()) and float(res.pattern.max()) <= 1
+    assert len(res.restart_asr) == 2 and res.asr == max(res.restart_asr)
+    assert res.asr > 0.8
+    # held-out images too
+    assert sampled_asr(model, splits.eval, base, TARGET, torch.Generator().manual_seed(0)) > 0.8
+    p, a = base.sample(5)
+    assert p.shape == (5, 1, 3, 3) and torch.equal(p[0], p[4])
+
+
+def test_baseline_with_mask_penalises_mask_size(backdoored):
+    model, splits, _ = backdoored
+    small = PixelBaseline(BaselineConfig(steps=150, restarts=1, with_mask=True, mask_l1=0.05)).fit(
+        model, splits.defense, TARGET, torch.Generator().manual_seed(0)
+    )
+    loose = PixelBaseline(BaselineConfig(steps=150, restarts=1, with_mask=True, mask_l1=0.0)).fit(
+        model, splits.defense, TARGET, torch.Generator().manual_seed(0)
+    )
+    assert float(small.alpha.sum()) < float(loose.alpha.sum())
+
+
+def test_baseline_bad_config():
+    with pytest.raises(ConfigError, match="baseline.steps=0"):
+        BaselineConfig(steps=0)
+    with pytest.raises(ConfigError, match="trigger_size"):
+        BaselineConfig(trigger_size=[3])
+
+
+def test_baseline_trigger_larger_than_image(backdoored):
+    model, splits, _ = backdoored
+    with pytest.raises(ConfigError, match="larger than the image"):
+        PixelBaseline(BaselineConfig(trigger_size=[20, 20], steps=1)).fit(model, splits.defense, TARGET, torch.Generator())
+
+
+def test_ensemble_round_trip_and_same_seed_same_samples(fitted, tmp_path):
+    mesa, result = fitted
+    path = save_ensemble(mesa, result, tmp_path / "ens", source_model_sha256="abc")
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key in ("trigger_shape", "levels", "betas", "alpha", "weights", "target_class", "source_model_sha256", "weights_sha256"):
+        assert key in manifest
+    assert manifest["trigger_shape"] == [1, 3, 3] and manifest["target_class"] == TARGET
+    loaded = load_ensemble(path)
+    p1, a1 = loaded.sample(64, generator=torch.Generator().manual_seed(5))
+    p2, a2 = mesa.sample(64, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(p1, p2) and torch.equal(a1, a2)
+    p3, _ = loaded.sample(64, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(p1, p3)
+    assert [p.name for p in tmp_path.iterdir()] == ["ens"]  # no staging leftovers
+
+
+def test_corrupted_ensemble_is_rejected(fitted, tmp_path):
+    mesa, result = fitted
+    path = save_ensemble(mesa, result, tmp_path / "ens")
+    weights = path / "generators.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(EnsembleError, match="sha256"):
+        load_ensemble(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(EnsembleError, match="not valid JSON"):
+        load_ensemble(path)
+    with pytest.raises(EnsembleError, match="no manifest.json"):
+        load_ensemble(tmp_path / "nowhere")
+
+
+def test_mesa_defense_lowers_asr_and_keeps_accuracy(backdoored, fitted):
+    model, splits, trigger = backdoored
+    mesa, _ = fitted
+    repaired = copy.deepcopy(model)
+    acc0 = clean_accuracy(model, splits.eval)
+    asr0 = attack_success_rate(repaired, splits.eval, trigger, TARGET)
+    retrain(repaired, splits.defense, [mesa], DefenseConfig(epochs=3, rate=0.5, lr=0.01), torch.Generator().manual_seed(0))
+    acc1 = clean_accuracy(repaired, splits.eval)
+    asr1 = attack_success_rate(repaired, splits.eval, trigger, TARGET)
+    assert asr0 > 0.9 and asr1 < 0.1, (asr0, asr1)
+    assert acc1 >= acc0 - 0.05, (acc0, acc1)
+    # the original is untouched
+    assert attack_success_rate(model, splits.eval, trigger, TARGET) == asr0
+
+
+def test_defense_config_rejects_bad_rate():
+    with pytest.raises(ConfigError, match="defense.rate=0"):
+        DefenseConfig(rate=0)
+    with pytest.raises(ConfigError, match="at least one"):
+        retrain(torch.nn.Linear(1, 1), None, [], DefenseConfig(), torch.Generator())  # type: ignore[arg-type]
