@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 import time
@@ -20,7 +19,7 @@ from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.metrics import attack_success_rate, clean_accuracy, sampled_asr
-from gdm_ray.core.model_io import LoadedModel, file_sha256, load_model, save_torchscript
+from gdm_ray.core.model_io import LoadedModel, clone_model, file_sha256, load_model, save_torchscript
 from gdm_ray.core.plots import save_curves, save_level_grid, save_pca_scatter
 from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
 from gdm_ray.store import RunDir, code_version, config_hash, write_json
@@ -153,7 +152,7 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
     with RunDir(cfg.get("out"), "defend") as run_dir:
         sampler, summary = run_search(cfg, method, loaded, splits, target, run_dir, g)
         before["found_asr"] = sampled_asr(loaded.module, splits.eval, sampler, target, torch.Generator().manual_seed(eval_seed))
-        repaired = copy.deepcopy(loaded.module)
+        repaired = clone_model(loaded.module)
         update, close = progress_bar(cfg, "retrain")
         t0 = time.perf_counter()
         try:

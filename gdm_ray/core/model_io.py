@@ -13,7 +13,9 @@ naming the file and the problem.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -26,7 +28,7 @@ from torch import nn
 from gdm_ray.core.errors import ModelLoadError
 from gdm_ray.core.models import ARCHS, build_model
 
-__all__ = ["LoadedModel", "save_torchscript", "save_safetensors", "load_model", "file_sha256", "MODEL_SUFFIXES"]
+__all__ = ["LoadedModel", "save_torchscript", "save_safetensors", "load_model", "file_sha256", "MODEL_SUFFIXES", "clone_model"]
 
 META_NAME = "gdm_ray.json"
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".safetensors")
@@ -107,6 +109,18 @@ def save_safetensors(
     finally:
         tmp.unlink(missing_ok=True)
     return final
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """An independent, trainable copy. ``copy.deepcopy`` of a ScriptModule
+    gives non-leaf parameters that no optimizer accepts, so TorchScript
+    round-trips through memory instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location=_device(model))
+    return copy.deepcopy(model)
 
 
 def _device(model: nn.Module) -> torch.device:
