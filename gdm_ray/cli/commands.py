@@ -279,7 +279,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def demo(cfg: DictConfig) -> dict[str, Any]:
-    """Backdoor a Fashion-MNIST model, then evaluate it on the held-out split."""
+    """Backdoor a Fashion-MNIST model, evaluate it on the held-out split, repair it with MESA."""
     t0 = time.perf_counter()
     base = Path(cfg.out) if cfg.get("out") else default_out("demo")
     created = not base.exists()
@@ -294,7 +294,7 @@ def demo(cfg: DictConfig) -> dict[str, Any]:
 def _demo_steps(cfg: DictConfig, base: Path, t0: float) -> dict[str, Any]:
     attack_cfg = cfg.copy()
     attack_cfg.out = str(base / "attack")
-    print("== step 1/2: train a backdoored model")
+    print("== step 1/3: train a backdoored model")
     a = attack(attack_cfg)
     eval_cfg = OmegaConf.create(
         {
@@ -311,8 +311,20 @@ def _demo_steps(cfg: DictConfig, base: Path, t0: float) -> dict[str, Any]:
             "out": str(base / "evaluate"),
         }
     )
-    print("== step 2/2: evaluate it on the held-out split")
+    print("== step 2/3: evaluate it on the held-out split")
     e = evaluate(eval_cfg)
+    print("== step 3/3: model its triggers with MESA and repair it")
+    from gdm_ray.cli.main import compose_config
+    from gdm_ray.cli.search import defend
+
+    defend_cfg = compose_config(
+        "defend",
+        [f"model={base / 'attack' / 'model.pt'}", f"target_class={int(a['target'])}", f"out={base / 'defend'}",
+         f"seed={int(cfg.seed)}", f"device={cfg.device}", f"progress={str(bool(cfg.progress)).lower()}"],
+    )  # fmt: skip
+    defend_cfg.data, defend_cfg.mesa, defend_cfg.defense = cfg.data, cfg.mesa, cfg.defense
+    defend_cfg.threads = cfg.threads
+    d = defend(defend_cfg)
     print("\n== summary")
     print_table(
         [
@@ -320,8 +332,10 @@ def _demo_steps(cfg: DictConfig, base: Path, t0: float) -> dict[str, Any]:
             ("trigger", f"{a['trigger']['family']} -> class {a['target']} ({a['classes'][a['target']]})"),
             ("clean accuracy", f"{e['clean_accuracy']:.2%}"),
             ("attack success rate", f"{e['asr']:.2%}"),
+            ("after MESA repair", f"accuracy {d['after']['clean_accuracy']:.2%}, ASR {d['after']['asr']:.2%}"),
+            ("MESA triggers", str(base / "defend" / "samples.png")),
             ("seconds", f"{time.perf_counter() - t0:.0f}"),
             ("results", str(base)),
         ]
     )
-    return {"attack": a, "evaluate": e, "out": str(base)}
+    return {"attack": a, "evaluate": e, "defend": d, "out": str(base)}
