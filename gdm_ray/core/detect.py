@@ -1,0 +1,234 @@
+"""Detection with an unknown target: which classes own anomalously easy triggers?
+
+First pass (cheap, every class): a Neural-Cleanse-style search of one
+trigger per class, a full-image pattern and alpha mask
+(``after = (1 - a) * before + a * pattern``) minimising
+``CE(model(after), k) + lambda_k * |a|_1``. lambda_k adapts per class as in
+Neural Cleanse: it grows while the trigger works (ASR >= ``asr_goal`` on the
+batch), so the mask shrinks to the smallest region that still flips images to
+k, and shrinks when it stops working. The smallest working mask seen is kept.
+Many classes train together: one classifier forward/backward per step over
+the concatenated batches of ``classes_per_pass`` classes, so hundreds of
+classes cost ``steps * classes / classes_per_pass`` passes, not a MESA each.
+
+Anomaly score: the median-absolute-deviation anomaly index of the log mask
+size (L1 of a) over the classes,
+``a_k = (median(log s) - log s_k) / (1.4826 * MAD(log s))``, positive when
+class k's trigger is smaller than typical. Why log size: a backdoor's trigger
+is small in absolute terms (a 3x3 patch is 9 pixels), and a clean class's
+smallest "trigger" is an adversarial region tens to hundreds of pixels large;
+sizes spread over orders of magnitude, and the log makes the MAD scale
+meaningful across image sizes. A class whose search never reached
+``valid_asr`` on held-out images counts with the whole image as its size
+(no trigger). ASR enters through validity: only triggers that flip at least
+``valid_asr`` of held-out images count as small. The model's score is the largest index; classes above
+``threshold`` (2, Neural Cleanse's) are flagged, all of them, so natural and
+injected backdoors are both reported.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gdm_ray.core.data import ImageSet
+from gdm_ray.core.errors import ConfigError, DataError
+from gdm_ray.core.train import frozen, model_device
+
+__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "scan_classes", "anomaly_index"]
+
+
+@dataclass
+class ScanConfig:
+    """First-pass settings (Neural Cleanse style, batched over classes)."""
+
+    steps: int = 300  # per class
+    batch_size: int = 32  # images per class per step
+    lr: float = 0.1
+    init_cost: float = 1e-3  # starting lambda (weight of the mask's L1)
+    cost_step: float = 1.5  # lambda *= step while the trigger works, /= step**1.5 when not
+    patience: int = 10  # steps between lambda updates
+    asr_goal: float = 0.95  # a trigger "works" at this ASR (on the search batch)
+    valid_asr: float = 0.8  # held-out ASR a found trigger needs to count as a trigger
+    classes_per_pass: int = 16
+    threshold: float = 2.0  # anomaly index above which a class is flagged
+    eval_images: int = 1000  # held-out images for each found trigger's ASR
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "patience", "classes_per_pass", "eval_images"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"scan.{key}={getattr(self, key)} must be >= 1")
+        for key in ("lr", "init_cost"):
+            if not float(getattr(self, key)) > 0:
+                raise ConfigError(f"scan.{key}={getattr(self, key)} must be > 0")
+        if not float(self.cost_step) > 1:
+            raise ConfigError(f"scan.cost_step={self.cost_step} must be > 1")
+        for key in ("asr_goal", "valid_asr"):
+            if not 0 < float(getattr(self, key)) <= 1:
+                raise ConfigError(f"scan.{key}={getattr(self, key)} must be in (0, 1]")
+
+
+@dataclass
+class ClassTrigger:
+    """The smallest working trigger found for one class."""
+
+    target: int
+    pattern: torch.Tensor  # C x H x W in [0, 1]
+    mask: torch.Tensor  # H x W in [0, 1]
+    size: float  # L1 of the mask (pixels); the whole image when nothing worked
+    asr: float  # on held-out images
+    valid: bool  # reached asr_goal on held-out images
+
+
+@dataclass
+class ScanResult:
+    classes: list[ClassTrigger]
+    anomaly: list[float]  # per class; higher = more suspicious
+    flagged: list[int]  # classes above the threshold, most anomalous first
+    score: float  # max anomaly index
+    backdoored: bool
+    seconds: float
+    passes: int  # classifier forward/backward passes
+    config: ScanConfig = field(default_factory=ScanConfig)
+
+
+# Log-size MAD floor: repeated searches of one clean class vary its mask size
+# by roughly 20%, so spreads below that are search noise, not signal.
+MAD_FLOOR = 0.2
+
+
+def anomaly_index(sizes: list[float]) -> list[float]:
+    """MAD anomaly index of log sizes; positive = smaller than the median."""
+    logs = torch.tensor([math.log(max(s, 1e-3)) for s in sizes], dtype=torch.float64)
+    med = logs.median()
+    mad = (logs - med).abs().median()
+    # the floor keeps near-identical sizes (MAD ~ 0) from turning search noise into huge scores
+    scale = 1.4826 * max(float(mad), MAD_FLOOR)
+    return [float((med - v) / scale) for v in logs]
+
+
+def scan_classes(
+    model: nn.Module,
+    data: ImageSet,
+    cfg: ScanConfig | None = None,
+    generator: torch.Generator | None = None,
+    classes: list[int] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> ScanResult:
+    """Search the smallest trigger of every class of ``model`` and score them.
+
+    ``data``: the defender's clean images (all classes); the first
+    ``eval_images`` of a seeded permutation measure each found trigger's ASR,
+    the rest drive the search. ``classes`` defaults to all classes of the data.
+    """
+    cfg = cfg or ScanConfig()
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    num_classes = data.num_classes
+    ks = list(range(num_classes)) if classes is None else [int(k) for k in classes]
+    if not ks:
+        raise ConfigError("scan: no classes to scan")
+    bad = [k for k in ks if not 0 <= k < num_classes]
+    if bad:
+        raise ConfigError(f"scan: classes {bad} are not classes of the data (0..{num_classes - 1})")
+    if len(data) < 2:
+        raise DataError(f"scan: needs clean images, got {len(data)}")
+    device = model_device(model)
+    perm = torch.randperm(len(data), generator=g)
+    n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
+    ev, tr = perm[:n_eval], perm[n_eval:]
+    x_tr, y_tr = data.x[tr].to(device), data.y[tr].to(device)
+    x_ev, y_ev = data.x[ev].to(device), data.y[ev].to(device)
+    chunks = [ks[i : i + int(cfg.classes_per_pass)] for i in range(0, len(ks), int(cfg.classes_per_pass))]
+    total = len(chunks) * int(cfg.steps)
+    found: list[ClassTrigger] = []
+    t0 = time.perf_counter()
+    done = 0
+    with frozen(model):
+        for chunk in chunks:
+            for k, (pattern, mask) in zip(chunk, _search_chunk(model, x_tr, y_tr, chunk, cfg, g, progress, done, total)):
+                asr = _asr(model, x_ev, y_ev, k, pattern, mask)
+                valid = asr >= float(cfg.valid_asr)
+                size = float(mask.sum()) if valid else float(mask.numel())
+                found.append(ClassTrigger(k, pattern.cpu(), mask.cpu(), size, asr, valid))
+            done += int(cfg.steps)
+    anomaly = anomaly_index([c.size for c in found])
+    order = sorted(range(len(found)), key=lambda i: -anomaly[i])
+    flagged = [found[i].target for i in order if anomaly[i] > float(cfg.threshold) and found[i].valid]
+    score = max(anomaly)
+    return ScanResult(found, anomaly, flagged, score, bool(flagged), time.perf_counter() - t0, total, cfg)
+
+
+def _search_chunk(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chunk: list[int],
+    cfg: ScanConfig,
+    g: torch.Generator,
+    progress: Callable[[int, int, float], None] | None,
+    done: int,
+    total: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Neural Cleanse for the classes of one chunk, one classifier pass per step."""
+    device = x.device
+    m, bs = len(chunk), int(cfg.batch_size)
+    _, c, H, W = x.shape
+    target = torch.tensor(chunk, device=device)
+    p_logit = (torch.randn(m, c, H, W, generator=g) * 0.5).to(device).requires_grad_(True)
+    m_logit = (torch.randn(m, H, W, generator=g) * 0.5 - 2.0).to(device).requires_grad_(True)
+    opt = torch.optim.Adam([p_logit, m_logit], lr=float(cfg.lr), betas=(0.5, 0.9))
+    lam = torch.full((m,), float(cfg.init_cost), device=device)
+    best_size = torch.full((m,), math.inf, device=device)
+    best_p, best_m = torch.sigmoid(p_logit).detach().clone(), torch.sigmoid(m_logit).detach().clone()
+    hits_window = torch.zeros(m, device=device)
+    for step in range(1, int(cfg.steps) + 1):
+        idx = torch.randint(0, len(x), (m, bs), generator=g).to(device)
+        imgs, labels = x[idx], y[idx]  # m x B x C x H x W, m x B
+        use = (labels != target[:, None]).float()
+        alpha = torch.sigmoid(m_logit)[:, None, None]  # m x 1 x 1 x H x W
+        after = (1 - alpha) * imgs + alpha * torch.sigmoid(p_logit)[:, None]
+        logits = model(after.flatten(0, 1))
+        ce = F.cross_entropy(logits, target.repeat_interleave(bs), reduction="none").view(m, bs)
+        ce = (ce * use).sum(1) / use.sum(1).clamp_min(1)
+        size = alpha.flatten(1).sum(1)
+        loss = (ce + lam * size).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            hits = ((logits.argmax(1).view(m, bs) == target[:, None]).float() * use).sum(1) / use.sum(1).clamp_min(1)
+            hits_window += hits
+            better = (hits >= float(cfg.asr_goal)) & (size < best_size)
+            if bool(better.any()):
+                best_size = torch.where(better, size, best_size)
+                best_p[better] = torch.sigmoid(p_logit)[better]
+                best_m[better] = alpha[better, 0, 0]
+            if step % int(cfg.patience) == 0:
+                works = hits_window / int(cfg.patience) >= float(cfg.asr_goal)
+                lam = torch.where(works, lam * float(cfg.cost_step), lam / float(cfg.cost_step) ** 1.5)
+                hits_window.zero_()
+        if progress is not None:
+            progress(done + step, total, float(loss.detach()))
+    never = torch.isinf(best_size)  # nothing ever worked: report where the search ended
+    best_p[never] = torch.sigmoid(p_logit).detach()[never]
+    best_m[never] = torch.sigmoid(m_logit).detach()[never]
+    return [(best_p[i], best_m[i]) for i in range(m)]
+
+
+@torch.no_grad()
+def _asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, pattern: torch.Tensor, mask: torch.Tensor) -> float:
+    keep = y != k
+    if not bool(keep.any()):
+        return 0.0
+    hits = 0
+    xs = x[keep]
+    for i in range(0, len(xs), 512):
+        b = xs[i : i + 512]
+        hits += int((model((1 - mask) * b + mask * pattern).argmax(1) == k).sum())
+    return hits / len(xs)

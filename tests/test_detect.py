@@ -1,0 +1,96 @@
+"""Per-class scan with an unknown target, on synthetic 8-class data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gdm_ray.core.attack import BadNets
+from gdm_ray.core.data import DataSpec, load_splits
+from gdm_ray.core.detect import ScanConfig, anomaly_index, scan_classes
+from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.metrics import attack_success_rate
+from gdm_ray.core.models import build_model
+from gdm_ray.core.train import TrainConfig, train_classifier
+from gdm_ray.core.triggers import TriggerSpec, make_trigger
+
+FAST = ScanConfig(steps=200)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_splits(DataSpec(name="synthetic", samples=3000, num_classes=8, image_size=[16, 16], seed=3))
+
+
+def _train(splits, attacks: list[BadNets]) -> torch.nn.Module:
+    torch.manual_seed(0)  # build_model initialises from the global RNG
+    model = build_model("small_cnn", 1, 8, 8)
+
+    def hook(x, y, g):
+        for a in attacks:
+            x, y = a.poison_batch(x, y, g)
+        return x, y
+
+    cfg = TrainConfig(epochs=5, batch_size=64, lr=0.05, channels_last=False)
+    train_classifier(model, splits.train, cfg, torch.Generator().manual_seed(0), hook if attacks else None)
+    model.eval()
+    for a in attacks:
+        assert attack_success_rate(model, splits.eval, a.trigger, a.target) > 0.9
+    return model
+
+
+def _trigger(number: int):
+    return make_trigger(TriggerSpec(family="bw3x3", number=number), 1, (16, 16))
+
+
+def test_backdoored_target_is_found(splits):
+    model = _train(splits, [BadNets(_trigger(341), 2, 0.2)])
+    r = scan_classes(model, splits.defense, FAST, torch.Generator().manual_seed(0))
+    assert r.backdoored and r.flagged == [2], (r.flagged, r.anomaly)
+    assert r.score == pytest.approx(max(r.anomaly)) and r.anomaly[2] == r.score
+    found = r.classes[2]
+    assert found.valid and found.asr > 0.9
+    # the found mask is a small region, about the 3x3 trigger's size
+    assert found.size < 20, found.size
+    assert r.passes == FAST.steps  # 8 classes in one pass per step
+
+
+def test_clean_model_is_not_flagged(splits):
+    model = _train(splits, [])
+    r = scan_classes(model, splits.defense, FAST, torch.Generator().manual_seed(0))
+    assert not r.backdoored and r.flagged == [], (r.anomaly, [c.size for c in r.classes])
+    assert r.score < FAST.threshold
+
+
+def test_two_targets_are_both_reported(splits):
+    model = _train(splits, [BadNets(_trigger(341), 2, 0.2), BadNets(_trigger(7), 5, 0.2)])
+    r = scan_classes(model, splits.defense, FAST, torch.Generator().manual_seed(0))
+    assert sorted(r.flagged) == [2, 5], (r.flagged, r.anomaly)
+
+
+def test_classes_in_several_passes_give_the_same_classes(splits):
+    model = _train(splits, [BadNets(_trigger(341), 2, 0.2)])
+    r = scan_classes(model, splits.defense, ScanConfig(steps=200, classes_per_pass=3), torch.Generator().manual_seed(0))
+    assert r.passes == 3 * 200 and len(r.classes) == 8 and [c.target for c in r.classes] == list(range(8))
+    assert r.flagged == [2]
+
+
+def test_anomaly_index():
+    idx = anomaly_index([100, 120, 90, 110, 9])
+    assert idx[4] > 2 and max(idx[:4]) < 2
+    assert anomaly_index([50, 50, 50]) == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [({"steps": 0}, "scan.steps=0"), ({"asr_goal": 1.5}, "scan.asr_goal=1.5"), ({"cost_step": 1}, "scan.cost_step=1")],
+)
+def test_bad_config(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        ScanConfig(**kwargs)
+
+
+def test_bad_classes(splits):
+    model = build_model("small_cnn", 1, 8, 8).eval()
+    with pytest.raises(ConfigError, match=r"\[9\]"):
+        scan_classes(model, splits.defense, FAST, classes=[1, 9])
