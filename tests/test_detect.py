@@ -7,12 +7,13 @@ import torch
 
 from gdm_ray.core.attack import BadNets
 from gdm_ray.core.data import DataSpec, load_splits
-from gdm_ray.core.detect import ScanConfig, anomaly_index, scan_classes
+from gdm_ray.core.detect import ScanConfig, anomaly_index, default_window, scan_classes, window_heatmap
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.metrics import attack_success_rate
 from gdm_ray.core.models import build_model
+from gdm_ray.core.plots import save_heatmap
 from gdm_ray.core.train import TrainConfig, train_classifier
-from gdm_ray.core.triggers import TriggerSpec, make_trigger
+from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
 
 FAST = ScanConfig(steps=200)
 
@@ -94,3 +95,34 @@ def test_bad_classes(splits):
     model = build_model("small_cnn", 1, 8, 8).eval()
     with pytest.raises(ConfigError, match=r"\[9\]"):
         scan_classes(model, splits.defense, FAST, classes=[1, 9])
+
+
+IRREGULAR = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)
+
+
+def test_moving_window_finds_a_fixed_irregular_trigger(splits, tmp_path):
+    pattern = torch.tensor([[[1.0, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]])
+    trig = Trigger(pattern=pattern, alpha=IRREGULAR, placement="fixed", row=10, col=9)
+    model = _train(splits, [BadNets(trig, 2, 0.2)])
+    hm = window_heatmap(model, splits.defense, 2, ScanConfig(steps=150), stride=(2, 2), generator=torch.Generator().manual_seed(0))
+    assert hm.window == default_window((16, 16)) == (4, 5)
+    assert hm.heat.shape == (16, 16)
+    r, c = hm.peak
+    assert 9 <= r <= 14 and 8 <= c <= 13, (hm.peak, hm.heat)
+    # the strongest window overlaps the trigger, and the box covers the trigger's centre
+    best = max(range(len(hm.windows)), key=lambda j: hm.strength[j])
+    br, bc = hm.windows[best]
+    assert br <= 13 and br + 4 > 10 and bc <= 12 and bc + 5 > 9
+    r0, c0, h, w = hm.box
+    assert r0 <= 11 < r0 + h and c0 <= 10 < c0 + w, hm.box
+    # windows far from the trigger find nothing strong
+    far = [s for (wr, wc), s in zip(hm.windows, hm.strength) if wr + 4 <= 8 and wc + 5 <= 7]
+    assert far and max(far) < hm.strength[best] / 2
+    png = save_heatmap(tmp_path / "heat.png", hm.heat, splits.eval.x[0], hm.box, (hm.patterns[best], hm.masks[best]))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_window_larger_than_image_is_an_error(splits):
+    model = build_model("small_cnn", 1, 8, 8).eval()
+    with pytest.raises(ConfigError, match="20x20"):
+        window_heatmap(model, splits.defense, 1, FAST, window=(20, 20))

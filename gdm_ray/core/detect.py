@@ -41,7 +41,8 @@ from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
 from gdm_ray.core.train import frozen, model_device
 
-__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "scan_classes", "anomaly_index"]
+__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "scan_classes", "anomaly_index", "HeatMap", "window_heatmap",
+           "default_window"]  # fmt: skip
 
 
 @dataclass
@@ -151,7 +152,7 @@ def scan_classes(
     done = 0
     with frozen(model):
         for chunk in chunks:
-            for k, (pattern, mask) in zip(chunk, _search_chunk(model, x_tr, y_tr, chunk, cfg, g, progress, done, total)):
+            for k, (pattern, mask) in zip(chunk, _search_chunk(model, x_tr, y_tr, chunk, None, cfg, g, progress, done, total)):
                 asr = _asr(model, x_ev, y_ev, k, pattern, mask)
                 valid = asr >= float(cfg.valid_asr)
                 size = float(mask.sum()) if valid else float(mask.numel())
@@ -169,13 +170,18 @@ def _search_chunk(
     x: torch.Tensor,
     y: torch.Tensor,
     chunk: list[int],
+    regions: torch.Tensor | None,
     cfg: ScanConfig,
     g: torch.Generator,
     progress: Callable[[int, int, float], None] | None,
     done: int,
     total: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Neural Cleanse for the classes of one chunk, one classifier pass per step."""
+    """Neural Cleanse for the slots of one chunk, one classifier pass per step.
+
+    Slot i searches a trigger for class ``chunk[i]``; with ``regions``
+    (m x H x W in {0, 1}) its mask is confined to region i (a window).
+    """
     device = x.device
     m, bs = len(chunk), int(cfg.batch_size)
     _, c, H, W = x.shape
@@ -191,7 +197,10 @@ def _search_chunk(
         idx = torch.randint(0, len(x), (m, bs), generator=g).to(device)
         imgs, labels = x[idx], y[idx]  # m x B x C x H x W, m x B
         use = (labels != target[:, None]).float()
-        alpha = torch.sigmoid(m_logit)[:, None, None]  # m x 1 x 1 x H x W
+        alpha = torch.sigmoid(m_logit)
+        if regions is not None:
+            alpha = alpha * regions
+        alpha = alpha[:, None, None]  # m x 1 x 1 x H x W
         after = (1 - alpha) * imgs + alpha * torch.sigmoid(p_logit)[:, None]
         logits = model(after.flatten(0, 1))
         ce = F.cross_entropy(logits, target.repeat_interleave(bs), reduction="none").view(m, bs)
@@ -218,6 +227,8 @@ def _search_chunk(
     never = torch.isinf(best_size)  # nothing ever worked: report where the search ended
     best_p[never] = torch.sigmoid(p_logit).detach()[never]
     best_m[never] = torch.sigmoid(m_logit).detach()[never]
+    if regions is not None:
+        best_m = best_m * regions
     return [(best_p[i], best_m[i]) for i in range(m)]
 
 
@@ -232,3 +243,104 @@ def _asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, pattern: to
         b = xs[i : i + 512]
         hits += int((model((1 - mask) * b + mask * pattern).argmax(1) == k).sum())
     return hits / len(xs)
+
+
+# --- moving-window detection ---------------------------------------------------
+
+
+def default_window(image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The CSAW HackML window, 15x15 on 55x47 faces, scaled to the image."""
+    H, W = image_hw
+    return max(1, min(H, round(15 * H / 55))), max(1, min(W, round(15 * W / 47)))
+
+
+@dataclass
+class HeatMap:
+    """Where a fixed-location trigger for ``target`` lives.
+
+    ``strength[j]`` is window j's found-trigger strength (held-out ASR of its
+    smallest working mask times the share of the window it leaves untouched,
+    so a small mask that flips everything scores near 1); ``heat`` averages
+    the strengths of the windows covering each pixel; ``box`` (row, col, h, w)
+    bounds the pixels at >= half the peak heat, the size and location
+    indicator for the complete search.
+    """
+
+    target: int
+    heat: torch.Tensor  # H x W
+    windows: list[tuple[int, int]]  # top-left corners
+    window: tuple[int, int]
+    strength: list[float]
+    asr: list[float]
+    size: list[float]
+    peak: tuple[int, int]
+    box: tuple[int, int, int, int]
+    patterns: torch.Tensor  # windows x C x H x W
+    masks: torch.Tensor  # windows x H x W
+    seconds: float
+    passes: int
+
+
+def window_heatmap(
+    model: nn.Module,
+    data: ImageSet,
+    target: int,
+    cfg: ScanConfig | None = None,
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> HeatMap:
+    """Search a trigger for ``target`` confined to a window at a grid of places.
+
+    Windows train ``cfg.classes_per_pass`` at a time, one classifier pass per
+    step (the same batched Neural Cleanse as the class scan, each slot's mask
+    confined to its window).
+    """
+    cfg = cfg or ScanConfig()
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    _, H, W = data.shape
+    wh, ww = window if window is not None else default_window((H, W))
+    if wh > H or ww > W or min(wh, ww) < 1:
+        raise ConfigError(f"scan.window={wh}x{ww} does not fit the image {H}x{W}")
+    sh, sw = stride if stride is not None else (max(1, wh // 2), max(1, ww // 2))
+    if min(sh, sw) < 1:
+        raise ConfigError(f"scan.stride={sh}x{sw} must be positive")
+    if not 0 <= int(target) < data.num_classes:
+        raise ConfigError(f"target_class={target} is not a class of the data (0..{data.num_classes - 1})")
+    rows = sorted(set(list(range(0, H - wh + 1, sh)) + [H - wh]))
+    cols = sorted(set(list(range(0, W - ww + 1, sw)) + [W - ww]))
+    corners = [(r, c) for r in rows for c in cols]
+    device = model_device(model)
+    regions = torch.zeros(len(corners), H, W, device=device)
+    for j, (r, c) in enumerate(corners):
+        regions[j, r : r + wh, c : c + ww] = 1
+    perm = torch.randperm(len(data), generator=g)
+    n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
+    x_tr, y_tr = data.x[perm[n_eval:]].to(device), data.y[perm[n_eval:]].to(device)
+    x_ev, y_ev = data.x[perm[:n_eval]].to(device), data.y[perm[:n_eval]].to(device)
+    per = int(cfg.classes_per_pass)
+    total = math.ceil(len(corners) / per) * int(cfg.steps)
+    pats, masks, asr, size = [], [], [], []
+    t0 = time.perf_counter()
+    with frozen(model):
+        for start in range(0, len(corners), per):
+            reg = regions[start : start + per]
+            found = _search_chunk(model, x_tr, y_tr, [int(target)] * len(reg), reg, cfg, g, progress,
+                                  (start // per) * int(cfg.steps), total)  # fmt: skip
+            for p, m in found:
+                pats.append(p.cpu())
+                masks.append(m.cpu())
+                asr.append(_asr(model, x_ev, y_ev, int(target), p, m))
+                size.append(float(m.sum()))
+    area = float(wh * ww)
+    strength = [a * max(0.0, 1.0 - s / area) for a, s in zip(asr, size)]
+    cover = regions.sum(0).clamp_min(1).cpu()
+    heat = (regions.cpu() * torch.tensor(strength)[:, None, None]).sum(0) / cover
+    flat = int(heat.flatten().argmax())
+    peak = (flat // W, flat % W)
+    hot = (heat >= 0.5 * heat.max()).nonzero() if float(heat.max()) > 0 else torch.tensor([[peak[0], peak[1]]])
+    r0, c0 = (int(v) for v in hot.min(0).values)
+    r1, c1 = (int(v) for v in hot.max(0).values)
+    return HeatMap(int(target), heat, corners, (wh, ww), strength, asr, size, peak, (r0, c0, r1 - r0 + 1, c1 - c0 + 1),
+                   torch.stack(pats), torch.stack(masks), time.perf_counter() - t0, total)  # fmt: skip

@@ -150,3 +150,40 @@ def save_curves(path: Path, history: list[dict[str, float]], title: str = "") ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_heatmap(path: Path, heat: torch.Tensor, image: torch.Tensor, box: tuple[int, int, int, int],
+                 best: tuple[torch.Tensor, torch.Tensor] | None = None, title: str = "") -> Path:  # fmt: skip
+    """The moving-window heat map beside an example image with the hot box
+    drawn, and (optionally) the strongest window's trigger applied to it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    panels = 3 if best is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(2.6 * panels + 0.6, 2.9))
+    im = axes[0].imshow(heat.cpu().numpy(), cmap="inferno", vmin=0, interpolation="nearest")
+    fig.colorbar(im, ax=axes[0], fraction=0.046, pad=0.04)
+    axes[0].set_title("trigger strength", fontsize=8)
+    gray = image.shape[0] == 1
+    axes[1].imshow(_to_hwc(image.cpu()), cmap="gray" if gray else None, vmin=0, vmax=1, interpolation="nearest")
+    r0, c0, h, w = box
+    for ax in axes[:2]:
+        ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), w, h, fill=False, edgecolor="cyan", linewidth=1.5))
+    axes[1].set_title(f"hot box {h}x{w} at ({r0}, {c0})", fontsize=8)
+    if best is not None:
+        pattern, mask = (t.cpu() for t in best)
+        after = (1 - mask) * image.cpu() + mask * pattern
+        axes[2].imshow(_to_hwc(after), cmap="gray" if gray else None, vmin=0, vmax=1, interpolation="nearest")
+        axes[2].set_title("strongest window's trigger", fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
