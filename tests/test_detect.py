@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from gdm_ray.core.attack import BadNets
 from gdm_ray.core.data import DataSpec, load_splits
 from gdm_ray.core.detect import ScanConfig, anomaly_index, default_window, scan_classes, window_heatmap
+from gdm_ray.core.defense import DefenseConfig, retrain
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.metrics import attack_success_rate
 from gdm_ray.core.models import build_model
 from gdm_ray.core.plots import save_heatmap
@@ -100,11 +104,21 @@ def test_bad_classes(splits):
 IRREGULAR = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)
 
 
-def test_moving_window_finds_a_fixed_irregular_trigger(splits, tmp_path):
+@pytest.fixture(scope="module")
+def fixed_backdoor(splits):
     pattern = torch.tensor([[[1.0, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]])
     trig = Trigger(pattern=pattern, alpha=IRREGULAR, placement="fixed", row=10, col=9)
-    model = _train(splits, [BadNets(trig, 2, 0.2)])
-    hm = window_heatmap(model, splits.defense, 2, ScanConfig(steps=150), stride=(2, 2), generator=torch.Generator().manual_seed(0))
+    return _train(splits, [BadNets(trig, 2, 0.2)]), trig
+
+
+@pytest.fixture(scope="module")
+def fixed_heat(splits, fixed_backdoor):
+    model, _ = fixed_backdoor
+    return window_heatmap(model, splits.defense, 2, ScanConfig(steps=150), stride=(2, 2), generator=torch.Generator().manual_seed(0))
+
+
+def test_moving_window_finds_a_fixed_irregular_trigger(splits, fixed_heat, tmp_path):
+    hm = fixed_heat
     assert hm.window == default_window((16, 16)) == (4, 5)
     assert hm.heat.shape == (16, 16)
     r, c = hm.peak
@@ -126,3 +140,23 @@ def test_window_larger_than_image_is_an_error(splits):
     model = build_model("small_cnn", 1, 8, 8).eval()
     with pytest.raises(ConfigError, match="20x20"):
         window_heatmap(model, splits.defense, 1, FAST, window=(20, 20))
+
+
+def test_heat_box_drives_a_fixed_position_mesa_and_defense(splits, fixed_backdoor, fixed_heat):
+    model, trig = fixed_backdoor
+    r0, c0, h, w = fixed_heat.box
+    mesa = MESA(MESAConfig(steps=250, trigger_size=[h, w], position=[r0, c0], with_alpha=True, log_every=50))
+    res = mesa.fit(model, splits.defense, 2, torch.Generator().manual_seed(0))
+    assert mesa.position == (r0, c0)
+    assert res.asr[-1] > 0.5, res.asr
+    repaired = copy.deepcopy(model)
+    retrain(repaired, splits.defense, [mesa], DefenseConfig(epochs=4), torch.Generator().manual_seed(0))
+    before = attack_success_rate(model, splits.eval, trig, 2)
+    after = attack_success_rate(repaired, splits.eval, trig, 2)
+    assert before > 0.9 and after < 0.3, (before, after)
+
+
+def test_mesa_position_must_fit(splits, fixed_backdoor):
+    model, _ = fixed_backdoor
+    with pytest.raises(ConfigError, match=r"mesa.position=\[14, 14\]"):
+        MESA(MESAConfig(steps=1, trigger_size=[4, 4], position=[14, 14])).fit(model, splits.defense, 2)

@@ -37,9 +37,10 @@ T = TypeVar("T")
 
 
 def run(command: str, cfg: DictConfig) -> dict[str, Any]:
+    from gdm_ray.cli.scan import scan
     from gdm_ray.cli.search import defend, search
 
-    fn = {"attack": attack, "evaluate": evaluate, "demo": demo, "search": search, "defend": defend}[command]
+    fn = {"attack": attack, "evaluate": evaluate, "demo": demo, "search": search, "defend": defend, "scan": scan}[command]
     return fn(cfg)
 
 

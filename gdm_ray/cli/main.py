@@ -19,6 +19,7 @@ COMMANDS = {
     "attack": "train a backdoored classifier (BadNets poisoning); writes model.pt + model.json",
     "evaluate": "clean accuracy and attack success rate of a model for a trigger",
     "search": "model the valid triggers of one class (MESA) or reverse-engineer one (baseline)",
+    "scan": "is the model backdoored, to which class(es)? a verdict table, PNGs and Parquet rows",
     "defend": "repair a model by retraining against the found triggers; writes model.pt + metrics.json",
     "demo": "the end-to-end main job on the embedded default",
 }

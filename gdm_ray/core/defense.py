@@ -20,7 +20,7 @@ from torch import nn
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.train import TrainConfig, train_classifier
-from gdm_ray.core.triggers import apply_trigger, random_positions
+from gdm_ray.core.triggers import apply_trigger, place
 
 __all__ = ["TriggerSampler", "DefenseConfig", "retrain"]
 
@@ -89,7 +89,8 @@ def retrain(
             if len(sel) == 0:
                 continue
             pattern, alpha = sampler.sample(len(sel), generator=g)
-            pos = random_positions(len(sel), tuple(alpha.shape[-2:]), (H, W), g)
+            # a fixed-location trigger distribution keeps its place
+            pos = place(len(sel), tuple(alpha.shape[-2:]), (H, W), getattr(sampler, "position", None), g)
             dev = x.device
             x[sel.to(dev)] = apply_trigger(x[sel.to(dev)], pattern.to(dev), alpha.to(dev), pos)
         return x, y  # labels stay true: the trigger must stop meaning "target"

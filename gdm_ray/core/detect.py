@@ -60,6 +60,9 @@ class ScanConfig:
     classes_per_pass: int = 16
     threshold: float = 2.0  # anomaly index above which a class is flagged
     eval_images: int = 1000  # held-out images for each found trigger's ASR
+    moving_window: bool = False  # also map where each flagged class's trigger lives (fixed-location triggers)
+    window: list[int] | None = None  # h x w; None = 15x15 on 55x47, scaled to the image
+    stride: list[int] | None = None  # None = half the window
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "patience", "classes_per_pass", "eval_images"):

@@ -49,7 +49,7 @@ from gdm_ray.core.errors import ConfigError, DataError
 from gdm_ray.core.generator import NOISES, StaircaseGenerators, sample_noise
 from gdm_ray.core.statistics_network import MINE, StaircaseStatistics
 from gdm_ray.core.train import frozen, model_device
-from gdm_ray.core.triggers import apply_trigger, random_positions
+from gdm_ray.core.triggers import apply_trigger, place
 
 __all__ = ["MESAConfig", "MESA", "MESAResult", "TESTING_FUNCTIONS", "ENSEMBLE_RULES"]
 
@@ -92,6 +92,7 @@ class MESAConfig:
     stat_hidden: int = 128
     stat_layers: int = 2
     trigger_size: list[int] = field(default_factory=lambda: [3, 3])
+    position: list[int] | None = None  # fixed top-left [row, col]; None = random per image
     with_alpha: bool = False
     testing: str = "softmax"
     images_per_trigger: int = 1
@@ -231,6 +232,10 @@ class MESA:
         h, w = cfg.trigger_size
         if h > H or w > W:
             raise ConfigError(f"mesa.trigger_size={cfg.trigger_size} is larger than the image {H}x{W}")
+        if cfg.position is not None:
+            r, c = (int(v) for v in (list(cfg.position) + [-1, -1])[:2])
+            if len(cfg.position) != 2 or r < 0 or c < 0 or r + h > H or c + w > W:
+                raise ConfigError(f"mesa.position={list(cfg.position)} does not fit a {h}x{w} trigger in the image {H}x{W}")
         if target < 0 or (data.num_classes > 0 and target >= data.num_classes):
             raise ConfigError(f"mesa.target={target} but the data has {data.num_classes} classes (0..{data.num_classes - 1})")
         pool = data.x[data.y != target]
@@ -312,10 +317,20 @@ class MESA:
         m = n_lv * bs * k
         idx = torch.randint(0, len(pool), (m,), generator=g).to(pool.device)
         images = pool[idx].to(pattern.device)
-        pos = random_positions(m, tuple(pattern.shape[-2:]), tuple(images.shape[-2:]), g)
+        pos = self.positions(m, tuple(images.shape[-2:]), g)
         pat = pattern.reshape(n_lv * bs, *pattern.shape[2:]).repeat_interleave(k, dim=0)
         alp = alpha.reshape(n_lv * bs, *alpha.shape[2:]).repeat_interleave(k, dim=0)
         return model(apply_trigger(images, pat, alp, pos))
+
+    @property
+    def position(self) -> tuple[int, int] | None:
+        """The fixed place of the triggers (None: random placement)."""
+        p = self.config.position
+        return None if p is None else (int(p[0]), int(p[1]))
+
+    def positions(self, n: int, image_hw: tuple[int, int], g: torch.Generator | None = None) -> torch.Tensor:
+        """n top-left corners: the fixed position, or uniformly random ones."""
+        return place(n, tuple(self.config.trigger_size), image_hw, self.position, g)
 
     def _testing(
         self, logits: torch.Tensor, target: int, betas: torch.Tensor, n_lv: int, bs: int, k: int

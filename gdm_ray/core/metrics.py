@@ -71,8 +71,9 @@ def sampled_asr(
     batch_size: int = 512,
 ) -> float:
     """ASR of a trigger *distribution*: each non-target image gets a fresh
-    sample, at a random place, and counts if the model says ``target``."""
-    from gdm_ray.core.triggers import apply_trigger, random_positions
+    sample, at a random place (or the sampler's fixed ``position``), and
+    counts if the model says ``target``."""
+    from gdm_ray.core.triggers import apply_trigger, place
 
     keep = data.y != int(target)
     if not bool(keep.any()):
@@ -82,7 +83,7 @@ def sampled_asr(
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size]
         pattern, alpha = sampler.sample(len(xb), generator=generator)
-        pos = random_positions(len(xb), tuple(alpha.shape[-2:]), tuple(xb.shape[2:]), generator)
+        pos = place(len(xb), tuple(alpha.shape[-2:]), tuple(xb.shape[2:]), getattr(sampler, "position", None), generator)
         triggered = apply_trigger(xb, pattern.to(xb.device), alpha.to(xb.device), pos)
         hits += int((predict(model, triggered, batch_size) == int(target)).sum())
     return hits / len(x)

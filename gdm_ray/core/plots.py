@@ -65,15 +65,17 @@ def _composite(pattern: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def save_level_grid(path: Path, samples: list[tuple[torch.Tensor, torch.Tensor]], title: str = "",
-                    row_labels: list[str] | None = None) -> Path:  # fmt: skip
-    """One row per level: its sampled triggers (pattern blended on grey by alpha)."""
+                    row_labels: list[str] | None = None, titles: list[list[str]] | None = None) -> Path:  # fmt: skip
+    """One row per level: its sampled triggers (pattern blended on grey by alpha);
+    ``titles[r][c]`` captions single cells."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows, cols = len(samples), max(len(p) for p, _ in samples)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.2, 0.95 * rows + 0.6), squeeze=False)
+    cell_h = 1.25 if titles else 0.95
+    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.2, cell_h * rows + 0.6), squeeze=False)
     for r, (patterns, alphas) in enumerate(samples):
         for c in range(cols):
             ax = axes[r][c]
@@ -82,6 +84,8 @@ def save_level_grid(path: Path, samples: list[tuple[torch.Tensor, torch.Tensor]]
             if c < len(patterns):
                 img = _composite(patterns[c].cpu(), alphas[c].cpu())
                 ax.imshow(_to_hwc(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+                if titles and c < len(titles[r]):
+                    ax.set_title(titles[r][c], fontsize=6)
         axes[r][0].set_ylabel(row_labels[r] if row_labels else f"level {r}", fontsize=7, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=9)

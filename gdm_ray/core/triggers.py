@@ -145,6 +145,20 @@ def random_positions(
     return (torch.rand(n, 2, generator=generator) * hi).long()
 
 
+def place(
+    n: int,
+    trigger_hw: tuple[int, int],
+    image_hw: tuple[int, int],
+    fixed: tuple[int, int] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """n top-left corners: ``fixed`` repeated (a fixed-location trigger), or random ones."""
+    if fixed is None:
+        return random_positions(n, trigger_hw, image_hw, generator)
+    _check_fits(trigger_hw, image_hw)
+    return torch.tensor([list(fixed)], dtype=torch.long).expand(n, 2)
+
+
 def apply_trigger(
     images: torch.Tensor, pattern: torch.Tensor, alpha: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Where results and artifacts go: run folders written atomically, provenance."""
+"""Where results and artifacts go: run folders and Parquet tables written atomically, provenance."""
 
 from gdm_ray.store.provenance import code_version, config_hash
+from gdm_ray.store.parquet import SCHEMA_VERSION, read_rows, write_rows
 from gdm_ray.store.rundir import RunDir, write_json
 
-__all__ = ["RunDir", "code_version", "config_hash", "write_json"]
+__all__ = ["RunDir", "SCHEMA_VERSION", "code_version", "config_hash", "read_rows", "write_json", "write_rows"]

@@ -1,0 +1,135 @@
+"""`gdm-ray scan`: is this model backdoored, and to which class(es)?"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from gdm_ray.cli.commands import load_data, plain, progress_bar, setup, typed
+from gdm_ray.core.detect import HeatMap, ScanConfig, ScanResult, scan_classes, window_heatmap
+from gdm_ray.core.ensemble import save_ensemble
+from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.mesa import MESA, MESAConfig
+from gdm_ray.core.metrics import sampled_asr
+from gdm_ray.core.model_io import LoadedModel, load_model
+from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
+from gdm_ray.store import RunDir, code_version, config_hash, write_json, write_rows
+
+__all__ = ["scan", "scan_model"]
+
+
+def _class_grid(path: Path, result: ScanResult, names: list[str], title: str) -> None:
+    """Each class's smallest trigger over grey, 10 classes a row, flagged ones marked."""
+    rows, labels, titles = [], [], []
+    for start in range(0, len(result.classes), 10):
+        part = result.classes[start : start + 10]
+        rows.append((torch.stack([c.pattern for c in part]), torch.stack([c.mask for c in part])))
+        labels.append(f"classes\n{part[0].target}-{part[-1].target}")
+        titles.append([f"{'*' if c.target in result.flagged else ''}{c.target} {names[c.target][:9]}\n"
+                       f"{c.size:.0f}px {result.anomaly[start + i]:+.1f}" for i, c in enumerate(part)])  # fmt: skip
+    save_level_grid(path, rows, title, labels, titles)
+
+
+def scan_model(
+    cfg: DictConfig, loaded: LoadedModel, splits, run_dir: RunDir, g: torch.Generator, model_id: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """First pass over every class, then the full search of each flagged one.
+    Returns the verdict row and the per-class rows (DESIGN.md section 3)."""
+    scfg = typed(ScanConfig, cfg.scan, "scan")
+    data = splits.defense
+    names = data.classes
+    update, close = progress_bar(cfg, f"scan {model_id}: {data.num_classes} classes")
+    try:
+        result = scan_classes(loaded.module, data, scfg, g, progress=update)
+    finally:
+        close()
+    _class_grid(run_dir.path("classes.png"), result, names, f"{model_id}: smallest trigger per class (* flagged)")
+    extra: dict[int, dict[str, Any]] = {}
+    for k in result.flagged:
+        info: dict[str, Any] = {}
+        heat: HeatMap | None = None
+        if scfg.moving_window:
+            update, close = progress_bar(cfg, f"moving window, class {k}")
+            try:
+                heat = window_heatmap(loaded.module, data, k, scfg, tuple(scfg.window) if scfg.window else None,
+                                      tuple(scfg.stride) if scfg.stride else None, g, update)  # fmt: skip
+            finally:
+                close()
+            best = max(range(len(heat.windows)), key=lambda j: heat.strength[j])
+            save_heatmap(run_dir.path(f"class-{k}/heat.png"), heat.heat, data.x[0], heat.box,
+                         (heat.patterns[best], heat.masks[best]), f"{model_id}: where class {k}'s trigger lives")  # fmt: skip
+            info.update(heat_peak=list(heat.peak), heat_box=list(heat.box), heat_max=float(heat.heat.max()))
+        if bool(cfg.full_search):
+            mcfg = typed(MESAConfig, cfg.mesa, "mesa")
+            if heat is not None:  # the heat map sizes and places the complete search
+                r0, c0, h, w = heat.box
+                mcfg = dataclasses.replace(mcfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
+            mesa = MESA(mcfg)
+            update, close = progress_bar(cfg, f"MESA, class {k}")
+            try:
+                res = mesa.fit(loaded.module, data, k, g, update)
+            finally:
+                close()
+            save_ensemble(mesa, res, run_dir.path(f"class-{k}/ensemble"), loaded.sha256,
+                          {"source_model": loaded.path, "code_version": code_version()})  # fmt: skip
+            n = int(cfg.samples_per_level)
+            per_level = [mesa.sample(n, generator=g, level=i) for i in range(res.generators.levels)]
+            save_level_grid(run_dir.path(f"class-{k}/samples.png"), per_level,
+                            f"{model_id}: MESA triggers for class {k}",
+                            [f"L{i} b={b:.2f}\nASR {a:.0%}" for i, (b, a) in enumerate(zip(res.betas, res.asr))])  # fmt: skip
+            save_curves(run_dir.path(f"class-{k}/curves.png"), res.history, f"{model_id}: MESA training, class {k}")
+            info.update(mesa_level_asr=res.asr, mesa_weights=res.weights,
+                        mesa_asr_eval=sampled_asr(loaded.module, splits.eval, mesa, k, torch.Generator().manual_seed(int(cfg.seed))))  # fmt: skip
+        extra[k] = info
+    provenance = {"config_hash": config_hash(plain(cfg)), "code_version": code_version()}
+    classes = [
+        {"model_id": model_id, "class": c.target, "class_name": names[c.target], "trigger_size": c.size,
+         "trigger_asr": c.asr, "valid": c.valid, "anomaly": result.anomaly[i], "flagged": c.target in result.flagged,
+         **provenance}
+        for i, c in enumerate(result.classes)
+    ]  # fmt: skip
+    verdict = {
+        "model_id": model_id, "model_path": loaded.path, "model_sha256": loaded.sha256, "error": None,
+        "backdoored": result.backdoored, "score": result.score,
+        "target_class": result.flagged[0] if result.flagged else None, "flagged": list(result.flagged),
+        "seconds": result.seconds, **provenance,
+    }  # fmt: skip
+    write_json(run_dir.path("scan.json"), {**verdict, "classes": classes, "flagged_detail": {str(k): v for k, v in extra.items()},
+                                           "scan": dataclasses.asdict(scfg)})  # fmt: skip
+    return verdict, classes
+
+
+def scan(cfg: DictConfig) -> dict[str, Any]:
+    """Scan every class of one model; print the verdict table."""
+    device = setup(cfg)
+    model_path = Path(str(cfg.model))
+    if not model_path.is_file():
+        raise ConfigError(f"model={model_path}: no such file")
+    typed(ScanConfig, cfg.scan, "scan")  # bad settings fail before the data loads
+    splits = load_data(cfg)
+    arch = cfg.arch.name if cfg.get("arch") else None
+    loaded = load_model(model_path, splits.shape, splits.eval.num_classes, arch=arch, device=device)
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    print(f"gdm-ray scan: {loaded.path}, {splits.eval.num_classes} classes, {len(splits.defense)} clean images", file=sys.stderr)
+    t0 = time.perf_counter()
+    with RunDir(cfg.get("out"), "scan") as run_dir:
+        verdict, classes = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem)
+        write_rows(run_dir.path("verdict.parquet"), [verdict])
+        write_rows(run_dir.path("classes.parquet"), classes)
+    width = max(len(c["class_name"]) for c in classes)
+    print(f"  {'class'.ljust(width + 4)}  trigger px  ASR      anomaly  flagged")
+    for c in sorted(classes, key=lambda c: -c["anomaly"]):
+        print(f"  {c['class']:>2}  {c['class_name'].ljust(width)}  {c['trigger_size']:>10.1f}  {c['trigger_asr']:>6.1%}  "
+              f"{c['anomaly']:>7.2f}  {'YES' if c['flagged'] else ''}")  # fmt: skip
+    target = verdict["target_class"]
+    print(f"verdict: {'BACKDOORED' if verdict['backdoored'] else 'clean'} (score {verdict['score']:.2f}"
+          + (f", target class {target}, flagged {verdict['flagged']}" if verdict["backdoored"] else "")
+          + f"; {time.perf_counter() - t0:.0f}s)")  # fmt: skip
+    print(f"wrote {run_dir.final}")
+    return {**verdict, "out": str(run_dir.final)}
