@@ -80,3 +80,58 @@ def test_scan_bad_inputs(models, extra, needle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and needle in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_defend_auto_scans_then_repairs(models, tmp_path, capsys):
+    out = tmp_path / "d"
+    args = ["defend", f"model={models['backdoored']}", "target_class=auto", *FAST, "mesa.steps=250", "defense.epochs=4",
+            f"out={out}"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["target_class"] == "auto" and m["targets"] == [2]
+    assert m["before"]["asr"] > 0.9 and m["after"]["asr"] < 0.25, (m["before"], m["after"])
+    assert (out / "model.pt").is_file() and (out / "classes.png").is_file()
+
+
+def test_defend_auto_on_a_clean_model_repairs_nothing(models, tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["defend", f"model={models['clean']}", "target_class=auto", *FAST, f"out={out}"]) == 0
+    assert "nothing to repair" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["targets"] == [] and m["after"] is None and not (out / "model.pt").exists()
+
+
+def test_defend_auto_repairs_two_targets_at_once(tmp_path, capsys):
+    import torch
+
+    from gdm_ray.core.attack import BadNets
+    from gdm_ray.core.data import DataSpec, load_splits
+    from gdm_ray.core.metrics import attack_success_rate
+    from gdm_ray.core.model_io import load_model, save_torchscript
+    from gdm_ray.core.models import build_model
+    from gdm_ray.core.train import TrainConfig, train_classifier
+    from gdm_ray.core.triggers import TriggerSpec, make_trigger
+
+    splits = load_splits(DataSpec(name="synthetic", samples=3000, num_classes=8, image_size=[16, 16]))
+    attacks = [BadNets(make_trigger(TriggerSpec(family="bw3x3", number=n), 1, (16, 16)), t, 0.2) for n, t in ((341, 2), (7, 5))]
+
+    def hook(x, y, g):
+        for a in attacks:
+            x, y = a.poison_batch(x, y, g)
+        return x, y
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 1, 8, 8)
+    train_classifier(model, splits.train, TrainConfig(epochs=6, batch_size=64, lr=0.05, channels_last=False),
+                     torch.Generator().manual_seed(0), hook)  # fmt: skip
+    model.eval()
+    assert all(attack_success_rate(model, splits.eval, a.trigger, a.target) > 0.9 for a in attacks)
+    path = save_torchscript(model, tmp_path / "two.pt", (1, 16, 16))
+    out = tmp_path / "d"
+    args = ["defend", f"model={path}", "target_class=auto", *FAST, "mesa.steps=250", "defense.epochs=4", f"out={out}"]
+    assert main(args) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert sorted(m["targets"]) == [2, 5]
+    repaired = load_model(out / "model.pt").module
+    after = [attack_success_rate(repaired, splits.eval, a.trigger, a.target) for a in attacks]
+    assert max(after) < 0.3, after

@@ -38,9 +38,10 @@ def _class_grid(path: Path, result: ScanResult, names: list[str], title: str) ->
 
 def scan_model(
     cfg: DictConfig, loaded: LoadedModel, splits, run_dir: RunDir, g: torch.Generator, model_id: str
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, MESA]]:
     """First pass over every class, then the full search of each flagged one.
-    Returns the verdict row and the per-class rows (DESIGN.md section 3)."""
+    Returns the verdict row, the per-class rows (DESIGN.md section 3) and the
+    fitted MESA of each flagged class (with full_search)."""
     scfg = typed(ScanConfig, cfg.scan, "scan")
     data = splits.defense
     names = data.classes
@@ -51,6 +52,7 @@ def scan_model(
         close()
     _class_grid(run_dir.path("classes.png"), result, names, f"{model_id}: smallest trigger per class (* flagged)")
     extra: dict[int, dict[str, Any]] = {}
+    samplers: dict[int, MESA] = {}
     for k in result.flagged:
         info: dict[str, Any] = {}
         heat: HeatMap | None = None
@@ -65,12 +67,13 @@ def scan_model(
             save_heatmap(run_dir.path(f"class-{k}/heat.png"), heat.heat, data.x[0], heat.box,
                          (heat.patterns[best], heat.masks[best]), f"{model_id}: where class {k}'s trigger lives")  # fmt: skip
             info.update(heat_peak=list(heat.peak), heat_box=list(heat.box), heat_max=float(heat.heat.max()))
-        if bool(cfg.full_search):
+        if bool(cfg.get("full_search", True)):  # defend always models the flagged classes
             mcfg = typed(MESAConfig, cfg.mesa, "mesa")
             if heat is not None:  # the heat map sizes and places the complete search
                 r0, c0, h, w = heat.box
                 mcfg = dataclasses.replace(mcfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
             mesa = MESA(mcfg)
+            samplers[k] = mesa
             update, close = progress_bar(cfg, f"MESA, class {k}")
             try:
                 res = mesa.fit(loaded.module, data, k, g, update)
@@ -102,7 +105,7 @@ def scan_model(
     }  # fmt: skip
     write_json(run_dir.path("scan.json"), {**verdict, "classes": classes, "flagged_detail": {str(k): v for k, v in extra.items()},
                                            "scan": dataclasses.asdict(scfg)})  # fmt: skip
-    return verdict, classes
+    return verdict, classes, samplers
 
 
 def scan(cfg: DictConfig) -> dict[str, Any]:
@@ -119,7 +122,7 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
     print(f"gdm-ray scan: {loaded.path}, {splits.eval.num_classes} classes, {len(splits.defense)} clean images", file=sys.stderr)
     t0 = time.perf_counter()
     with RunDir(cfg.get("out"), "scan") as run_dir:
-        verdict, classes = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem)
+        verdict, classes, _ = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem)
         write_rows(run_dir.path("verdict.parquet"), [verdict])
         write_rows(run_dir.path("classes.parquet"), classes)
     width = max(len(c["class_name"]) for c in classes)

@@ -29,7 +29,7 @@ __all__ = ["search", "defend", "run_search"]
 METHODS = ("mesa", "baseline")
 
 
-def _load(cfg: DictConfig, device: torch.device) -> tuple[LoadedModel, Splits, int, str]:
+def _load(cfg: DictConfig, device: torch.device, allow_auto: bool = False) -> tuple[LoadedModel, Splits, int | None, str]:
     model_path = Path(str(cfg.model))
     if not model_path.is_file():  # fail before the (slow) data load
         raise ConfigError(f"model={model_path}: no such file")
@@ -37,11 +37,16 @@ def _load(cfg: DictConfig, device: torch.device) -> tuple[LoadedModel, Splits, i
     if method not in METHODS:
         raise ConfigError(f"method={method!r} must be one of {', '.join(METHODS)}")
     target = cfg.target_class
-    if isinstance(target, bool) or not isinstance(target, int):
-        raise ConfigError(f"target_class={target!r} must be a class index")
+    auto = allow_auto and target == "auto"
+    if not auto and (isinstance(target, bool) or not isinstance(target, int)):
+        raise ConfigError(f"target_class={target!r} must be a class index" + (" or auto" if allow_auto else ""))
+    if auto and method != "mesa":
+        raise ConfigError(f"target_class=auto scans with MESA; method={method} needs a class index")
     splits = load_data(cfg)
     arch = cfg.arch.name if cfg.get("arch") else None
     loaded = load_model(model_path, splits.shape, splits.eval.num_classes, arch=arch, device=device)
+    if auto:
+        return loaded, splits, None, method
     if not 0 <= target < loaded.num_classes:
         raise ConfigError(f"target_class={target} is not a class of the model (0..{loaded.num_classes - 1})")
     return loaded, splits, int(target), method
@@ -119,7 +124,12 @@ def _real_trigger(cfg: DictConfig, model_path: Path, splits: Splits) -> tuple[Tr
     card = card_for(model_path)
     if cfg.get("trigger") is not None:
         spec = typed(TriggerSpec, cfg.trigger, "trigger")
-        target = int(cfg.target_class)
+        if cfg.target_class == "auto":
+            if card.get("target") is None:
+                raise ConfigError("trigger=... with target_class=auto: the model has no card naming its real target")
+            target = int(card["target"])
+        else:
+            target = int(cfg.target_class)
     elif card.get("trigger"):
         spec = typed(TriggerSpec, card["trigger"], "model card trigger")
         target = int(card["target"])
@@ -130,59 +140,83 @@ def _real_trigger(cfg: DictConfig, model_path: Path, splits: Splits) -> tuple[Tr
 
 
 def defend(cfg: DictConfig) -> dict[str, Any]:
-    """Search, then retrain against the found triggers; write the repaired model and metrics."""
+    """Search (or, with target_class=auto, scan every class), then retrain
+    against the found triggers of every target at once; write the repaired
+    model and metrics."""
+    from gdm_ray.cli.scan import scan_model
+
     device = setup(cfg)
-    loaded, splits, target, method = _load(cfg, device)
+    loaded, splits, target, method = _load(cfg, device, allow_auto=True)
     defense_cfg = typed(DefenseConfig, cfg.defense, "defense")
     real, real_target, real_spec = _real_trigger(cfg, Path(loaded.path), splits)
     g = torch.Generator().manual_seed(int(cfg.seed))
     eval_seed = int(cfg.seed) + 7919
 
-    def measure(model: torch.nn.Module, sampler: TriggerSampler | None) -> dict[str, float | None]:
-        out: dict[str, float | None] = {"clean_accuracy": clean_accuracy(model, splits.eval)}
+    def found_asr(model: torch.nn.Module, samplers: dict[int, TriggerSampler]) -> dict[str, float]:
+        return {str(k): sampled_asr(model, splits.eval, s, k, torch.Generator().manual_seed(eval_seed)) for k, s in samplers.items()}
+
+    def measure(model: torch.nn.Module, samplers: dict[int, TriggerSampler]) -> dict[str, Any]:
+        out: dict[str, Any] = {"clean_accuracy": clean_accuracy(model, splits.eval)}
         out["asr"] = (attack_success_rate(model, splits.eval, real, real_target, torch.Generator().manual_seed(eval_seed))
                       if real is not None else None)  # fmt: skip
-        if sampler is not None:
-            out["found_asr"] = sampled_asr(model, splits.eval, sampler, target, torch.Generator().manual_seed(eval_seed))
+        by_class = found_asr(model, samplers)
+        out["found_asr_by_class"] = by_class
+        out["found_asr"] = sum(by_class.values()) / len(by_class) if by_class else None
         return out
 
-    print(f"gdm-ray defend: {loaded.path}, class {target}, {method}; search and retrain on {len(splits.defense)} "
+    what = "every class (target_class=auto)" if target is None else f"class {target}"
+    print(f"gdm-ray defend: {loaded.path}, {what}, {method}; search and retrain on {len(splits.defense)} "
           f"clean images, metrics on {len(splits.eval)} held-out images", file=sys.stderr)  # fmt: skip
-    before = measure(loaded.module, None)
     with RunDir(cfg.get("out"), "defend") as run_dir:
-        sampler, summary = run_search(cfg, method, loaded, splits, target, run_dir, g)
-        before["found_asr"] = sampled_asr(loaded.module, splits.eval, sampler, target, torch.Generator().manual_seed(eval_seed))
-        repaired = clone_model(loaded.module)
-        update, close = progress_bar(cfg, "retrain")
-        t0 = time.perf_counter()
-        try:
-            retrain(repaired, splits.defense, [sampler], defense_cfg, g, update)
-        finally:
-            close()
-        retrain_seconds = time.perf_counter() - t0
-        after = measure(repaired, sampler)
-        save_torchscript(repaired, run_dir.path("model.pt"), splits.shape,
-                         {"repaired_from": loaded.sha256, "method": method, "target_class": target})  # fmt: skip
-        metrics = {
-            "model": loaded.path, "model_sha256": loaded.sha256, "method": method, "target_class": target,
-            "real_trigger": real_spec, "real_target": real_target, "before": before, "after": after,
-            "search": summary, "retrain_seconds": round(retrain_seconds, 2), "defense": dataclasses.asdict(defense_cfg),
-            "repaired_sha256": file_sha256(run_dir.path("model.pt")), "eval_images": len(splits.eval),
+        if target is None:
+            verdict, _, samplers = scan_model(cfg, loaded, splits, run_dir, g, Path(loaded.path).stem)
+            summary: dict[str, Any] = {"method": "mesa", "scan": verdict, "search_seconds": round(verdict["seconds"], 2)}
+        else:
+            sampler, summary = run_search(cfg, method, loaded, splits, target, run_dir, g)
+            samplers = {target: sampler}
+        targets = list(samplers)
+        before = measure(loaded.module, samplers)
+        metrics: dict[str, Any] = {
+            "model": loaded.path, "model_sha256": loaded.sha256, "method": method, "target_class": target if target is not None else "auto",
+            "targets": targets, "real_trigger": real_spec, "real_target": real_target, "before": before, "search": summary,
+            "defense": dataclasses.asdict(defense_cfg), "eval_images": len(splits.eval),
             "config_hash": config_hash(plain(cfg)), "code_version": code_version(),
         }  # fmt: skip
-        write_json(run_dir.path("metrics.json"), metrics)
+        if not targets:  # the scan found no backdoor: nothing to repair, no model written
+            metrics.update(after=None, retrain_seconds=0.0, repaired_sha256=None)
+            write_json(run_dir.path("metrics.json"), metrics)
+        else:
+            repaired = clone_model(loaded.module)
+            update, close = progress_bar(cfg, "retrain")
+            t0 = time.perf_counter()
+            try:
+                retrain(repaired, splits.defense, list(samplers.values()), defense_cfg, g, update)
+            finally:
+                close()
+            metrics["retrain_seconds"] = round(time.perf_counter() - t0, 2)
+            metrics["after"] = measure(repaired, samplers)
+            save_torchscript(repaired, run_dir.path("model.pt"), splits.shape,
+                             {"repaired_from": loaded.sha256, "method": method, "target_classes": targets})  # fmt: skip
+            metrics["repaired_sha256"] = file_sha256(run_dir.path("model.pt"))
+            write_json(run_dir.path("metrics.json"), metrics)
 
     def pct(v: float | None) -> str:
         return "unknown (no trigger= and no model card)" if v is None else f"{v:.2%}"
 
-    print_table(
-        [
+    after = metrics["after"]
+    if after is None:
+        print_table([("verdict", "no backdoor found: nothing to repair"),
+                     ("clean accuracy", f"{before['clean_accuracy']:.2%}"), ("ASR of the real trigger", pct(before["asr"]))])  # fmt: skip
+    else:
+        rows = [
+            ("repaired classes", ", ".join(map(str, targets))),
             ("clean accuracy", f"{before['clean_accuracy']:.2%} -> {after['clean_accuracy']:.2%}"),
             ("ASR of the real trigger", f"{pct(before['asr'])} -> {pct(after['asr'])}"),
-            ("ASR of the found triggers", f"{before['found_asr']:.2%} -> {after['found_asr']:.2%}"),
-            ("seconds (search, retrain)", f"{summary['search_seconds']:.1f}, {retrain_seconds:.1f}"),
-            ("repaired model", str(run_dir.final / "model.pt")),
         ]
-    )
+        rows += [(f"ASR of the found triggers, class {k}", f"{before['found_asr_by_class'][k]:.2%} -> {v:.2%}")
+                 for k, v in after["found_asr_by_class"].items()]  # fmt: skip
+        rows += [("seconds (search, retrain)", f"{summary['search_seconds']:.1f}, {metrics['retrain_seconds']:.1f}"),
+                 ("repaired model", str(run_dir.final / "model.pt"))]  # fmt: skip
+        print_table(rows)
     print(f"wrote {run_dir.final}")
     return {**metrics, "out": str(run_dir.final)}
