@@ -104,8 +104,8 @@ def test_history_and_ensemble_weights(fits):
     last = [row for row in result.history if row["step"] == STEPS]
     assert last[2]["asr"] > last[2]["beta"] and last[2]["hinge"] < 0.2
     assert last[0]["hinge"] == 0.0  # beta_0 = 0 never binds
-    # staircase rule: w_i ∝ (beta_{i+1} - beta_i) * exp(H_i), beta_N = 1
-    raw = [(1 / 3) * math.exp(max(h, 0.0)) for h in result.entropy]
+    # staircase rule: w_i ∝ (beta_{i+1} - beta_i) * exp(H_i) * ASR_i, beta_N = 1
+    raw = [(1 / 3) * math.exp(max(h, 0.0)) * max(a, 1e-6) for h, a in zip(result.entropy, result.asr)]
     assert result.weights == pytest.approx([r / sum(raw) for r in raw], rel=1e-5)
     assert mesa.weights is not None and float(mesa.weights.sum()) == pytest.approx(1.0)
 
