@@ -46,6 +46,9 @@ test-slow: $(STAMP) fashion-mnist
 
 bench: $(STAMP) fashion-mnist
 	$(BIN)/python bench/attack.py
+	$(BIN)/python bench/defense.py
+	$(BIN)/python bench/mesa_batching.py
+	$(BIN)/python bench/quote.py
 
 clean:
 	rm -rf $(VENV) gdm-ray-runs .pytest_cache

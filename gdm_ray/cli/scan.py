@@ -114,8 +114,11 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
     model_path = Path(str(cfg.model))
     if not model_path.is_file():
         raise ConfigError(f"model={model_path}: no such file")
-    typed(ScanConfig, cfg.scan, "scan")  # bad settings fail before the data loads
+    scfg = typed(ScanConfig, cfg.scan, "scan")  # bad settings fail before the data loads
     splits = load_data(cfg)
+    _, H, W = splits.shape
+    if scfg.moving_window and scfg.window and (len(scfg.window) != 2 or scfg.window[0] > H or scfg.window[1] > W):
+        raise ConfigError(f"scan.window={'x'.join(map(str, scfg.window))} does not fit the image {H}x{W}")
     arch = cfg.arch.name if cfg.get("arch") else None
     loaded = load_model(model_path, splits.shape, splits.eval.num_classes, arch=arch, device=device)
     g = torch.Generator().manual_seed(int(cfg.seed))
