@@ -77,6 +77,20 @@ def _uniform_(t: torch.Tensor, bound: float, generator: torch.Generator | None) 
         t.copy_(torch.rand(t.shape, generator=generator) * (2 * bound) - bound)
 
 
+def seeded_mlp(sizes: list[int], activation: type[nn.Module], generator: torch.Generator | None) -> nn.Sequential:
+    """Linear layers of the given sizes with ``activation`` between them,
+    initialised from ``generator``."""
+    mods: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(a, b)
+        _uniform_(lin.weight, 1 / math.sqrt(a), generator)
+        _uniform_(lin.bias, 1 / math.sqrt(a), generator)
+        mods.append(lin)
+        if i < len(sizes) - 2:
+            mods.append(activation())
+    return nn.Sequential(*mods)
+
+
 class TriggerGenerator(nn.Module):
     """One generator G: z (noise_dim) -> pattern C x h x w and alpha h x w.
 
@@ -112,16 +126,7 @@ class TriggerGenerator(nn.Module):
         self.noise = noise
         h, w = self.trigger_size
         self.out_dim = self.channels * h * w + (h * w if self.with_alpha else 0)
-        sizes = [self.noise_dim] + [int(hidden)] * int(layers) + [self.out_dim]
-        mods: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            lin = nn.Linear(a, b)
-            _uniform_(lin.weight, 1 / math.sqrt(a), generator)
-            _uniform_(lin.bias, 1 / math.sqrt(a), generator)
-            mods.append(lin)
-            if i < len(sizes) - 2:
-                mods.append(nn.ReLU())
-        self.net = nn.Sequential(*mods)
+        self.net = seeded_mlp([self.noise_dim] + [int(hidden)] * int(layers) + [self.out_dim], nn.ReLU, generator)
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n noise vectors (on the CPU; move them to the generator's device)."""

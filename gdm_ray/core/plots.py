@@ -9,6 +9,27 @@ import torch
 __all__ = ["save_examples", "save_level_grid", "save_pca_scatter", "save_curves"]
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, title: str = "") -> None:
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _to_hwc(img: torch.Tensor):
     img = img.detach().float().clamp(0, 1).cpu()
     return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
@@ -27,10 +48,7 @@ def save_examples(
     """A grid: the trigger (pattern and alpha) on the left, then clean images
     (top row) and the same images triggered (bottom row), each captioned with
     the model's prediction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     n = clean.shape[0]
     extra = 1 if pattern is not None else 0
@@ -50,12 +68,7 @@ def save_examples(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
     return path
 
 
@@ -68,10 +81,7 @@ def save_level_grid(path: Path, samples: list[tuple[torch.Tensor, torch.Tensor]]
                     row_labels: list[str] | None = None, titles: list[list[str]] | None = None) -> Path:  # fmt: skip
     """One row per level: its sampled triggers (pattern blended on grey by alpha);
     ``titles[r][c]`` captions single cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows, cols = len(samples), max(len(p) for p, _ in samples)
     cell_h = 1.25 if titles else 0.95
@@ -87,20 +97,13 @@ def save_level_grid(path: Path, samples: list[tuple[torch.Tensor, torch.Tensor]]
                 if titles and c < len(titles[r]):
                     ax.set_title(titles[r][c], fontsize=6)
         axes[r][0].set_ylabel(row_labels[r] if row_labels else f"level {r}", fontsize=7, rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
     return path
 
 
 def save_pca_scatter(path: Path, samples: list[torch.Tensor], title: str = "", labels: list[str] | None = None) -> Path:
     """2-D PCA of flattened trigger samples, coloured by level (the paper's figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     flat = [s.detach().float().flatten(1).cpu() for s in samples]
     allx = torch.cat(flat)
@@ -119,18 +122,13 @@ def save_pca_scatter(path: Path, samples: list[torch.Tensor], title: str = "", l
     ax.legend(fontsize=7, markerscale=2)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
 def save_curves(path: Path, history: list[dict[str, float]], title: str = "") -> Path:
     """ASR and MI estimate of each level over training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     levels = sorted({int(r["level"]) for r in history})
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
@@ -148,11 +146,7 @@ def save_curves(path: Path, history: list[dict[str, float]], title: str = "") ->
     a1.legend(fontsize=7)
     a2.set_xlabel("step")
     a2.set_ylabel("MI estimate (nats)")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
     return path
 
 
@@ -160,10 +154,7 @@ def save_heatmap(path: Path, heat: torch.Tensor, image: torch.Tensor, box: tuple
                  best: tuple[torch.Tensor, torch.Tensor] | None = None, title: str = "") -> Path:  # fmt: skip
     """The moving-window heat map beside an example image with the hot box
     drawn, and (optionally) the strongest window's trigger applied to it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.patches import Rectangle
 
     panels = 3 if best is not None else 2
@@ -185,9 +176,5 @@ def save_heatmap(path: Path, heat: torch.Tensor, image: torch.Tensor, box: tuple
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
     return path

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from gdm_ray.core.errors import ConfigError
-from gdm_ray.core.generator import BatchedMLP, _uniform_
+from gdm_ray.core.generator import BatchedMLP, seeded_mlp
 
 __all__ = ["StatisticsNetwork", "StaircaseStatistics", "MINE", "corrected_log_mean_exp", "donsker_varadhan"]
 
@@ -87,16 +87,7 @@ class StatisticsNetwork(nn.Module):
         super().__init__()
         _check(noise_dim, x_dim, hidden, layers)
         self.noise_dim, self.x_dim = int(noise_dim), int(x_dim)
-        sizes = [self.noise_dim + self.x_dim] + [int(hidden)] * int(layers) + [1]
-        mods: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            lin = nn.Linear(a, b)
-            _uniform_(lin.weight, 1 / math.sqrt(a), generator)
-            _uniform_(lin.bias, 1 / math.sqrt(a), generator)
-            mods.append(lin)
-            if i < len(sizes) - 2:
-                mods.append(nn.ELU())
-        self.net = nn.Sequential(*mods)
+        self.net = seeded_mlp([self.noise_dim + self.x_dim] + [int(hidden)] * int(layers) + [1], nn.ELU, generator)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(*z.shape[:-1], -1)
