@@ -135,3 +135,71 @@ def test_defend_auto_repairs_two_targets_at_once(tmp_path, capsys):
     repaired = load_model(out / "model.pt").module
     after = [attack_success_rate(repaired, splits.eval, a.trigger, a.target) for a in attacks]
     assert max(after) < 0.3, after
+
+
+# --- zoo-scan ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo(models, tmp_path_factory) -> Path:
+    """Two real models, a corrupt model file, and a file that is not a model."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("zoo-dir")
+    shutil.copy(models["backdoored"], root / "vendor-a.pt")
+    shutil.copy(models["clean"], root / "vendor-b.pt")
+    (root / "broken.pt").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
+    (root / "README.txt").write_text("not a model")
+    return root
+
+
+def test_zoo_scan_writes_contract_tables_and_reports_broken_models(zoo, tmp_path, capsys):
+    out = tmp_path / "zs"
+    assert main(["zoo-scan", f"zoo.path={zoo}", *FAST, "mesa.steps=100", f"out={out}"]) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "3 models: 1 backdoored, 1 clean, 1 failed to load" in stdout
+    verdicts = pq.read_table(out / "verdicts.parquet")
+    for col in ("model_id", "backdoored", "score", "target_class", "error", "config_hash", "code_version", "schema_version"):
+        assert col in verdicts.column_names, col
+    assert str(verdicts.schema.field("target_class").type) == "int64" and str(verdicts.schema.field("backdoored").type) == "bool"
+    rows = {r["model_id"]: r for r in verdicts.to_pylist()}
+    assert set(rows) == {"broken", "vendor-a", "vendor-b"}
+    assert rows["vendor-a"]["backdoored"] is True and rows["vendor-a"]["target_class"] == 2
+    assert rows["vendor-b"]["backdoored"] is False and rows["vendor-b"]["target_class"] is None
+    assert rows["vendor-a"]["score"] > rows["vendor-b"]["score"]
+    broken = rows["broken"]
+    assert "corrupt" in broken["error"] and broken["backdoored"] is None and broken["score"] is None
+    assert rows["vendor-a"]["error"] is None
+    classes = pq.read_table(out / "classes.parquet").to_pylist()
+    assert sorted({(r["model_id"], r["class"]) for r in classes}) == [(m, k) for m in ("vendor-a", "vendor-b") for k in range(8)]
+    assert {r["class"] for r in classes if r["flagged"]} == {2}
+    assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "vendor-a" / "classes.png").is_file() and (out / "vendor-a" / "class-2" / "ensemble").is_dir()
+
+
+@pytest.mark.parametrize("make, needle", [("empty", "no model files"), ("missing", "no such folder"), ("dupe", "share the model id")])
+def test_zoo_scan_bad_folders(make, needle, models, tmp_path, capsys):
+    import shutil
+
+    zoo_dir = tmp_path / "z"
+    if make != "missing":
+        zoo_dir.mkdir()
+    if make == "dupe":
+        shutil.copy(models["clean"], zoo_dir / "m.pt")
+        shutil.copy(models["clean"], zoo_dir / "m.ts")
+    out = tmp_path / "out"
+    code = main(["zoo-scan", f"zoo.path={zoo_dir}", *FAST, f"out={out}"])
+    err = capsys.readouterr().err
+    assert code != 0 and needle in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_scan_baseline_method_is_the_first_pass_alone(models, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["scan", f"model={models['backdoored']}", *FAST, "scan.method=baseline", f"out={out}"]) == 0
+    v = pq.read_table(out / "verdict.parquet").to_pylist()[0]
+    assert v["method"] == "baseline"
+    classes = pq.read_table(out / "classes.parquet").to_pylist()
+    # plain Neural Cleanse also finds the 3x3 backdoor's class smallest
+    assert min(classes, key=lambda r: r["trigger_size"])["class"] == 2
+    assert not list(out.glob("class-*/ensemble"))

@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": "clean accuracy and attack success rate of a model for a trigger",
     "search": "model the valid triggers of one class (MESA) or reverse-engineer one (baseline)",
     "scan": "is the model backdoored, to which class(es)? a verdict table, PNGs and Parquet rows",
+    "zoo-scan": "scan every model file in a folder: verdicts.parquet, classes.parquet, scores.png",
     "defend": "repair a model by retraining against the found triggers; writes model.pt + metrics.json",
     "demo": "the end-to-end main job on the embedded default",
 }

@@ -19,7 +19,7 @@ from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.metrics import sampled_asr
 from gdm_ray.core.model_io import LoadedModel, load_model
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
-from gdm_ray.store import RunDir, code_version, config_hash, write_json, write_rows
+from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json, write_rows
 
 __all__ = ["scan", "scan_model"]
 
@@ -37,26 +37,30 @@ def _class_grid(path: Path, result: ScanResult, names: list[str], title: str) ->
 
 
 def scan_model(
-    cfg: DictConfig, loaded: LoadedModel, splits, run_dir: RunDir, g: torch.Generator, model_id: str
+    cfg: DictConfig, loaded: LoadedModel, splits, run_dir: RunDir, g: torch.Generator, model_id: str, prefix: str = ""
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, MESA]]:
     """First pass over every class, then the full search of each flagged one.
     Returns the verdict row, the per-class rows (DESIGN.md section 3) and the
-    fitted MESA of each flagged class (with full_search)."""
+    fitted MESA of each flagged class (with full_search). Files go under
+    ``prefix`` in the run folder. ``scan.method=baseline`` is the first pass
+    alone (plain Neural Cleanse, no moving window, no MESA)."""
     scfg = typed(ScanConfig, cfg.scan, "scan")
+    baseline_only = scfg.method == "baseline"
     data = splits.defense
     names = data.classes
+    t0 = time.perf_counter()
     update, close = progress_bar(cfg, f"scan {model_id}: {data.num_classes} classes")
     try:
         result = scan_classes(loaded.module, data, scfg, g, progress=update)
     finally:
         close()
-    _class_grid(run_dir.path("classes.png"), result, names, f"{model_id}: smallest trigger per class (* flagged)")
+    _class_grid(run_dir.path(f"{prefix}classes.png"), result, names, f"{model_id}: smallest trigger per class (* flagged)")
     extra: dict[int, dict[str, Any]] = {}
     samplers: dict[int, MESA] = {}
     for k in result.flagged:
         info: dict[str, Any] = {}
         heat: HeatMap | None = None
-        if scfg.moving_window:
+        if scfg.moving_window and not baseline_only:
             update, close = progress_bar(cfg, f"moving window, class {k}")
             try:
                 heat = window_heatmap(loaded.module, data, k, scfg, tuple(scfg.window) if scfg.window else None,
@@ -64,10 +68,10 @@ def scan_model(
             finally:
                 close()
             best = max(range(len(heat.windows)), key=lambda j: heat.strength[j])
-            save_heatmap(run_dir.path(f"class-{k}/heat.png"), heat.heat, data.x[0], heat.box,
+            save_heatmap(run_dir.path(f"{prefix}class-{k}/heat.png"), heat.heat, data.x[0], heat.box,
                          (heat.patterns[best], heat.masks[best]), f"{model_id}: where class {k}'s trigger lives")  # fmt: skip
             info.update(heat_peak=list(heat.peak), heat_box=list(heat.box), heat_max=float(heat.heat.max()))
-        if bool(cfg.get("full_search", True)):  # defend always models the flagged classes
+        if bool(cfg.get("full_search", True)) and not baseline_only:  # defend always models the flagged classes
             mcfg = typed(MESAConfig, cfg.mesa, "mesa")
             if heat is not None:  # the heat map sizes and places the complete search
                 r0, c0, h, w = heat.box
@@ -79,14 +83,14 @@ def scan_model(
                 res = mesa.fit(loaded.module, data, k, g, update)
             finally:
                 close()
-            save_ensemble(mesa, res, run_dir.path(f"class-{k}/ensemble"), loaded.sha256,
+            save_ensemble(mesa, res, run_dir.path(f"{prefix}class-{k}/ensemble"), loaded.sha256,
                           {"source_model": loaded.path, "code_version": code_version()})  # fmt: skip
             n = int(cfg.samples_per_level)
             per_level = [mesa.sample(n, generator=g, level=i) for i in range(res.generators.levels)]
-            save_level_grid(run_dir.path(f"class-{k}/samples.png"), per_level,
+            save_level_grid(run_dir.path(f"{prefix}class-{k}/samples.png"), per_level,
                             f"{model_id}: MESA triggers for class {k}",
                             [f"L{i} b={b:.2f}\nASR {a:.0%}" for i, (b, a) in enumerate(zip(res.betas, res.asr))])  # fmt: skip
-            save_curves(run_dir.path(f"class-{k}/curves.png"), res.history, f"{model_id}: MESA training, class {k}")
+            save_curves(run_dir.path(f"{prefix}class-{k}/curves.png"), res.history, f"{model_id}: MESA training, class {k}")
             info.update(mesa_level_asr=res.asr, mesa_weights=res.weights,
                         mesa_asr_eval=sampled_asr(loaded.module, splits.eval, mesa, k, torch.Generator().manual_seed(int(cfg.seed))))  # fmt: skip
         extra[k] = info
@@ -101,9 +105,9 @@ def scan_model(
         "model_id": model_id, "model_path": loaded.path, "model_sha256": loaded.sha256, "error": None,
         "backdoored": result.backdoored, "score": result.score,
         "target_class": result.flagged[0] if result.flagged else None, "flagged": list(result.flagged),
-        "seconds": result.seconds, **provenance,
+        "method": scfg.method, "seconds": time.perf_counter() - t0, **provenance,
     }  # fmt: skip
-    write_json(run_dir.path("scan.json"), {**verdict, "classes": classes, "flagged_detail": {str(k): v for k, v in extra.items()},
+    write_json(run_dir.path(f"{prefix}scan.json"), {**verdict, "classes": classes, "flagged_detail": {str(k): v for k, v in extra.items()},
                                            "scan": dataclasses.asdict(scfg)})  # fmt: skip
     return verdict, classes, samplers
 
@@ -126,8 +130,8 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     with RunDir(cfg.get("out"), "scan") as run_dir:
         verdict, classes, _ = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem)
-        write_rows(run_dir.path("verdict.parquet"), [verdict])
-        write_rows(run_dir.path("classes.parquet"), classes)
+        write_rows(run_dir.path("verdict.parquet"), [verdict], VERDICT_SCHEMA)
+        write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
     width = max(len(c["class_name"]) for c in classes)
     print(f"  {'class'.ljust(width + 4)}  trigger px  ASR      anomaly  flagged")
     for c in sorted(classes, key=lambda c: -c["anomaly"]):

@@ -24,6 +24,11 @@ meaningful across image sizes. A class whose search never reached
 ``valid_asr`` of held-out images count as small. The model's score is the largest index; classes above
 ``threshold`` (2, Neural Cleanse's) are flagged, all of them, so natural and
 injected backdoors are both reported.
+
+``method="baseline"`` scores the same way but finds each class's trigger with
+the project's pixel-space baseline (``PixelBaseline``: a full-image pattern
+and an L1-penalised mask at a fixed lambda, one class at a time): plain
+Neural Cleanse, the reference a scan is compared against (bench/detect.py).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gdm_ray.core.baseline import BaselineConfig, PixelBaseline
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
 from gdm_ray.core.train import frozen, model_device
@@ -49,6 +55,7 @@ __all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "scan_classes", "anomaly_
 class ScanConfig:
     """First-pass settings (Neural Cleanse style, batched over classes)."""
 
+    method: str = "batched"  # batched (adaptive lambda, classes together) | baseline (PixelBaseline per class)
     steps: int = 300  # per class
     batch_size: int = 32  # images per class per step
     lr: float = 0.1
@@ -65,6 +72,8 @@ class ScanConfig:
     stride: list[int] | None = None  # None = half the window
 
     def __post_init__(self) -> None:
+        if self.method not in ("batched", "baseline"):
+            raise ConfigError(f"scan.method={self.method!r} must be batched or baseline")
         for key in ("steps", "batch_size", "patience", "classes_per_pass", "eval_images"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"scan.{key}={getattr(self, key)} must be >= 1")
@@ -148,14 +157,19 @@ def scan_classes(
     ev, tr = perm[:n_eval], perm[n_eval:]
     x_tr, y_tr = data.x[tr].to(device), data.y[tr].to(device)
     x_ev, y_ev = data.x[ev].to(device), data.y[ev].to(device)
-    chunks = [ks[i : i + int(cfg.classes_per_pass)] for i in range(0, len(ks), int(cfg.classes_per_pass))]
+    per = 1 if cfg.method == "baseline" else int(cfg.classes_per_pass)
+    chunks = [ks[i : i + per] for i in range(0, len(ks), per)]
     total = len(chunks) * int(cfg.steps)
     found: list[ClassTrigger] = []
     t0 = time.perf_counter()
     done = 0
     with frozen(model):
         for chunk in chunks:
-            for k, (pattern, mask) in zip(chunk, _search_chunk(model, x_tr, y_tr, chunk, None, cfg, g, progress, done, total)):
+            if cfg.method == "baseline":
+                triggers = [_baseline_one(model, data.subset(tr), chunk[0], cfg, g, progress, done, total)]
+            else:
+                triggers = _search_chunk(model, x_tr, y_tr, chunk, None, cfg, g, progress, done, total)
+            for k, (pattern, mask) in zip(chunk, triggers):
                 asr = _asr(model, x_ev, y_ev, k, pattern, mask)
                 valid = asr >= float(cfg.valid_asr)
                 size = float(mask.sum()) if valid else float(mask.numel())
@@ -233,6 +247,27 @@ def _search_chunk(
     if regions is not None:
         best_m = best_m * regions
     return [(best_p[i], best_m[i]) for i in range(m)]
+
+
+def _baseline_one(
+    model: nn.Module,
+    data: ImageSet,
+    k: int,
+    cfg: ScanConfig,
+    g: torch.Generator,
+    progress: Callable[[int, int, float], None] | None,
+    done: int,
+    total: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain Neural Cleanse for one class: PixelBaseline over the whole image,
+    mask L1 at the fixed lambda ``init_cost``, the scan's steps/batch/lr."""
+    _, H, W = data.shape
+    bcfg = BaselineConfig(trigger_size=[H, W], with_mask=True, mask_l1=float(cfg.init_cost), steps=int(cfg.steps),
+                          batch_size=int(cfg.batch_size), lr=float(cfg.lr), restarts=1)  # fmt: skip
+    tick = None if progress is None else (lambda step, _total, loss: progress(done + step, total, loss))
+    res = PixelBaseline(bcfg).fit(model, data, k, g, tick)
+    device = model_device(model)
+    return res.pattern.to(device), res.alpha.to(device)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_examples", "save_level_grid", "save_pca_scatter", "save_curves"]
+__all__ = ["save_examples", "save_level_grid", "save_pca_scatter", "save_curves", "save_heatmap", "save_zoo_scores"]
 
 
 def _pyplot():
@@ -176,5 +176,25 @@ def save_heatmap(path: Path, heat: torch.Tensor, image: torch.Tensor, box: tuple
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
+    _save(fig, path, title)
+    return path
+
+
+def save_zoo_scores(path: Path, ids: list[str], scores: list[float | None], threshold: float, title: str = "") -> Path:
+    """One bar per model (its anomaly score), red above the threshold; models
+    that failed to load get a grey 'error' mark instead of a bar."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(ids) + 1.5), 3.2))
+    xs = range(len(ids))
+    vals = [0.0 if s is None else float(s) for s in scores]
+    colors = ["lightgrey" if s is None else ("tab:red" if s > threshold else "tab:blue") for s in scores]
+    ax.bar(xs, vals, color=colors)
+    for x, s in zip(xs, scores):
+        if s is None:
+            ax.text(x, 0, "error", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgrey")
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_xticks(list(xs), ids, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("anomaly score")
+    ax.legend(fontsize=7)
     _save(fig, path, title)
     return path

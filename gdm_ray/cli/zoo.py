@@ -1,0 +1,102 @@
+"""`gdm-ray zoo-scan`: scan every model file in a folder, one verdict row each."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from gdm_ray.cli.commands import load_data, plain, setup, typed
+from gdm_ray.cli.scan import scan_model
+from gdm_ray.core.detect import ScanConfig
+from gdm_ray.core.errors import ConfigError, GdmRayError
+from gdm_ray.core.model_io import file_sha256, load_model
+from gdm_ray.core.plots import save_zoo_scores
+from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json, write_rows
+
+__all__ = ["zoo_scan", "list_models"]
+
+# TorchScript archives and arch + safetensors state dicts (DESIGN.md section 3, "Models")
+MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".safetensors")
+
+
+def list_models(folder: Path, pattern: str = "*") -> list[Path]:
+    """Model files directly in ``folder`` matching ``pattern``, sorted; ids (stems) must be unique."""
+    if not folder.is_dir():
+        raise ConfigError(f"zoo.path={folder}: no such folder")
+    files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES)
+    if not files:
+        raise ConfigError(f"zoo.path={folder}: no model files matching {pattern!r} ({', '.join(MODEL_SUFFIXES)})")
+    seen: dict[str, Path] = {}
+    for p in files:
+        if p.stem in seen:
+            raise ConfigError(f"zoo.path={folder}: {seen[p.stem].name} and {p.name} share the model id {p.stem!r}")
+        seen[p.stem] = p
+    return files
+
+
+def _failed_row(path: Path, error: str, provenance: dict[str, str], method: str) -> dict[str, Any]:
+    try:
+        sha = file_sha256(path)
+    except OSError:
+        sha = None
+    return {"model_id": path.stem, "model_path": str(path), "model_sha256": sha, "error": error, "backdoored": None,
+            "score": None, "target_class": None, "flagged": [], "method": method, "seconds": None, **provenance}  # fmt: skip
+
+
+def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
+    """Scan each model in zoo.path; a model that fails to load or scan gets a
+    row with its error and the scan goes on."""
+    device = setup(cfg)
+    folder = Path(str(cfg.zoo.path))
+    files = list_models(folder, str(cfg.zoo.get("glob") or "*"))
+    scfg = typed(ScanConfig, cfg.scan, "scan")  # bad settings fail before any model is scanned
+    splits = load_data(cfg)
+    arch = cfg.arch.name if cfg.get("arch") else None
+    provenance = {"config_hash": config_hash(plain(cfg)), "code_version": code_version()}
+    print(f"gdm-ray zoo-scan: {len(files)} models in {folder}, {splits.eval.num_classes} classes, "
+          f"{len(splits.defense)} clean images, method {scfg.method}", file=sys.stderr)  # fmt: skip
+    verdicts: list[dict[str, Any]] = []
+    classes: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with RunDir(cfg.get("out"), "zoo-scan") as run_dir:
+        for i, path in enumerate(files, 1):
+            # every model starts from the same seed: its verdict does not depend on its neighbours in the folder
+            g = torch.Generator().manual_seed(int(cfg.seed))
+            try:
+                loaded = load_model(path, splits.shape, splits.eval.num_classes, arch=arch, device=device)
+                verdict, rows, _ = scan_model(cfg, loaded, splits, run_dir, g, path.stem, prefix=f"{path.stem}/")
+            except (GdmRayError, RuntimeError) as exc:  # a broken model is a finding, not a reason to stop
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                verdict, rows = _failed_row(path, msg, provenance, scfg.method), []
+            verdicts.append(verdict)
+            classes.extend(rows)
+            state = ("ERROR: " + verdict["error"]) if verdict["error"] else (
+                f"BACKDOORED -> {verdict['flagged']}" if verdict["backdoored"] else "clean")
+            score = f"{verdict['score']:6.2f}" if verdict["score"] is not None else "     -"
+            print(f"[{i}/{len(files)}] {path.stem:<24} score {score}  {state}", file=sys.stderr, flush=True)
+        write_rows(run_dir.path("verdicts.parquet"), verdicts, VERDICT_SCHEMA)
+        write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
+        save_zoo_scores(run_dir.path("scores.png"), [v["model_id"] for v in verdicts], [v["score"] for v in verdicts],
+                        float(scfg.threshold), f"zoo-scan of {folder.name}: anomaly score per model")  # fmt: skip
+        write_json(run_dir.path("zoo.json"), {"zoo": str(folder), "models": len(files), "scan": plain(cfg.scan),
+                                              "verdicts": verdicts, "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+    width = max(len(v["model_id"]) for v in verdicts)
+    print(f"  {'model'.ljust(width)}  verdict      score  target  flagged   seconds")
+    for v in verdicts:
+        if v["error"]:
+            print(f"  {v['model_id'].ljust(width)}  ERROR        {'-':>5}  {'-':>6}  {'':8}  {'-':>7}  {v['error']}")
+            continue
+        target = "-" if v["target_class"] is None else str(v["target_class"])
+        print(f"  {v['model_id'].ljust(width)}  {'BACKDOORED' if v['backdoored'] else 'clean':<10}  {v['score']:>5.2f}  "
+              f"{target:>6}  {','.join(map(str, v['flagged'])):<8}  {v['seconds']:>7.1f}")  # fmt: skip
+    bad = sum(1 for v in verdicts if v["backdoored"])
+    failed = sum(1 for v in verdicts if v["error"])
+    print(f"{len(verdicts)} models: {bad} backdoored, {len(verdicts) - bad - failed} clean, {failed} failed to load "
+          f"({time.perf_counter() - t0:.0f}s)")  # fmt: skip
+    print(f"wrote {run_dir.final}")
+    return {"verdicts": verdicts, "out": str(run_dir.final)}

@@ -1,0 +1,49 @@
+"""Schemas of the scan tables (DESIGN.md section 3, "Results").
+
+Fixed schemas, so a table whose rows are all clean (every ``target_class``
+null) or all failed loads still has the contract's column types, and tables
+from different runs concatenate.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = ["VERDICT_SCHEMA", "CLASS_SCHEMA"]
+
+_PROVENANCE = [pa.field("config_hash", pa.string()), pa.field("code_version", pa.string())]
+
+# One row per model. ``error`` is set (and the verdict columns null) when the
+# model could not be loaded or scanned.
+VERDICT_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.int32()),
+        pa.field("model_id", pa.string()),
+        pa.field("model_path", pa.string()),
+        pa.field("model_sha256", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("backdoored", pa.bool_()),
+        pa.field("score", pa.float64()),
+        pa.field("target_class", pa.int64()),
+        pa.field("flagged", pa.list_(pa.int64())),
+        pa.field("method", pa.string()),
+        pa.field("seconds", pa.float64()),
+        *_PROVENANCE,
+    ]
+)
+
+# One row per (model, class).
+CLASS_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.int32()),
+        pa.field("model_id", pa.string()),
+        pa.field("class", pa.int64()),
+        pa.field("class_name", pa.string()),
+        pa.field("trigger_size", pa.float64()),
+        pa.field("trigger_asr", pa.float64()),
+        pa.field("valid", pa.bool_()),
+        pa.field("anomaly", pa.float64()),
+        pa.field("flagged", pa.bool_()),
+        *_PROVENANCE,
+    ]
+)
