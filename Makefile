@@ -48,6 +48,7 @@ bench: $(STAMP) fashion-mnist
 	$(BIN)/python bench/attack.py
 	$(BIN)/python bench/defense.py
 	$(BIN)/python bench/mesa_batching.py
+	$(BIN)/python bench/detect.py
 	$(BIN)/python bench/quote.py
 
 clean:

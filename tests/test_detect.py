@@ -88,7 +88,8 @@ def test_anomaly_index():
 
 @pytest.mark.parametrize(
     "kwargs, needle",
-    [({"steps": 0}, "scan.steps=0"), ({"asr_goal": 1.5}, "scan.asr_goal=1.5"), ({"cost_step": 1}, "scan.cost_step=1")],
+    [({"steps": 0}, "scan.steps=0"), ({"asr_goal": 1.5}, "scan.asr_goal=1.5"), ({"cost_step": 1}, "scan.cost_step=1"),
+     ({"method": "magic"}, "scan.method='magic'")],  # fmt: skip
 )
 def test_bad_config(kwargs, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -160,3 +161,23 @@ def test_mesa_position_must_fit(splits, fixed_backdoor):
     model, _ = fixed_backdoor
     with pytest.raises(ConfigError, match=r"mesa.position=\[14, 14\]"):
         MESA(MESAConfig(steps=1, trigger_size=[4, 4], position=[14, 14])).fit(model, splits.defense, 2)
+
+
+def test_reference_anomaly_ignores_natural_triggers_and_finds_the_injected_one():
+    from gdm_ray.core.detect import reference_anomaly
+
+    # class 3 is naturally easy in every model; model 4 has an injected backdoor in class 1;
+    # model 2 is an architecture whose triggers are all 3x larger
+    base = [60.0, 50.0, 45.0, 15.0, 55.0, 40.0]
+    jitter = [[1.0, 1.1, 0.9, 1.05, 0.95, 1.0], [0.9, 1.0, 1.1, 0.95, 1.05, 1.1], [1.1, 0.9, 1.0, 1.0, 1.0, 0.95],
+              [1.0, 1.05, 0.95, 1.1, 0.9, 1.0], [0.95, 1.0, 1.05, 0.9, 1.1, 1.05]]  # fmt: skip
+    sizes = [[b * j for b, j in zip(base, js)] for js in jitter]
+    sizes[2] = [3 * v for v in sizes[2]]
+    sizes[4][1] = 3.0
+    within = anomaly_index(sizes[0])
+    assert max(range(6), key=lambda k: within[k]) == 3 and within[3] > 2  # a within-model index flags the natural class
+    table = reference_anomaly(sizes)
+    assert table[4][1] > 5
+    assert max(a for m, row in enumerate(table) for k, a in enumerate(row) if (m, k) != (4, 1)) < 2
+    with pytest.raises(ValueError, match="at least 3"):
+        reference_anomaly(sizes[:2])

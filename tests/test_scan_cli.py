@@ -148,6 +148,7 @@ def zoo(models, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("zoo-dir")
     shutil.copy(models["backdoored"], root / "vendor-a.pt")
     shutil.copy(models["clean"], root / "vendor-b.pt")
+    shutil.copy(models["clean"], root / "vendor-c.pt")  # three working models: classes judged against the zoo
     (root / "broken.pt").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
     (root / "README.txt").write_text("not a model")
     return root
@@ -157,13 +158,14 @@ def test_zoo_scan_writes_contract_tables_and_reports_broken_models(zoo, tmp_path
     out = tmp_path / "zs"
     assert main(["zoo-scan", f"zoo.path={zoo}", *FAST, "mesa.steps=100", f"out={out}"]) == 0, capsys.readouterr().err
     stdout = capsys.readouterr().out
-    assert "3 models: 1 backdoored, 1 clean, 1 failed to load" in stdout
+    assert "4 models: 1 backdoored, 2 clean, 1 failed to load" in stdout
     verdicts = pq.read_table(out / "verdicts.parquet")
     for col in ("model_id", "backdoored", "score", "target_class", "error", "config_hash", "code_version", "schema_version"):
         assert col in verdicts.column_names, col
     assert str(verdicts.schema.field("target_class").type) == "int64" and str(verdicts.schema.field("backdoored").type) == "bool"
     rows = {r["model_id"]: r for r in verdicts.to_pylist()}
-    assert set(rows) == {"broken", "vendor-a", "vendor-b"}
+    assert set(rows) == {"broken", "vendor-a", "vendor-b", "vendor-c"}
+    assert {r["reference"] for r in rows.values() if not r["error"]} == {"zoo"}
     assert rows["vendor-a"]["backdoored"] is True and rows["vendor-a"]["target_class"] == 2
     assert rows["vendor-b"]["backdoored"] is False and rows["vendor-b"]["target_class"] is None
     assert rows["vendor-a"]["score"] > rows["vendor-b"]["score"]
@@ -171,7 +173,7 @@ def test_zoo_scan_writes_contract_tables_and_reports_broken_models(zoo, tmp_path
     assert "corrupt" in broken["error"] and broken["backdoored"] is None and broken["score"] is None
     assert rows["vendor-a"]["error"] is None
     classes = pq.read_table(out / "classes.parquet").to_pylist()
-    assert sorted({(r["model_id"], r["class"]) for r in classes}) == [(m, k) for m in ("vendor-a", "vendor-b") for k in range(8)]
+    assert sorted({(r["model_id"], r["class"]) for r in classes}) == [(m, k) for m in ("vendor-a", "vendor-b", "vendor-c") for k in range(8)]
     assert {r["class"] for r in classes if r["flagged"]} == {2}
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "vendor-a" / "classes.png").is_file() and (out / "vendor-a" / "class-2" / "ensemble").is_dir()

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from gdm_ray.cli.commands import load_data, plain, progress_bar, setup, typed
-from gdm_ray.core.detect import HeatMap, ScanConfig, ScanResult, scan_classes, window_heatmap
+from gdm_ray.core.detect import HeatMap, ScanConfig, ScanResult, anomaly_index, scan_classes, window_heatmap
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig
@@ -21,7 +21,7 @@ from gdm_ray.core.model_io import LoadedModel, load_model
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json, write_rows
 
-__all__ = ["scan", "scan_model"]
+__all__ = ["scan", "scan_model", "first_pass"]
 
 
 def _class_grid(path: Path, result: ScanResult, names: list[str], title: str) -> None:
@@ -36,24 +36,46 @@ def _class_grid(path: Path, result: ScanResult, names: list[str], title: str) ->
     save_level_grid(path, rows, title, labels, titles)
 
 
+def first_pass(cfg: DictConfig, loaded: LoadedModel, splits, g: torch.Generator, model_id: str) -> ScanResult:
+    """The cheap pass over every class: each one's smallest trigger and the
+    within-model anomaly index."""
+    scfg = typed(ScanConfig, cfg.scan, "scan")
+    data = splits.defense
+    update, close = progress_bar(cfg, f"scan {model_id}: {data.num_classes} classes")
+    try:
+        return scan_classes(loaded.module, data, scfg, g, progress=update)
+    finally:
+        close()
+
+
 def scan_model(
-    cfg: DictConfig, loaded: LoadedModel, splits, run_dir: RunDir, g: torch.Generator, model_id: str, prefix: str = ""
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    splits,
+    run_dir: RunDir,
+    g: torch.Generator,
+    model_id: str,
+    prefix: str = "",
+    result: ScanResult | None = None,
+    reference: str = "model",
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, MESA]]:
-    """First pass over every class, then the full search of each flagged one.
-    Returns the verdict row, the per-class rows (DESIGN.md section 3) and the
-    fitted MESA of each flagged class (with full_search). Files go under
-    ``prefix`` in the run folder. ``scan.method=baseline`` is the first pass
-    alone (plain Neural Cleanse, no moving window, no MESA)."""
+    """First pass over every class (unless ``result`` brings one, e.g.
+    rescored against a zoo: ``reference="zoo"``), then the full search of each
+    flagged one. Returns the verdict row, the per-class rows (DESIGN.md
+    section 3) and the fitted MESA of each flagged class (with full_search).
+    Files go under ``prefix`` in the run folder. ``scan.method=baseline`` is
+    the first pass alone (plain Neural Cleanse, no moving window, no MESA)."""
     scfg = typed(ScanConfig, cfg.scan, "scan")
     baseline_only = scfg.method == "baseline"
     data = splits.defense
     names = data.classes
     t0 = time.perf_counter()
-    update, close = progress_bar(cfg, f"scan {model_id}: {data.num_classes} classes")
-    try:
-        result = scan_classes(loaded.module, data, scfg, g, progress=update)
-    finally:
-        close()
+    given = result is not None  # its first pass ran earlier: count its seconds too
+    if result is None:
+        result = first_pass(cfg, loaded, splits, g, model_id)
+        within = result.anomaly
+    else:
+        within = anomaly_index([c.size for c in result.classes])
     _class_grid(run_dir.path(f"{prefix}classes.png"), result, names, f"{model_id}: smallest trigger per class (* flagged)")
     extra: dict[int, dict[str, Any]] = {}
     samplers: dict[int, MESA] = {}
@@ -97,7 +119,8 @@ def scan_model(
     provenance = {"config_hash": config_hash(plain(cfg)), "code_version": code_version()}
     classes = [
         {"model_id": model_id, "class": c.target, "class_name": names[c.target], "trigger_size": c.size,
-         "trigger_asr": c.asr, "valid": c.valid, "anomaly": result.anomaly[i], "flagged": c.target in result.flagged,
+         "trigger_asr": c.asr, "valid": c.valid, "anomaly": result.anomaly[i], "anomaly_in_model": within[i],
+         "flagged": c.target in result.flagged,
          **provenance}
         for i, c in enumerate(result.classes)
     ]  # fmt: skip
@@ -105,7 +128,8 @@ def scan_model(
         "model_id": model_id, "model_path": loaded.path, "model_sha256": loaded.sha256, "error": None,
         "backdoored": result.backdoored, "score": result.score,
         "target_class": result.flagged[0] if result.flagged else None, "flagged": list(result.flagged),
-        "method": scfg.method, "seconds": time.perf_counter() - t0, **provenance,
+        "method": scfg.method, "reference": reference,
+        "seconds": time.perf_counter() - t0 + (result.seconds if given else 0.0), **provenance,
     }  # fmt: skip
     write_json(run_dir.path(f"{prefix}scan.json"), {**verdict, "classes": classes, "flagged_detail": {str(k): v for k, v in extra.items()},
                                            "scan": dataclasses.asdict(scfg)})  # fmt: skip

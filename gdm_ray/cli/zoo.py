@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig
 
 from gdm_ray.cli.commands import load_data, plain, setup, typed
-from gdm_ray.cli.scan import scan_model
-from gdm_ray.core.detect import ScanConfig
+from gdm_ray.cli.scan import first_pass, scan_model
+from gdm_ray.core.detect import ScanConfig, ScanResult, reference_anomaly, rescore
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.model_io import file_sha256, load_model
 from gdm_ray.core.plots import save_zoo_scores
@@ -22,6 +22,8 @@ __all__ = ["zoo_scan", "list_models"]
 
 # TorchScript archives and arch + safetensors state dicts (DESIGN.md section 3, "Models")
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".safetensors")
+# fewer models than this cannot say what a class's trigger size usually is
+MIN_ZOO = 3
 
 
 def list_models(folder: Path, pattern: str = "*") -> list[Path]:
@@ -60,30 +62,60 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
     provenance = {"config_hash": config_hash(plain(cfg)), "code_version": code_version()}
     print(f"gdm-ray zoo-scan: {len(files)} models in {folder}, {splits.eval.num_classes} classes, "
           f"{len(splits.defense)} clean images, method {scfg.method}", file=sys.stderr)  # fmt: skip
-    verdicts: list[dict[str, Any]] = []
-    classes: list[dict[str, Any]] = []
+    calibrate = bool(cfg.zoo.get("calibrate", True))
     t0 = time.perf_counter()
+    failed: dict[str, dict[str, Any]] = {}
+
+    def load(path: Path):
+        return load_model(path, splits.shape, splits.eval.num_classes, arch=arch, device=device)
+
+    def fail(path: Path, exc: BaseException) -> None:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        failed[path.stem] = _failed_row(path, msg, provenance, scfg.method)
+        print(f"  {path.stem}: ERROR {msg}", file=sys.stderr, flush=True)
+
     with RunDir(cfg.get("out"), "zoo-scan") as run_dir:
+        # 1. the cheap first pass over every model; each starts from the same
+        #    seed, so its verdict does not depend on its neighbours in the folder
+        passes: dict[str, ScanResult] = {}
         for i, path in enumerate(files, 1):
-            # every model starts from the same seed: its verdict does not depend on its neighbours in the folder
-            g = torch.Generator().manual_seed(int(cfg.seed))
             try:
-                loaded = load_model(path, splits.shape, splits.eval.num_classes, arch=arch, device=device)
-                verdict, rows, _ = scan_model(cfg, loaded, splits, run_dir, g, path.stem, prefix=f"{path.stem}/")
+                passes[path.stem] = first_pass(cfg, load(path), splits, torch.Generator().manual_seed(int(cfg.seed)), path.stem)
             except (GdmRayError, RuntimeError) as exc:  # a broken model is a finding, not a reason to stop
-                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                verdict, rows = _failed_row(path, msg, provenance, scfg.method), []
+                fail(path, exc)
+                continue
+            print(f"[{i}/{len(files)}] first pass {path.stem}: {passes[path.stem].seconds:.0f}s", file=sys.stderr, flush=True)
+        # 2. with enough models, each class's trigger size is judged against the
+        #    same class in the other models (a natural trigger is not an anomaly)
+        reference = "zoo" if calibrate and len(passes) >= MIN_ZOO else "model"
+        if reference == "zoo":
+            ids = list(passes)
+            table = reference_anomaly([[c.size for c in passes[m].classes] for m in ids])
+            passes = {m: rescore(passes[m], a) for m, a in zip(ids, table)}
+        # 3. the full search of every flagged class, then the rows
+        verdicts: list[dict[str, Any]] = []
+        classes: list[dict[str, Any]] = []
+        for path in files:
+            mid = path.stem
+            if mid in passes:
+                try:
+                    verdict, rows, _ = scan_model(cfg, load(path), splits, run_dir, torch.Generator().manual_seed(int(cfg.seed) + 1),
+                                                  mid, prefix=f"{mid}/", result=passes[mid], reference=reference)  # fmt: skip
+                except (GdmRayError, RuntimeError) as exc:
+                    fail(path, exc)
+            if mid in failed:
+                verdict, rows = failed[mid], []
             verdicts.append(verdict)
             classes.extend(rows)
             state = ("ERROR: " + verdict["error"]) if verdict["error"] else (
                 f"BACKDOORED -> {verdict['flagged']}" if verdict["backdoored"] else "clean")
             score = f"{verdict['score']:6.2f}" if verdict["score"] is not None else "     -"
-            print(f"[{i}/{len(files)}] {path.stem:<24} score {score}  {state}", file=sys.stderr, flush=True)
+            print(f"  {mid:<24} score {score}  {state}", file=sys.stderr, flush=True)
         write_rows(run_dir.path("verdicts.parquet"), verdicts, VERDICT_SCHEMA)
         write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
         save_zoo_scores(run_dir.path("scores.png"), [v["model_id"] for v in verdicts], [v["score"] for v in verdicts],
                         float(scfg.threshold), f"zoo-scan of {folder.name}: anomaly score per model")  # fmt: skip
-        write_json(run_dir.path("zoo.json"), {"zoo": str(folder), "models": len(files), "scan": plain(cfg.scan),
+        write_json(run_dir.path("zoo.json"), {"zoo": str(folder), "models": len(files), "scan": plain(cfg.scan), "reference": reference,
                                               "verdicts": verdicts, "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
     width = max(len(v["model_id"]) for v in verdicts)
     print(f"  {'model'.ljust(width)}  verdict      score  target  flagged   seconds")

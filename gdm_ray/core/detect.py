@@ -33,6 +33,7 @@ Neural Cleanse, the reference a scan is compared against (bench/detect.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
 from gdm_ray.core.train import frozen, model_device
 
-__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "scan_classes", "anomaly_index", "HeatMap", "window_heatmap",
+__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "scan_classes", "anomaly_index", "reference_anomaly", "rescore", "HeatMap", "window_heatmap",
            "default_window"]  # fmt: skip
 
 
@@ -175,11 +176,44 @@ def scan_classes(
                 size = float(mask.sum()) if valid else float(mask.numel())
                 found.append(ClassTrigger(k, pattern.cpu(), mask.cpu(), size, asr, valid))
             done += int(cfg.steps)
-    anomaly = anomaly_index([c.size for c in found])
+    result = ScanResult(found, [], [], 0.0, False, time.perf_counter() - t0, total, cfg)
+    return rescore(result, anomaly_index([c.size for c in found]))
+
+
+def rescore(result: ScanResult, anomaly: list[float]) -> ScanResult:
+    """``result`` with new per-class anomaly indices, and the flags, score and
+    verdict that follow from them (threshold from the result's config)."""
+    found = result.classes
+    if len(anomaly) != len(found):
+        raise ValueError(f"rescore: {len(anomaly)} anomaly values for {len(found)} classes")
     order = sorted(range(len(found)), key=lambda i: -anomaly[i])
-    flagged = [found[i].target for i in order if anomaly[i] > float(cfg.threshold) and found[i].valid]
-    score = max(anomaly)
-    return ScanResult(found, anomaly, flagged, score, bool(flagged), time.perf_counter() - t0, total, cfg)
+    flagged = [found[i].target for i in order if anomaly[i] > float(result.config.threshold) and found[i].valid]
+    return dataclasses.replace(result, anomaly=list(anomaly), flagged=flagged, score=max(anomaly), backdoored=bool(flagged))
+
+
+def reference_anomaly(sizes: list[list[float]]) -> list[list[float]]:
+    """Anomaly indices of many models' class trigger sizes against each other
+    (a zoo of models for the same classes).
+
+    A class can own a natural trigger: in every Fashion-MNIST CNN the Bag
+    class has a small one, so a within-model index flags clean models. Across
+    a zoo, what is anomalous is a class whose trigger is smaller *than that
+    class's usually is*. On log sizes z[m][k]: remove each model's median
+    (architectures differ in overall robustness), then each class's median
+    residual over the models (the class's natural size), and scale what is
+    left by its pooled MAD (floored like ``anomaly_index``). Medians keep
+    this robust while fewer than half the models share a backdoored class.
+    """
+    if len(sizes) < 3:
+        raise ValueError(f"reference_anomaly needs at least 3 models, got {len(sizes)}")
+    if len({len(s) for s in sizes}) != 1:
+        raise ValueError("reference_anomaly: every model needs the same classes")
+    z = torch.tensor([[math.log(max(v, 1e-3)) for v in s] for s in sizes], dtype=torch.float64)
+    z = z - z.median(dim=1, keepdim=True).values
+    d = z - z.median(dim=0, keepdim=True).values
+    mad = (d - d.median()).abs().median()
+    scale = 1.4826 * max(float(mad), MAD_FLOOR)
+    return (-d / scale).tolist()
 
 
 def _search_chunk(

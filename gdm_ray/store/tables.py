@@ -27,6 +27,7 @@ VERDICT_SCHEMA = pa.schema(
         pa.field("target_class", pa.int64()),
         pa.field("flagged", pa.list_(pa.int64())),
         pa.field("method", pa.string()),
+        pa.field("reference", pa.string()),  # what the anomaly is measured against: "model" (its classes) or "zoo"
         pa.field("seconds", pa.float64()),
         *_PROVENANCE,
     ]
@@ -42,7 +43,8 @@ CLASS_SCHEMA = pa.schema(
         pa.field("trigger_size", pa.float64()),
         pa.field("trigger_asr", pa.float64()),
         pa.field("valid", pa.bool_()),
-        pa.field("anomaly", pa.float64()),
+        pa.field("anomaly", pa.float64()),  # the index the verdict uses (see the verdict's reference)
+        pa.field("anomaly_in_model", pa.float64()),  # against the model's other classes (natural triggers show here)
         pa.field("flagged", pa.bool_()),
         *_PROVENANCE,
     ]
