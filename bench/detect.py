@@ -3,6 +3,7 @@ with a baseline-only scan, then repair the fixed-location irregular trigger.
 
     python bench/detect.py            # ~50 min on 2 cores (zoo cached in bench/work/detect/zoo)
     python bench/detect.py --quick    # smoke run: 4 models, short training and scans
+    python bench/detect.py --rescan   # redo the zoo scans too (a finished scan of the cached zoo is reused)
 
 The zoo: clean and backdoored models over two architectures (the small CNN
 and a ResNet-9 of width 8), each trained from scratch with its own seed on
@@ -161,6 +162,7 @@ def summarise(name: str, verdicts: dict[str, dict], cards: dict[str, dict]) -> t
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rescan", action="store_true", help="scan the zoo again even when a finished scan of it exists")
     args = ap.parse_args()
     quick = args.quick
     work = WORK / ("quick" if quick else "full")
@@ -187,6 +189,10 @@ def main() -> None:
         out = work / f"zoo-scan-{method}"
         cfg = compose_config("zoo-scan", [f"zoo.path={folder}", f"scan.method={method}", "threads=2", "progress=false",
                                           f"out={out}", *fast])  # fmt: skip
+        if (out / "zoo.json").is_file() and not args.rescan:  # a finished scan of this zoo is reused
+            print(f"zoo-scan, scan.method={method}: reusing {out}", flush=True)
+            verdicts[method] = {v["model_id"]: v for v in json.loads((out / "zoo.json").read_text())["verdicts"]}
+            continue
         print(f"zoo-scan, scan.method={method}", flush=True)
         verdicts[method] = {v["model_id"]: v for v in zoo_scan(cfg)["verdicts"]}
 
