@@ -237,6 +237,7 @@ def main() -> None:
         markdown_table(["scan", "ROC AUC", "verdict accuracy", "backdoored detected", "top target right",
                         "all targets reported", "false positives", "median s/model"], rows),
         f"Scan time, gdm-ray / baseline-only, per model: median {ratio:.2f} (range {min(ratios):.2f}-{max(ratios):.2f}).",
+        "Zoo scans made by code version(s): " + ", ".join(sorted({v["code_version"] for m in verdicts.values() for v in m.values()})) + ".",
         "`defend target_class=auto scan.moving_window=true` on the fixed-location irregular trigger:",
         markdown_table(["model", "repaired targets", "ASR before", "ASR after", "acc before", "acc after"], repair_rows),
         "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
