@@ -67,6 +67,7 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
     failed: dict[str, dict[str, Any]] = {}
 
     def load(path: Path):
+        # loaded again for the full search rather than held: a zoo of big models need not fit in memory
         return load_model(path, splits.shape, splits.eval.num_classes, arch=arch, device=device)
 
     def fail(path: Path, exc: BaseException) -> None:

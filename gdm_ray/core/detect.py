@@ -158,6 +158,7 @@ def scan_classes(
     ev, tr = perm[:n_eval], perm[n_eval:]
     x_tr, y_tr = data.x[tr].to(device), data.y[tr].to(device)
     x_ev, y_ev = data.x[ev].to(device), data.y[ev].to(device)
+    search_set = ImageSet(x_tr, y_tr, data.classes)  # the baseline's search images, built once for every class
     per = 1 if cfg.method == "baseline" else int(cfg.classes_per_pass)
     chunks = [ks[i : i + per] for i in range(0, len(ks), per)]
     total = len(chunks) * int(cfg.steps)
@@ -167,7 +168,7 @@ def scan_classes(
     with frozen(model):
         for chunk in chunks:
             if cfg.method == "baseline":
-                triggers = [_baseline_one(model, data.subset(tr), chunk[0], cfg, g, progress, done, total)]
+                triggers = [_baseline_one(model, search_set, chunk[0], cfg, g, progress, done, total)]
             else:
                 triggers = _search_chunk(model, x_tr, y_tr, chunk, None, cfg, g, progress, done, total)
             for k, (pattern, mask) in zip(chunk, triggers):

@@ -11,41 +11,39 @@ import pyarrow as pa
 
 __all__ = ["VERDICT_SCHEMA", "CLASS_SCHEMA"]
 
-_PROVENANCE = [pa.field("config_hash", pa.string()), pa.field("code_version", pa.string())]
+
+
+def _table(*fields: pa.Field) -> pa.Schema:
+    """A row schema: the schema version first, the provenance every row carries last."""
+    return pa.schema([pa.field("schema_version", pa.int32()), *fields,
+                      pa.field("config_hash", pa.string()), pa.field("code_version", pa.string())])  # fmt: skip
+
 
 # One row per model. ``error`` is set (and the verdict columns null) when the
 # model could not be loaded or scanned.
-VERDICT_SCHEMA = pa.schema(
-    [
-        pa.field("schema_version", pa.int32()),
-        pa.field("model_id", pa.string()),
-        pa.field("model_path", pa.string()),
-        pa.field("model_sha256", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("backdoored", pa.bool_()),
-        pa.field("score", pa.float64()),
-        pa.field("target_class", pa.int64()),
-        pa.field("flagged", pa.list_(pa.int64())),
-        pa.field("method", pa.string()),
-        pa.field("reference", pa.string()),  # what the anomaly is measured against: "model" (its classes) or "zoo"
-        pa.field("seconds", pa.float64()),
-        *_PROVENANCE,
-    ]
+VERDICT_SCHEMA = _table(
+    pa.field("model_id", pa.string()),
+    pa.field("model_path", pa.string()),
+    pa.field("model_sha256", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("backdoored", pa.bool_()),
+    pa.field("score", pa.float64()),
+    pa.field("target_class", pa.int64()),
+    pa.field("flagged", pa.list_(pa.int64())),
+    pa.field("method", pa.string()),
+    pa.field("reference", pa.string()),  # what the anomaly is measured against: "model" (its classes) or "zoo"
+    pa.field("seconds", pa.float64()),
 )
 
 # One row per (model, class).
-CLASS_SCHEMA = pa.schema(
-    [
-        pa.field("schema_version", pa.int32()),
-        pa.field("model_id", pa.string()),
-        pa.field("class", pa.int64()),
-        pa.field("class_name", pa.string()),
-        pa.field("trigger_size", pa.float64()),
-        pa.field("trigger_asr", pa.float64()),
-        pa.field("valid", pa.bool_()),
-        pa.field("anomaly", pa.float64()),  # the index the verdict uses (see the verdict's reference)
-        pa.field("anomaly_in_model", pa.float64()),  # against the model's other classes (natural triggers show here)
-        pa.field("flagged", pa.bool_()),
-        *_PROVENANCE,
-    ]
+CLASS_SCHEMA = _table(
+    pa.field("model_id", pa.string()),
+    pa.field("class", pa.int64()),
+    pa.field("class_name", pa.string()),
+    pa.field("trigger_size", pa.float64()),
+    pa.field("trigger_asr", pa.float64()),
+    pa.field("valid", pa.bool_()),
+    pa.field("anomaly", pa.float64()),  # the index the verdict uses (see the verdict's reference)
+    pa.field("anomaly_in_model", pa.float64()),  # against the model's other classes (natural triggers show here)
+    pa.field("flagged", pa.bool_()),
 )
