@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -96,6 +97,16 @@ def test_ensemble_round_trip_and_same_seed_same_samples(fitted, tmp_path):
     p3, _ = loaded.sample(64, generator=torch.Generator().manual_seed(5))
     assert torch.equal(p1, p3)
     assert [p.name for p in tmp_path.iterdir()] == ["ens"]  # no staging leftovers
+    assert loaded.position is None  # random placement, as searched
+
+
+def test_loaded_ensemble_keeps_a_fixed_position(fitted, tmp_path):
+    """A moving-window search's triggers live at one place; a defense or the
+    endpoint using the loaded artifact must put them there, not anywhere."""
+    mesa, result = fitted
+    at = dataclasses.replace(result, config={**result.config, "position": [4, 7]})
+    loaded = load_ensemble(save_ensemble(mesa, at, tmp_path / "ens"))
+    assert loaded.position == (4, 7)
 
 
 def test_corrupted_ensemble_is_rejected(fitted, tmp_path):

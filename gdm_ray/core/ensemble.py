@@ -48,6 +48,11 @@ class Ensemble:
         return self.mesa.sample(n, generator=generator, level=level)
 
     @property
+    def position(self) -> tuple[int, int] | None:
+        """Fixed top-left place of the triggers (a moving-window search), None = anywhere."""
+        return self.mesa.position
+
+    @property
     def target_class(self) -> int:
         return int(self.manifest["target_class"])
 
