@@ -154,10 +154,21 @@ def zoo(models, tmp_path_factory) -> Path:
     return root
 
 
-def test_zoo_scan_writes_contract_tables_and_reports_broken_models(zoo, tmp_path, capsys):
-    out = tmp_path / "zs"
-    assert main(["zoo-scan", f"zoo.path={zoo}", *FAST, "mesa.steps=100", f"out={out}"]) == 0, capsys.readouterr().err
-    stdout = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def zoo_scanned(zoo, tmp_path_factory) -> tuple[Path, str]:
+    """The zoo scanned once: its output folder and what it printed."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("zoo-scan") / "zs"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["zoo-scan", f"zoo.path={zoo}", *FAST, f"out={out}"]) == 0
+    return out, buf.getvalue()
+
+
+def test_zoo_scan_writes_contract_tables_and_reports_broken_models(zoo_scanned):
+    out, stdout = zoo_scanned
     assert "4 models: 1 backdoored, 2 clean, 1 failed to load" in stdout
     verdicts = pq.read_table(out / "verdicts.parquet")
     for col in ("model_id", "backdoored", "score", "target_class", "error", "config_hash", "code_version", "schema_version"):
@@ -205,3 +216,28 @@ def test_scan_baseline_method_is_the_first_pass_alone(models, tmp_path, capsys):
     # plain Neural Cleanse also finds the 3x3 backdoor's class smallest
     assert min(classes, key=lambda r: r["trigger_size"])["class"] == 2
     assert not list(out.glob("class-*/ensemble"))
+
+
+def test_scan_against_a_zoo_reference(models, zoo_scanned, tmp_path, capsys):
+    ref, _ = zoo_scanned
+    out = tmp_path / "s"
+    assert main(["scan", f"model={models['backdoored']}", *FAST, f"reference={ref}", f"out={out}"]) == 0
+    v = pq.read_table(out / "verdict.parquet").to_pylist()[0]
+    assert v["reference"] == "zoo" and v["flagged"] == [2]
+    meta = json.loads((out / "scan.json").read_text())
+    # vendor-a is this very file (same sha256): left out; broken.pt has no rows
+    assert meta["reference_path"] == str(ref) and meta["reference_models"] == 2
+
+
+@pytest.mark.parametrize("model, reference, extra, needle", [
+    ("backdoored", "zoo", ["scan.steps=100"], "scan.steps=150 there, 100 here"),  # another budget: sizes not comparable
+    ("backdoored", "/nonexistent", [], "no classes.parquet"),
+    ("clean", "zoo", [], "1 other scanned model(s)"),  # both clean copies are this file: only vendor-a is left
+])  # fmt: skip
+def test_scan_reference_bad_inputs(model, reference, extra, needle, models, zoo_scanned, tmp_path, capsys):
+    ref = zoo_scanned[0] if reference == "zoo" else reference
+    out = tmp_path / "s"
+    code = main(["scan", f"model={models[model]}", *FAST, f"reference={ref}", *extra, f"out={out}"])
+    err = capsys.readouterr().err
+    assert code != 0 and needle in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -12,16 +13,21 @@ import torch
 from omegaconf import DictConfig
 
 from gdm_ray.cli.commands import load_data, plain, progress_bar, setup, typed
-from gdm_ray.core.detect import HeatMap, ScanConfig, ScanResult, anomaly_index, scan_classes, window_heatmap
+from gdm_ray.core.detect import (HeatMap, ScanConfig, ScanResult, anomaly_index, reference_anomaly, rescore, scan_classes,
+                                 window_heatmap)  # fmt: skip
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.metrics import sampled_asr
 from gdm_ray.core.model_io import LoadedModel, load_model
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
-from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json, write_rows
+from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, read_rows, write_json, write_rows
 
-__all__ = ["scan", "scan_model", "first_pass"]
+__all__ = ["scan", "scan_model", "first_pass", "reference_sizes"]
+
+# the first-pass settings that decide a trigger's size: sizes found with
+# other settings are not comparable
+_SIZE_KEYS = ("method", "steps", "batch_size", "lr", "init_cost", "cost_step", "patience", "asr_goal")
 
 
 def _class_grid(path: Path, result: ScanResult, names: list[str], title: str) -> None:
@@ -48,6 +54,40 @@ def first_pass(cfg: DictConfig, loaded: LoadedModel, splits, g: torch.Generator,
         close()
 
 
+def reference_sizes(folder: Path, names: list[str], scfg: ScanConfig, exclude_sha256: str | None) -> list[list[float]]:
+    """Each model's per-class trigger sizes from a finished zoo-scan (its
+    classes.parquet), to judge a model's classes against the same classes in
+    other models: a natural trigger is then not an anomaly. The scanned model
+    itself (same sha256) is left out; models without a full set of rows (a
+    load error) are skipped."""
+    table = folder / "classes.parquet"
+    if not table.is_file():
+        raise ConfigError(f"reference={folder}: no classes.parquet (give the output folder of a zoo-scan)")
+    meta = folder / "zoo.json"
+    if meta.is_file():
+        used = json.loads(meta.read_text()).get("scan", {})
+        mine = dataclasses.asdict(scfg)
+        differ = [k for k in _SIZE_KEYS if k in used and used[k] != mine[k]]
+        if differ:
+            raise ConfigError(f"reference={folder}: scanned with other first-pass settings ("
+                              + ", ".join(f"scan.{k}={used[k]} there, {mine[k]} here" for k in differ) + ")")  # fmt: skip
+    skip: set[str] = set()
+    if exclude_sha256 and (folder / "verdicts.parquet").is_file():
+        skip = {r["model_id"] for r in read_rows(folder / "verdicts.parquet") if r.get("model_sha256") == exclude_sha256}
+    by_model: dict[str, dict[int, float]] = {}
+    for r in read_rows(table):
+        if r["model_id"] in skip:
+            continue
+        if not 0 <= int(r["class"]) < len(names) or r["class_name"] != names[int(r["class"])]:
+            raise ConfigError(f"reference={folder}: model {r['model_id']} class {r['class']} ({r['class_name']!r}) "
+                              f"is not a class of this data set")  # fmt: skip
+        by_model.setdefault(r["model_id"], {})[int(r["class"])] = float(r["trigger_size"])
+    sizes = [[row[k] for k in range(len(names))] for row in by_model.values() if len(row) == len(names)]
+    if len(sizes) < 2:
+        raise ConfigError(f"reference={folder}: {len(sizes)} other scanned model(s); a reference needs at least 2")
+    return sizes
+
+
 def scan_model(
     cfg: DictConfig,
     loaded: LoadedModel,
@@ -60,7 +100,9 @@ def scan_model(
     reference: str = "model",
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, MESA]]:
     """First pass over every class (unless ``result`` brings one, e.g.
-    rescored against a zoo: ``reference="zoo"``), then the full search of each
+    rescored against a zoo: ``reference="zoo"``; with ``reference=DIR`` in the
+    config, a finished zoo-scan, the pass is judged against that zoo's
+    models), then the full search of each
     flagged one. Returns the verdict row, the per-class rows (DESIGN.md
     section 3) and the fitted MESA of each flagged class (with full_search).
     Files go under ``prefix`` in the run folder. ``scan.method=baseline`` is
@@ -71,9 +113,14 @@ def scan_model(
     names = data.classes
     t0 = time.perf_counter()
     given = result is not None  # its first pass ran earlier: count its seconds too
+    ref = None if given or not cfg.get("reference") else Path(str(cfg.reference))
+    others = reference_sizes(ref, names, scfg, loaded.sha256) if ref is not None else None  # fails before the search
     if result is None:
         result = first_pass(cfg, loaded, splits, g, model_id)
         within = result.anomaly
+        if others is not None:  # judged against the same classes in the reference models
+            result = rescore(result, reference_anomaly([[c.size for c in result.classes], *others])[0])
+            reference = "zoo"
     else:
         within = anomaly_index([c.size for c in result.classes])
     _class_grid(run_dir.path(f"{prefix}classes.png"), result, names, f"{model_id}: smallest trigger per class (* flagged)")
@@ -132,7 +179,8 @@ def scan_model(
         "seconds": time.perf_counter() - t0 + (result.seconds if given else 0.0), **provenance,
     }  # fmt: skip
     write_json(run_dir.path(f"{prefix}scan.json"), {**verdict, "classes": classes, "flagged_detail": {str(k): v for k, v in extra.items()},
-                                           "scan": dataclasses.asdict(scfg)})  # fmt: skip
+                                           "scan": dataclasses.asdict(scfg), "reference_path": None if ref is None else str(ref),
+                                           "reference_models": 0 if others is None else len(others)})  # fmt: skip
     return verdict, classes, samplers
 
 
