@@ -3,7 +3,7 @@ with a baseline-only scan, then repair the fixed-location irregular trigger.
 
     python bench/detect.py            # ~50 min on 2 cores (zoo cached in bench/work/detect/zoo)
     python bench/detect.py --quick    # smoke run: 4 models, short training and scans
-    python bench/detect.py --rescan   # redo the zoo scans too (a finished scan of the cached zoo is reused)
+    python bench/detect.py --rescan   # redo the zoo scans and repairs too (finished ones of the cached zoo are reused)
 
 The zoo: clean and backdoored models over two architectures (the small CNN
 and a ResNet-9 of width 8), each trained from scratch with its own seed on
@@ -18,8 +18,11 @@ Both scans go through `gdm-ray zoo-scan` on the same folder in this run:
 - baseline-only scan (scan.method=baseline): the pixel-space baseline
   (PixelBaseline, Neural Cleanse with a fixed lambda) one class at a time,
   same steps, batch and anomaly index, no MESA.
-Then `gdm-ray defend target_class=auto scan.moving_window=true` on the
-irregular-trigger model measures the real trigger's ASR after the repair.
+Then `gdm-ray defend target_class=auto scan.moving_window=true` on each
+irregular-trigger model measures the real trigger's ASR after the repair,
+twice: judging the model's classes against each other alone (natural triggers
+get flagged and repaired too), and against the zoo just scanned
+(reference=zoo-scan folder; the model itself is left out of the reference).
 Writes bench/results/detect.md (detect-quick.md with --quick).
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -175,15 +179,6 @@ def main() -> None:
     cards = {m.model_id: build(m, splits, folder, quick) for m in zoo_spec(png, quick)}
 
     fast = ["scan.steps=100", "mesa.steps=100"] if quick else []
-    # defend target_class=auto on each irregular-trigger model: scan, map the heat, model, retrain
-    repairs = []
-    for mid in [i for i in cards if "irregular" in i][: 1 if quick else 2]:
-        out = work / f"defend-{mid}"
-        cfg = compose_config("defend", [f"model={folder / (mid + '.pt')}", "target_class=auto", "scan.moving_window=true",
-                                        "threads=2", "progress=false", f"out={out}", *fast])  # fmt: skip
-        m = defend(cfg)
-        repairs.append((mid, m))
-
     verdicts = {}
     for method in ("batched", "baseline"):
         out = work / f"zoo-scan-{method}"
@@ -195,6 +190,22 @@ def main() -> None:
             continue
         print(f"zoo-scan, scan.method={method}", flush=True)
         verdicts[method] = {v["model_id"]: v for v in zoo_scan(cfg)["verdicts"]}
+
+    # defend target_class=auto on each irregular-trigger model: scan, map the
+    # heat, model, retrain; once judging the model's classes against each other
+    # alone, once against the zoo scanned above (reference=)
+    repairs = []
+    for mid in [i for i in cards if "irregular" in i][: 1 if quick else 2]:
+        for mode, extra in (("alone", []), ("zoo", [f"reference={work / 'zoo-scan-batched'}"])):
+            out = work / f"defend-{mid}" if mode == "alone" else work / f"defend-{mid}-{mode}"
+            if (out / "metrics.json").is_file() and not args.rescan:  # a finished repair of this zoo model is reused
+                print(f"defend {mid} ({mode}): reusing {out}", flush=True)
+                repairs.append((mid, mode, json.loads((out / "metrics.json").read_text())))
+                continue
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = compose_config("defend", [f"model={folder / (mid + '.pt')}", "target_class=auto", "scan.moving_window=true",
+                                            "threads=2", "progress=false", f"out={out}", *fast, *extra])  # fmt: skip
+            repairs.append((mid, mode, defend(cfg)))
 
     per_model = []
     for mid, c in cards.items():
@@ -211,9 +222,9 @@ def main() -> None:
     ratios = [verdicts["batched"][i]["seconds"] / verdicts["baseline"][i]["seconds"] for i in cards]
     ratio = statistics.median(ratios)
     repair_rows = []
-    for mid, m in repairs:
+    for mid, mode, m in repairs:
         before, after = m["before"], m["after"] or {}
-        repair_rows.append([mid, ",".join(map(str, m["targets"])) or "-", f"{before['asr']:.2%}",
+        repair_rows.append([mid, "the model's own classes" if mode == "alone" else "the zoo (reference=zoo-scan)", ",".join(map(str, m["targets"])) or "-", f"{before['asr']:.2%}",
                             f"{after['asr']:.2%}" if after else "-", f"{before['clean_accuracy']:.2%}",
                             f"{after['clean_accuracy']:.2%}" if after else "-"])  # fmt: skip
 
@@ -225,10 +236,11 @@ def main() -> None:
         (ratio <= 2.0, f"scan time per model <= 2x the baseline-only scan (median ratio {ratio:.2f}; "
                        f"{g['median_seconds']:.0f}s vs {base['median_seconds']:.0f}s)"),
     ]  # fmt: skip
-    for mid, m in repairs:
+    for mid, mode, m in repairs:
         asr = (m["after"] or {}).get("asr")
+        how = "alone" if mode == "alone" else "reference=zoo-scan"
         checks.append((asr is not None and asr <= 0.05,
-                       f"{mid}: ASR after defend target_class=auto <= 5% ({'-' if asr is None else f'{asr:.2%}'})"))  # fmt: skip
+                       f"{mid}: ASR after defend target_class=auto ({how}) <= 5% ({'-' if asr is None else f'{asr:.2%}'})"))  # fmt: skip
     body = "\n\n".join([
         "Per model (score = max anomaly index; flagged = classes above the threshold; seconds = that model's scan):",
         markdown_table(["model", "arch", "backdoor", "true targets", "clean acc", "ASR", "gdm-ray score", "flagged",
@@ -239,7 +251,8 @@ def main() -> None:
         f"Scan time, gdm-ray / baseline-only, per model: median {ratio:.2f} (range {min(ratios):.2f}-{max(ratios):.2f}).",
         "Zoo scans made by code version(s): " + ", ".join(sorted({v["code_version"] for m in verdicts.values() for v in m.values()})) + ".",
         "`defend target_class=auto scan.moving_window=true` on the fixed-location irregular trigger:",
-        markdown_table(["model", "repaired targets", "ASR before", "ASR after", "acc before", "acc after"], repair_rows),
+        "Repairs made by code version(s): " + ", ".join(sorted({m["code_version"] for _, _, m in repairs})) + ".",
+        markdown_table(["model", "classes judged against", "repaired targets", "ASR before", "ASR after", "acc before", "acc after"], repair_rows),
         "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
     ])  # fmt: skip
     path = write_result("detect-quick" if quick else "detect", "Detection: zoo-scan of a Fashion-MNIST model zoo", body)
