@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,13 @@ from gdm_ray.core.detect import (HeatMap, ScanConfig, ScanResult, anomaly_index,
                                  window_heatmap)  # fmt: skip
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError
-from gdm_ray.core.mesa import MESA, MESAConfig
+from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
 from gdm_ray.core.metrics import sampled_asr
 from gdm_ray.core.model_io import LoadedModel, load_model
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, read_rows, write_json, write_rows
 
-__all__ = ["scan", "scan_model", "first_pass", "reference_sizes"]
+__all__ = ["scan", "scan_model", "first_pass", "full_search", "ClassSearch", "reference_sizes"]
 
 # the first-pass settings that decide a trigger's size: sizes found with
 # other settings are not comparable
@@ -52,6 +53,53 @@ def first_pass(cfg: DictConfig, loaded: LoadedModel, splits, g: torch.Generator,
         return scan_classes(loaded.module, data, scfg, g, progress=update)
     finally:
         close()
+
+
+@dataclass
+class ClassSearch:
+    """What the full search of one flagged class found: where its trigger
+    lives (moving window) and the distribution of its triggers (MESA)."""
+
+    heat: HeatMap | None
+    mesa: MESA | None
+    result: MESAResult | None
+    asr_eval: float | None  # the ensemble's samples on held-out images
+
+
+def full_search(
+    cfg: DictConfig, model: torch.nn.Module, splits, k: int, seed: int, window: bool, full: bool, progress: bool = True
+) -> ClassSearch:
+    """The moving window (``window``) and MESA (``full``) for flagged class k,
+    seeded by ``seed`` alone so it gives the same answer wherever it runs."""
+    scfg = typed(ScanConfig, cfg.scan, "scan")
+    data = splits.defense
+    g = torch.Generator().manual_seed(seed)
+
+    def bar(desc: str):  # a task on a cluster has no terminal to draw on
+        return progress_bar(cfg, desc) if progress else (None, lambda: None)
+
+    heat: HeatMap | None = None
+    if window:
+        update, close = bar(f"moving window, class {k}")
+        try:
+            heat = window_heatmap(model, data, k, scfg, tuple(scfg.window) if scfg.window else None,
+                                  tuple(scfg.stride) if scfg.stride else None, g, update)  # fmt: skip
+        finally:
+            close()
+    if not full:
+        return ClassSearch(heat, None, None, None)
+    mcfg = typed(MESAConfig, cfg.mesa, "mesa")
+    if heat is not None:  # the heat map sizes and places the complete search
+        r0, c0, h, w = heat.box
+        mcfg = dataclasses.replace(mcfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
+    mesa = MESA(mcfg)
+    update, close = bar(f"MESA, class {k}")
+    try:
+        res = mesa.fit(model, data, k, g, update)
+    finally:
+        close()
+    asr = sampled_asr(model, splits.eval, mesa, k, torch.Generator().manual_seed(int(cfg.seed)))
+    return ClassSearch(heat, mesa, res, asr)
 
 
 def reference_sizes(folder: Path, names: list[str], scfg: ScanConfig, exclude_sha256: str | None) -> list[list[float]]:
@@ -98,6 +146,7 @@ def scan_model(
     prefix: str = "",
     result: ScanResult | None = None,
     reference: str = "model",
+    searches: dict[int, ClassSearch] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, MESA]]:
     """First pass over every class (unless ``result`` brings one, e.g.
     rescored against a zoo: ``reference="zoo"``; with ``reference=DIR`` in the
@@ -106,7 +155,9 @@ def scan_model(
     flagged one. Returns the verdict row, the per-class rows (DESIGN.md
     section 3) and the fitted MESA of each flagged class (with full_search).
     Files go under ``prefix`` in the run folder. ``scan.method=baseline`` is
-    the first pass alone (plain Neural Cleanse, no moving window, no MESA)."""
+    the first pass alone (plain Neural Cleanse, no moving window, no MESA).
+    ``searches`` brings the flagged classes' full searches when they ran
+    elsewhere (gdm_ray.dist: as Ray tasks); they are run here otherwise."""
     scfg = typed(ScanConfig, cfg.scan, "scan")
     baseline_only = scfg.method == "baseline"
     data = splits.defense
@@ -126,42 +177,35 @@ def scan_model(
     _class_grid(run_dir.path(f"{prefix}classes.png"), result, names, f"{model_id}: smallest trigger per class (* flagged)")
     extra: dict[int, dict[str, Any]] = {}
     samplers: dict[int, MESA] = {}
+    full = bool(cfg.get("full_search", True)) and not baseline_only  # defend always models the flagged classes
+    window = bool(scfg.moving_window) and not baseline_only
+    base = int(torch.randint(0, 2**62, (1,), generator=g))  # class k searches with base + k: any order, any process
+    if searches is None:
+        searches = {}
+        for k in result.flagged if (full or window) else []:
+            searches[k] = full_search(cfg, loaded.module, splits, k, base + k, window, full, cfg.get("progress", True))
     for k in result.flagged:
         info: dict[str, Any] = {}
-        heat: HeatMap | None = None
-        if scfg.moving_window and not baseline_only:
-            update, close = progress_bar(cfg, f"moving window, class {k}")
-            try:
-                heat = window_heatmap(loaded.module, data, k, scfg, tuple(scfg.window) if scfg.window else None,
-                                      tuple(scfg.stride) if scfg.stride else None, g, update)  # fmt: skip
-            finally:
-                close()
+        found = searches.get(k)
+        heat = found.heat if found is not None else None
+        if heat is not None:
             best = max(range(len(heat.windows)), key=lambda j: heat.strength[j])
             save_heatmap(run_dir.path(f"{prefix}class-{k}/heat.png"), heat.heat, data.x[0], heat.box,
                          (heat.patterns[best], heat.masks[best]), f"{model_id}: where class {k}'s trigger lives")  # fmt: skip
             info.update(heat_peak=list(heat.peak), heat_box=list(heat.box), heat_max=float(heat.heat.max()))
-        if bool(cfg.get("full_search", True)) and not baseline_only:  # defend always models the flagged classes
-            mcfg = typed(MESAConfig, cfg.mesa, "mesa")
-            if heat is not None:  # the heat map sizes and places the complete search
-                r0, c0, h, w = heat.box
-                mcfg = dataclasses.replace(mcfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
-            mesa = MESA(mcfg)
+        if found is not None and found.mesa is not None:
+            mesa, res = found.mesa, found.result
             samplers[k] = mesa
-            update, close = progress_bar(cfg, f"MESA, class {k}")
-            try:
-                res = mesa.fit(loaded.module, data, k, g, update)
-            finally:
-                close()
             save_ensemble(mesa, res, run_dir.path(f"{prefix}class-{k}/ensemble"), loaded.sha256,
                           {"source_model": loaded.path, "code_version": code_version()})  # fmt: skip
             n = int(cfg.samples_per_level)
-            per_level = [mesa.sample(n, generator=g, level=i) for i in range(res.generators.levels)]
+            gk = torch.Generator().manual_seed(base + k)
+            per_level = [mesa.sample(n, generator=gk, level=i) for i in range(res.generators.levels)]
             save_level_grid(run_dir.path(f"{prefix}class-{k}/samples.png"), per_level,
                             f"{model_id}: MESA triggers for class {k}",
                             [f"L{i} b={b:.2f}\nASR {a:.0%}" for i, (b, a) in enumerate(zip(res.betas, res.asr))])  # fmt: skip
             save_curves(run_dir.path(f"{prefix}class-{k}/curves.png"), res.history, f"{model_id}: MESA training, class {k}")
-            info.update(mesa_level_asr=res.asr, mesa_weights=res.weights,
-                        mesa_asr_eval=sampled_asr(loaded.module, splits.eval, mesa, k, torch.Generator().manual_seed(int(cfg.seed))))  # fmt: skip
+            info.update(mesa_level_asr=res.asr, mesa_weights=res.weights, mesa_asr_eval=found.asr_eval)
         extra[k] = info
     provenance = {"config_hash": config_hash(plain(cfg)), "code_version": code_version()}
     classes = [

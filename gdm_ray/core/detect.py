@@ -48,7 +48,7 @@ from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
 from gdm_ray.core.train import frozen, model_device
 
-__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "scan_classes", "anomaly_index", "reference_anomaly", "rescore", "HeatMap", "window_heatmap",
+__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "ScanPlan", "scan_classes", "plan_scan", "scan_chunks", "scan_result", "anomaly_index", "reference_anomaly", "rescore", "HeatMap", "window_heatmap",
            "default_window"]  # fmt: skip
 
 
@@ -127,6 +127,91 @@ def anomaly_index(sizes: list[float]) -> list[float]:
     return [float((med - v) / scale) for v in logs]
 
 
+@dataclass
+class ScanPlan:
+    """How a first pass splits its work: which images search and which
+    measure, the chunks of classes searched together, and a seed per chunk.
+    A chunk's result depends only on the plan, so chunks can run in any
+    order, in any process (gdm_ray.dist runs them as Ray tasks)."""
+
+    classes: list[int]
+    chunks: list[list[int]]
+    eval_idx: torch.Tensor
+    search_idx: torch.Tensor
+    seed: int  # chunk i searches with seed + i
+
+    @property
+    def passes(self) -> int:
+        return len(self.chunks)
+
+
+def plan_scan(
+    data: ImageSet, cfg: ScanConfig | None = None, generator: torch.Generator | None = None, classes: list[int] | None = None
+) -> ScanPlan:
+    """Split the images and the classes of a first pass (see ``scan_classes``)."""
+    cfg = cfg or ScanConfig()
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    num_classes = data.num_classes
+    ks = list(range(num_classes)) if classes is None else [int(k) for k in classes]
+    if not ks:
+        raise ConfigError("scan: no classes to scan")
+    bad = [k for k in ks if not 0 <= k < num_classes]
+    if bad:
+        raise ConfigError(f"scan: classes {bad} are not classes of the data (0..{num_classes - 1})")
+    if len(data) < 2:
+        raise DataError(f"scan: needs clean images, got {len(data)}")
+    perm = torch.randperm(len(data), generator=g)
+    n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
+    per = 1 if cfg.method == "baseline" else int(cfg.classes_per_pass)
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    return ScanPlan(ks, [ks[i : i + per] for i in range(0, len(ks), per)], perm[:n_eval], perm[n_eval:], seed)
+
+
+def scan_chunks(
+    model: nn.Module,
+    data: ImageSet,
+    cfg: ScanConfig,
+    plan: ScanPlan,
+    which: list[int] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[ClassTrigger]:
+    """Search the chunks ``which`` (indices into ``plan.chunks``; default all)
+    and measure each found trigger on the plan's held-out images."""
+    which = list(range(len(plan.chunks))) if which is None else list(which)
+    device = model_device(model)
+    x_tr, y_tr = data.x[plan.search_idx].to(device), data.y[plan.search_idx].to(device)
+    x_ev, y_ev = data.x[plan.eval_idx].to(device), data.y[plan.eval_idx].to(device)
+    search_set = ImageSet(x_tr, y_tr, data.classes)  # the baseline's search images, built once for every class
+    total = len(which) * int(cfg.steps)
+    found: list[ClassTrigger] = []
+    done = 0
+    with frozen(model):
+        for i in which:
+            chunk = plan.chunks[i]
+            g = torch.Generator().manual_seed(plan.seed + i)
+            if cfg.method == "baseline":
+                triggers = [_baseline_one(model, search_set, chunk[0], cfg, g, progress, done, total)]
+            else:
+                triggers = _search_chunk(model, x_tr, y_tr, chunk, None, cfg, g, progress, done, total)
+            for k, (pattern, mask) in zip(chunk, triggers):
+                asr = _asr(model, x_ev, y_ev, k, pattern, mask)
+                valid = asr >= float(cfg.valid_asr)
+                size = float(mask.sum()) if valid else float(mask.numel())
+                found.append(ClassTrigger(k, pattern.cpu(), mask.cpu(), size, asr, valid))
+            done += int(cfg.steps)
+    return found
+
+
+def scan_result(plan: ScanPlan, cfg: ScanConfig, found: list[ClassTrigger], seconds: float) -> ScanResult:
+    """The verdict from every class's found trigger (any order; sorted like the plan)."""
+    order = {k: i for i, k in enumerate(plan.classes)}
+    found = sorted(found, key=lambda c: order[c.target])
+    if [c.target for c in found] != plan.classes:
+        raise ValueError(f"scan_result: triggers for classes {[c.target for c in found]}, expected {plan.classes}")
+    result = ScanResult(found, [], [], 0.0, False, seconds, plan.passes * int(cfg.steps), cfg)
+    return rescore(result, anomaly_index([c.size for c in found]))
+
+
 def scan_classes(
     model: nn.Module,
     data: ImageSet,
@@ -140,45 +225,14 @@ def scan_classes(
     ``data``: the defender's clean images (all classes); the first
     ``eval_images`` of a seeded permutation measure each found trigger's ASR,
     the rest drive the search. ``classes`` defaults to all classes of the data.
+    Up to ``classes_per_pass`` classes are searched together, one classifier
+    pass per step for the whole chunk.
     """
     cfg = cfg or ScanConfig()
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    num_classes = data.num_classes
-    ks = list(range(num_classes)) if classes is None else [int(k) for k in classes]
-    if not ks:
-        raise ConfigError("scan: no classes to scan")
-    bad = [k for k in ks if not 0 <= k < num_classes]
-    if bad:
-        raise ConfigError(f"scan: classes {bad} are not classes of the data (0..{num_classes - 1})")
-    if len(data) < 2:
-        raise DataError(f"scan: needs clean images, got {len(data)}")
-    device = model_device(model)
-    perm = torch.randperm(len(data), generator=g)
-    n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
-    ev, tr = perm[:n_eval], perm[n_eval:]
-    x_tr, y_tr = data.x[tr].to(device), data.y[tr].to(device)
-    x_ev, y_ev = data.x[ev].to(device), data.y[ev].to(device)
-    search_set = ImageSet(x_tr, y_tr, data.classes)  # the baseline's search images, built once for every class
-    per = 1 if cfg.method == "baseline" else int(cfg.classes_per_pass)
-    chunks = [ks[i : i + per] for i in range(0, len(ks), per)]
-    total = len(chunks) * int(cfg.steps)
-    found: list[ClassTrigger] = []
     t0 = time.perf_counter()
-    done = 0
-    with frozen(model):
-        for chunk in chunks:
-            if cfg.method == "baseline":
-                triggers = [_baseline_one(model, search_set, chunk[0], cfg, g, progress, done, total)]
-            else:
-                triggers = _search_chunk(model, x_tr, y_tr, chunk, None, cfg, g, progress, done, total)
-            for k, (pattern, mask) in zip(chunk, triggers):
-                asr = _asr(model, x_ev, y_ev, k, pattern, mask)
-                valid = asr >= float(cfg.valid_asr)
-                size = float(mask.sum()) if valid else float(mask.numel())
-                found.append(ClassTrigger(k, pattern.cpu(), mask.cpu(), size, asr, valid))
-            done += int(cfg.steps)
-    result = ScanResult(found, [], [], 0.0, False, time.perf_counter() - t0, total, cfg)
-    return rescore(result, anomaly_index([c.size for c in found]))
+    plan = plan_scan(data, cfg, generator, classes)
+    found = scan_chunks(model, data, cfg, plan, progress=progress)
+    return scan_result(plan, cfg, found, time.perf_counter() - t0)
 
 
 def rescore(result: ScanResult, anomaly: list[float]) -> ScanResult:
