@@ -1,0 +1,89 @@
+"""Starting or joining Ray, and the options every gdm-ray task and actor gets.
+
+On the embedded default (``ray.address: null`` and no ``RAY_ADDRESS``) Ray
+starts inside this process with ``ray.num_cpus`` CPUs; ``ray.address=auto``
+or ``host:port`` joins an existing cluster. Each task asks for
+``ray.task_cpus`` CPUs (and ``ray.task_gpus``, fractions allowed) plus any
+custom ``ray.resources``, and pins torch's thread count to its CPUs: two
+tasks on one node must not each spread over every core.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from gdm_ray.core.errors import ConfigError
+
+__all__ = ["RayConfig", "init_ray", "task_options", "pin_threads"]
+
+
+@dataclass
+class RayConfig:
+    """Where Ray runs and what each task needs (configs/ray/default.yaml)."""
+
+    address: str | None = None  # None: in-process (or $RAY_ADDRESS); "auto" or host:port: an existing cluster
+    num_cpus: int | None = None  # in-process Ray only: CPUs it may use (None: all)
+    num_gpus: int | None = None  # in-process Ray only
+    task_cpus: float = 1.0  # per task / actor; torch threads are pinned to this
+    task_gpus: float = 0.0  # per task / actor; fractions share a GPU
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources each task needs
+    max_retries: int = 3  # a task whose worker dies is run again (results are keyed, never duplicated)
+    max_restarts: int = 3  # an actor whose process dies is restarted
+    namespace: str = "gdm-ray"
+    log_to_driver: bool = False  # workers' stdout/stderr on the driver's console
+
+    def __post_init__(self) -> None:
+        if not float(self.task_cpus) > 0:
+            raise ConfigError(f"ray.task_cpus={self.task_cpus} must be > 0")
+        if float(self.task_gpus) < 0:
+            raise ConfigError(f"ray.task_gpus={self.task_gpus} must be >= 0")
+        for key in ("max_retries", "max_restarts"):
+            if int(getattr(self, key)) < 0:
+                raise ConfigError(f"ray.{key}={getattr(self, key)} must be >= 0")
+        for key in ("num_cpus", "num_gpus"):
+            v = getattr(self, key)
+            if v is not None and int(v) < (1 if key == "num_cpus" else 0):
+                raise ConfigError(f"ray.{key}={v} must be >= {1 if key == 'num_cpus' else 0}")
+        bad = {k: v for k, v in dict(self.resources).items() if not float(v) > 0}
+        if bad:
+            raise ConfigError(f"ray.resources={bad}: amounts must be > 0")
+
+
+def init_ray(cfg: RayConfig) -> bool:
+    """Start or join Ray unless it already runs in this process; True when
+    this call started it (the caller then shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"namespace": cfg.namespace, "log_to_driver": bool(cfg.log_to_driver)}
+    if address is None:
+        kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+    elif cfg.num_cpus is not None or cfg.num_gpus is not None:
+        raise ConfigError(f"ray.num_cpus/num_gpus size an in-process Ray only; the cluster at {address} has its own")
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise ConfigError(f"ray.address={address}: no Ray cluster there ({str(exc).splitlines()[0][:200]})") from None
+    return True
+
+
+def task_options(cfg: RayConfig) -> dict[str, Any]:
+    """``.options(...)`` for a gdm-ray task: resources and retries from config."""
+    opts: dict[str, Any] = {"num_cpus": float(cfg.task_cpus), "num_gpus": float(cfg.task_gpus),
+                            "max_retries": int(cfg.max_retries)}  # fmt: skip
+    if cfg.resources:
+        opts["resources"] = {str(k): float(v) for k, v in dict(cfg.resources).items()}
+    return opts
+
+
+def pin_threads(cpus: float) -> int:
+    """Inside a task: torch uses as many threads as the task has CPUs (>= 1)."""
+    import torch
+
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
