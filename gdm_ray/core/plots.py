@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_examples", "save_level_grid", "save_pca_scatter", "save_curves", "save_heatmap", "save_zoo_scores"]
+__all__ = ["save_examples", "save_level_grid", "save_pca_scatter", "save_curves", "save_heatmap", "save_zoo_scores", "save_sweep"]
 
 
 def _pyplot():
@@ -196,5 +196,43 @@ def save_zoo_scores(path: Path, ids: list[str], scores: list[float | None], thre
     ax.set_xticks(list(xs), ids, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("anomaly score")
     ax.legend(fontsize=7)
+    _save(fig, path, title)
+    return path
+
+
+def save_sweep(path: Path, names: list[str], values: list[float | None], best: int | None, metric: str,
+               x_name: str | None = None, xs: list[float] | None = None, ys: list[float | None] | None = None,
+               groups: list[str] | None = None, y_name: str = "ASR after defense", title: str = "") -> Path:
+    """A sweep at a glance: one bar per trial (its ``metric``, the best one
+    green, failed trials a grey 'error' mark) and, when ``x_name`` is given,
+    ``ys`` (e.g. the ASR after the defense) against that parameter (e.g.
+    alpha, log scale when positive), one colour per ``groups`` value (e.g.
+    the trigger size)."""
+    plt = _pyplot()
+    two = x_name is not None and xs is not None and ys is not None
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(max(4.0, 0.45 * len(names) + 1.5) + (4.2 if two else 0), 3.4),
+                             squeeze=False)  # fmt: skip
+    ax = axes[0][0]
+    pos = range(len(names))
+    ax.bar(pos, [0.0 if v is None else float(v) for v in values],
+           color=["lightgrey" if v is None else ("tab:green" if i == best else "tab:blue") for i, v in enumerate(values)])  # fmt: skip
+    for i, v in enumerate(values):
+        if v is None:
+            ax.text(i, 0, "error", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgrey")
+    ax.set_xticks(list(pos), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"{metric} (lower is better)")
+    if two:
+        ax2 = axes[0][1]
+        labels = groups if groups is not None else [""] * len(xs)  # type: ignore[arg-type]
+        for label in dict.fromkeys(labels):
+            pts = sorted((x, y) for x, y, g in zip(xs, ys, labels) if g == label and y is not None)  # type: ignore[arg-type]
+            if pts:
+                ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", alpha=0.8, label=label or None)
+        if all(x > 0 for x in xs):  # type: ignore[union-attr]
+            ax2.set_xscale("log")
+        ax2.set_xlabel(x_name)
+        ax2.set_ylabel(y_name)
+        if groups is not None:
+            ax2.legend(fontsize=7)
     _save(fig, path, title)
     return path

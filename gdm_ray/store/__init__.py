@@ -3,6 +3,6 @@
 from gdm_ray.store.provenance import code_version, config_hash
 from gdm_ray.store.parquet import SCHEMA_VERSION, read_rows, write_rows
 from gdm_ray.store.rundir import RunDir, write_json
-from gdm_ray.store.tables import CLASS_SCHEMA, VERDICT_SCHEMA
+from gdm_ray.store.tables import CLASS_SCHEMA, VERDICT_SCHEMA, trial_schema
 
-__all__ = ["CLASS_SCHEMA", "VERDICT_SCHEMA", "RunDir", "SCHEMA_VERSION", "code_version", "config_hash", "read_rows", "write_json", "write_rows"]
+__all__ = ["CLASS_SCHEMA", "VERDICT_SCHEMA", "RunDir", "SCHEMA_VERSION", "code_version", "config_hash", "read_rows", "trial_schema", "write_json", "write_rows"]

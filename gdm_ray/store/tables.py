@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["VERDICT_SCHEMA", "CLASS_SCHEMA"]
+__all__ = ["VERDICT_SCHEMA", "CLASS_SCHEMA", "trial_schema"]
 
 
 
@@ -47,3 +47,30 @@ CLASS_SCHEMA = _table(
     pa.field("anomaly_in_model", pa.float64()),  # against the model's other classes (natural triggers show here)
     pa.field("flagged", pa.bool_()),
 )
+
+
+def trial_schema(params: list[pa.Field]) -> pa.Schema:
+    """One row per sweep trial (``gdm-ray sweep``'s trials.parquet): the trial,
+    then one column per swept parameter (named by its dotted config key, typed
+    by the config field), then the defense's metrics. ``error`` is set when the
+    trial could not run (its metrics are then null)."""
+    return _table(
+        pa.field("trial_id", pa.string()),
+        pa.field("status", pa.string()),  # TERMINATED | ERROR
+        pa.field("error", pa.string()),
+        *params,
+        pa.field("objective", pa.float64()),  # asr_after + acc_drop / 100 (minimised)
+        pa.field("asr_after", pa.float64()),  # ASR of the real trigger after the defense (eval split)
+        pa.field("acc_drop", pa.float64()),  # clean accuracy lost by the defense, percentage points
+        pa.field("found_asr_after", pa.float64()),  # ASR of the found triggers after the defense
+        pa.field("asr_before", pa.float64()),
+        pa.field("acc_before", pa.float64()),
+        pa.field("acc_after", pa.float64()),
+        pa.field("found_asr_before", pa.float64()),
+        pa.field("seconds", pa.float64()),  # the whole trial
+        pa.field("search_seconds", pa.float64()),
+        pa.field("retrain_seconds", pa.float64()),
+        pa.field("finished_at", pa.float64()),  # unix time of the trial's result
+        pa.field("node_ip", pa.string()),
+        pa.field("seed", pa.int64()),
+    )
