@@ -39,10 +39,11 @@ T = TypeVar("T")
 def run(command: str, cfg: DictConfig) -> dict[str, Any]:
     from gdm_ray.cli.scan import scan
     from gdm_ray.cli.search import defend, search
+    from gdm_ray.cli.sweep import sweep
     from gdm_ray.cli.zoo import zoo_scan
 
     fn = {"attack": attack, "evaluate": evaluate, "demo": demo, "search": search, "defend": defend, "scan": scan,
-          "zoo-scan": zoo_scan}[command]  # fmt: skip
+          "zoo-scan": zoo_scan, "sweep": sweep}[command]  # fmt: skip
     return fn(cfg)
 
 

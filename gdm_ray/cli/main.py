@@ -22,6 +22,7 @@ COMMANDS = {
     "scan": "is the model backdoored, to which class(es)? a verdict table, PNGs and Parquet rows",
     "zoo-scan": "scan every model file in a folder: verdicts.parquet, classes.parquet, scores.png",
     "defend": "repair a model by retraining against the found triggers; writes model.pt + metrics.json",
+    "sweep": "Ray Tune sweep of MESA's alpha, trigger size (N, betas, ...) scored by the defense; trials.parquet",
     "demo": "the end-to-end main job on the embedded default",
 }
 

@@ -1,0 +1,262 @@
+"""`gdm-ray sweep`: a Ray Tune sweep of MESA (and defense) settings, each
+trial scored by the defense it gives (configs/sweep.yaml says what is swept
+and how a trial is scored; gdm_ray.dist.sweep runs the trials)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, open_dict
+
+from gdm_ray.cli.commands import plain, print_table, typed
+from gdm_ray.cli.search import _load, _real_trigger
+from gdm_ray.core.defense import DefenseConfig
+from gdm_ray.core.errors import ConfigError, GdmRayError
+from gdm_ray.core.mesa import MESAConfig
+from gdm_ray.core.plots import save_sweep
+from gdm_ray.dist.runtime import RayConfig, init_ray
+from gdm_ray.dist.sweep import (EXPERIMENT, SpaceParam, SweepConfig, TrialContext, apply_params, can_restore, combinations,
+                                param_fields, parse_space, run_tune, trial_rows)  # fmt: skip
+from gdm_ray.store import code_version, config_hash, read_rows, trial_schema, write_json, write_rows
+from gdm_ray.store.rundir import default_out, publish
+
+__all__ = ["sweep", "GROUPS"]
+
+GROUPS = {"mesa": MESAConfig, "defense": DefenseConfig}  # config groups a sweep may vary
+REQUEST = "request.json"  # what the sweep in a folder was started with (resume must match it)
+SUMMARY = "sweep.json"  # written last: its presence means the sweep finished
+TABLE = "trials.parquet"
+PLOT = "trials.png"
+_NOT_RESUME_KEYS = ("ray", "out", "progress", "device")  # may change between a run and its resume
+
+
+def sweep(cfg: DictConfig) -> dict[str, Any]:
+    """Validate everything, then run (or resume, or just report) the sweep."""
+    t0 = time.perf_counter()
+    out = cfg.get("out")
+    if out is not None and str(out).startswith("s3://"):
+        raise ConfigError(f"out={out}: writing sweep outputs to S3 arrives with the store issue; use a local folder")
+    opts = typed(SweepConfig, cfg.sweep, "sweep")
+    ray_cfg = typed(RayConfig, cfg.ray, "ray")
+    params = parse_space(opts.search_space, opts.mode, GROUPS)
+    base = {"mesa": plain(cfg.mesa), "defense": plain(cfg.defense)}
+    typed(MESAConfig, base["mesa"], "mesa")  # a bad value is an error even where the space overrides it
+    typed(DefenseConfig, base["defense"], "defense")
+    combos = combinations(params, opts.mode)
+    for combo in combos:  # every grid point (random mode: every option and bound) makes valid configs
+        groups = apply_params(base, combo)
+        typed(MESAConfig, groups["mesa"], "mesa")
+        typed(DefenseConfig, groups["defense"], "defense")
+    device = str(cfg.device)
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"device={device!r} must be auto, cpu or cuda[:k]")
+    if device.startswith("cuda") and not float(ray_cfg.task_gpus) > 0:
+        raise ConfigError(f"device={device} needs ray.task_gpus > 0 (each trial asks Ray for its GPU share)")
+    seed = int(cfg.seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+    load_cfg = cfg.copy()
+    with open_dict(load_cfg):
+        load_cfg.method = "mesa"
+    loaded, splits, target, _ = _load(load_cfg, torch.device("cpu"))
+    assert target is not None
+    _, H, W = splits.shape
+    for combo in combos:
+        m = apply_params(base, combo)["mesa"]
+        th, tw = (int(v) for v in m["trigger_size"])
+        if th > H or tw > W:
+            raise ConfigError(f"mesa.trigger_size={[th, tw]} is larger than the image {H}x{W}")
+        if m.get("position") is not None:
+            r, c = (int(v) for v in m["position"])
+            if not (0 <= r <= H - th and 0 <= c <= W - tw):
+                raise ConfigError(f"mesa.position={[r, c]} does not fit a {th}x{tw} trigger in the image {H}x{W}")
+    real, real_target, real_spec = _real_trigger(cfg, Path(loaded.path), splits)
+    if real is None or real_target is None or real_spec is None:
+        raise ConfigError(f"model={loaded.path}: a sweep scores trials by the ASR of the real trigger; pass trigger=... "
+                          "(e.g. trigger=bw3x3) or keep the model's card (model.json) beside it")  # fmt: skip
+
+    final = (Path(str(out)) if out not in (None, "") else default_out("sweep")).resolve()
+    body = {k: v for k, v in plain(cfg).items() if k not in _NOT_RESUME_KEYS}
+    request_hash = config_hash({"config": body, "model_sha256": loaded.sha256})
+    experiment = final / EXPERIMENT
+    state = _out_state(final, request_hash)
+    if state == "done":
+        return _report_finished(final)
+
+    ctx = TrialContext(
+        model_bytes=Path(loaded.path).read_bytes(), model_suffix=Path(loaded.path).suffix or ".pt",
+        arch=cfg.arch.name if cfg.get("arch") else None, defense=splits.defense, eval=splits.eval, target=target,
+        real_trigger=real_spec, real_target=real_target, base=base, keys=[p.key for p in params], seed=seed,
+        device=device, cpus=float(ray_cfg.task_cpus), gpus=float(ray_cfg.task_gpus),
+    )  # fmt: skip
+    what = f"{len(combos)} grid trials" if opts.mode == "grid" else f"{opts.num_samples} random draws"
+    print(f"gdm-ray sweep: {loaded.path}, class {target}, {what} over {', '.join(p.key for p in params)}; "
+          f"search and retrain on {len(splits.defense)} clean images, metrics on {len(splits.eval)} held-out images"
+          + (f"; resuming {final}" if state == "resume" else ""), file=sys.stderr)  # fmt: skip
+    started = init_ray(ray_cfg)
+    created = not final.exists()
+    try:
+        if state == "new":
+            if experiment.exists():  # a run killed before Tune saved any state: start it over
+                shutil.rmtree(experiment)
+            final.mkdir(parents=True, exist_ok=True)
+            write_json(final / REQUEST, {"request_hash": request_hash, "model": loaded.path, "model_sha256": loaded.sha256,
+                                         "config": plain(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+        records, resumed = run_tune(experiment, params, opts, ctx, ray_cfg, verbose=1 if cfg.get("progress", True) else 0)
+    except BaseException:
+        if created and not can_restore(experiment):
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    pending = [r for r in records if not r.finished]
+    if pending:
+        print(f"gdm-ray sweep: interrupted with {len(records) - len(pending)} of {len(records)} trials finished; "
+              f"run the same command (out={final}) to resume", file=sys.stderr)  # fmt: skip
+        raise KeyboardInterrupt
+
+    fields = param_fields(params, GROUPS)
+    row_base = {k: v for k, v in plain(cfg).items() if k not in ("sweep", "ray")}
+    hashes = [config_hash({**row_base, **apply_params(base, r.params)}) for r in records]
+    rows = trial_rows(records, fields, hashes, code_version())
+    write_rows(final / TABLE, rows, trial_schema(fields))
+    metric = opts.metric
+    scored = [i for i, r in enumerate(rows) if r["status"] == "TERMINATED" and r[metric] is not None]
+    best_i = min(scored, key=lambda i: (rows[i][metric], i)) if scored else None
+    _plot(final / PLOT, rows, params, best_i, metric)
+    best = rows[best_i] if best_i is not None else None
+    summary = {
+        "best_trial": best["trial_id"] if best else None,
+        "best": {p.key: best[p.key] for p in params} if best else None,
+        "best_metrics": {k: best[k] for k in ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before",
+                                              "acc_before", "acc_after", "found_asr_before", "seconds")} if best else None,
+        "metric": metric, "mode": opts.mode, "num_samples": int(opts.num_samples),
+        "space": {p.key: p.spec() for p in params},
+        "trials": len(rows), "errors": sum(r["status"] != "TERMINATED" for r in rows), "resumed": resumed,
+        "model": loaded.path, "model_sha256": loaded.sha256, "target_class": target,
+        "real_trigger": real_spec, "real_target": real_target,
+        "table": str(final / TABLE), "plot": str(final / PLOT), "experiment": str(experiment),
+        "config_hash": config_hash(plain(cfg)), "request_hash": request_hash, "code_version": code_version(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }  # fmt: skip
+    write_json(final / SUMMARY, summary)
+    _print(summary, rows, params)
+    print(f"wrote {final}")
+    if best is None:
+        first = next((r["error"] for r in rows if r["error"]), "no metric")
+        raise GdmRayError(f"no trial of the sweep in {final} finished ({len(rows)} failed; first: {first}); see {final / TABLE}")
+    return {**summary, "out": str(final)}
+
+
+def _out_state(final: Path, request_hash: str) -> str:
+    """new | resume | done for the folder out= names; a folder holding
+    something else, or a sweep of another config, is an error."""
+    if not final.exists():
+        return "new"
+    if not final.is_dir():
+        raise ConfigError(f"out={final} exists and is not a folder")
+    request = final / REQUEST
+    if not request.is_file():
+        if any(p for p in final.iterdir() if not p.name.startswith(".")):
+            raise ConfigError(f"out={final} exists and holds no sweep to resume; pick a new folder")
+        return "new"
+    import json
+
+    try:
+        old = json.loads(request.read_text()).get("request_hash")
+    except (OSError, json.JSONDecodeError):
+        raise ConfigError(f"out={final}: {REQUEST} is not valid JSON; pick a new folder") from None
+    if old != request_hash:
+        raise ConfigError(f"out={final} holds a sweep started with other settings (hash {old}, now {request_hash}); "
+                          "rerun it with the same model, data, space and settings to resume, or pick a new out=")  # fmt: skip
+    if (final / SUMMARY).is_file() and (final / TABLE).is_file():
+        return "done"
+    return "resume" if can_restore(final / EXPERIMENT) else "new"
+
+
+def _report_finished(final: Path) -> dict[str, Any]:
+    import json
+
+    summary = json.loads((final / SUMMARY).read_text())
+    rows = read_rows(final / TABLE)
+    print(f"gdm-ray sweep: the sweep in {final} has finished ({summary['trials']} trials); nothing to run", file=sys.stderr)
+    params = [SpaceParam(k, next(iter(v)), tuple(next(iter(v.values())))) for k, v in summary["space"].items()]
+    _print(summary, rows, params)
+    if summary.get("best") is None:
+        raise GdmRayError(f"no trial of the sweep in {final} finished; see {final / TABLE}")
+    return {**summary, "out": str(final), "already_finished": True}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "x".join(_fmt(x) for x in v) if all(isinstance(x, int) for x in v) else "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _print(summary: dict[str, Any], rows: list[dict[str, Any]], params: list[SpaceParam]) -> None:
+    metric = summary["metric"]
+    head = ["trial", *(p.key for p in params), metric, "ASR after", "acc drop (pts)", "status"]
+    cols = [head]
+    for r in rows:
+        asr = "-" if r["asr_after"] is None else f"{r['asr_after']:.2%}"
+        drop = "-" if r["acc_drop"] is None else f"{r['acc_drop']:.2f}"
+        status = r["status"] if not r["error"] else f"{r['status']}: {r['error'][:60]}"
+        mark = " *" if r["trial_id"] == summary.get("best_trial") else ""
+        cols.append([r["trial_id"] + mark, *(_fmt(r[p.key]) for p in params), _fmt(r[metric]), asr, drop, status])
+    widths = [max(len(c[i]) for c in cols) for i in range(len(head))]
+    for line in cols:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+    best = summary.get("best")
+    if best is not None:
+        m = summary["best_metrics"]
+        print_table([
+            ("best trial", f"{summary['best_trial']} (lowest {metric})"),
+            *((f"best {k}", _fmt(v)) for k, v in best.items()),
+            ("ASR of the real trigger", f"{m['asr_before']:.2%} -> {m['asr_after']:.2%}"),
+            ("clean accuracy", f"{m['acc_before']:.2%} -> {m['acc_after']:.2%}"),
+            ("table", summary["table"]),
+        ])  # fmt: skip
+
+
+def _plot(path: Path, rows: list[dict[str, Any]], params: list[SpaceParam], best: int | None, metric: str) -> None:
+    """trials.png: the metric per trial, and the ASR after the defense against
+    alpha (or the first float parameter), coloured by the other parameters."""
+    import tempfile
+
+    def short(p: SpaceParam, v: Any) -> str:
+        return f"{p.name}={_fmt(v)}"
+
+    names = [f"{r['trial_id'].rsplit('_', 1)[-1]}: " + " ".join(short(p, r[p.key]) for p in params) for r in rows]
+    values = [r[metric] if r["status"] == "TERMINATED" else None for r in rows]
+    floats = [p for p in params if all(isinstance(r[p.key], float) for r in rows)]
+    xp = next((p for p in floats if p.key == "mesa.alpha"), floats[0] if floats else None)
+    kwargs: dict[str, Any] = {}
+    if xp is not None and rows:
+        others = [p for p in params if p is not xp]
+        kwargs = {"x_name": xp.key, "xs": [float(r[xp.key]) for r in rows], "ys": [r["asr_after"] for r in rows],
+                  "groups": [" ".join(short(p, r[p.key]) for p in others) for r in rows] if others else None}  # fmt: skip
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    import os
+
+    os.close(fd)
+    try:
+        save_sweep(Path(tmp), names, values, best, metric, title=f"sweep: {metric} per trial (best green)", **kwargs)
+        publish(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

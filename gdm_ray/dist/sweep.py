@@ -1,0 +1,441 @@
+"""Ray Tune sweeps of MESA and the defense (``gdm-ray sweep``).
+
+A sweep's search space maps dotted config keys (``mesa.alpha``,
+``mesa.trigger_size``, ``mesa.levels``, ``mesa.betas``, any ``mesa.`` or
+``defense.`` field) to one spec each: ``{grid: [...]}``, ``{choice: [...]}``,
+``{uniform: [low, high]}`` or ``{loguniform: [low, high]}``. Every trial runs
+MESA for the target class on the defender's clean split with the trial's
+settings, retrains a copy of the model against the found triggers, and scores
+the defense on the held-out split (:func:`evaluate_trial`).
+
+Trials are Ray Tune trials with the resources of ``RayConfig`` (task_cpus,
+task_gpus, custom resources); the model file's bytes and the two data splits
+reach them through Ray's object store (``tune.with_parameters``), so no
+shared file system is needed. The experiment lives under the storage path;
+:func:`run_tune` restores an interrupted one with ``Tuner.restore``
+(finished trials are kept, unfinished and crashed ones run again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from gdm_ray.core.data import ImageSet
+from gdm_ray.core.errors import ConfigError, GdmRayError
+from gdm_ray.dist.runtime import RayConfig, pin_threads
+
+__all__ = ["SweepConfig", "SpaceParam", "TrialContext", "TrialRecord", "SPEC_KINDS", "MODES", "METRICS", "parse_space",
+           "combinations", "apply_params", "param_fields", "evaluate_trial", "run_trial", "run_tune"]  # fmt: skip
+
+SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
+MODES = ("grid", "random")
+METRICS = ("objective", "asr_after", "acc_drop", "found_asr_after")  # all minimised
+MAX_GRID = 10_000  # a grid larger than this is surely a typo
+EXPERIMENT = "tune"  # the Tune experiment's folder under the storage path
+EVAL_SEED_OFFSET = 7919  # the held-out metrics' generators, as gdm-ray defend seeds them
+
+
+@dataclass
+class SweepConfig:
+    """The ``sweep`` node of configs/sweep.yaml."""
+
+    mode: str = "grid"
+    num_samples: int = 1
+    metric: str = "objective"
+    max_concurrent: int | None = None
+    space: dict | None = None
+    default_space: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"sweep.mode={self.mode!r} must be one of {', '.join(MODES)}")
+        if int(self.num_samples) < 1:
+            raise ConfigError(f"sweep.num_samples={self.num_samples} must be >= 1")
+        if self.mode == "grid" and int(self.num_samples) != 1:
+            raise ConfigError(f"sweep.num_samples={self.num_samples} with sweep.mode=grid would repeat identical trials "
+                              "(every trial is seeded from seed=); use sweep.mode=random")  # fmt: skip
+        if self.metric not in METRICS:
+            raise ConfigError(f"sweep.metric={self.metric!r} must be one of {', '.join(METRICS)}")
+        if self.max_concurrent is not None and int(self.max_concurrent) < 1:
+            raise ConfigError(f"sweep.max_concurrent={self.max_concurrent} must be >= 1 (or null)")
+
+    @property
+    def search_space(self) -> dict:
+        return self.default_space if self.space is None else self.space
+
+
+@dataclass(frozen=True)
+class SpaceParam:
+    """One swept config key and its spec."""
+
+    key: str  # dotted config path, e.g. "mesa.alpha"
+    kind: str  # one of SPEC_KINDS
+    values: tuple  # grid/choice: the options; uniform/loguniform: (low, high)
+
+    @property
+    def group(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split(".", 1)[1]
+
+    def candidates(self) -> list[Any]:
+        """The values to validate before starting: every option, or both bounds (as lists, not tuples)."""
+        return [_thaw(v) for v in self.values]
+
+    def spec(self) -> dict[str, list[Any]]:
+        """The spec as configs write it, e.g. {"grid": [0.01, 0.1]}."""
+        return {self.kind: self.candidates()}
+
+    def domain(self) -> Any:
+        """The Tune search-space object."""
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search([_thaw(v) for v in self.values])
+        if self.kind == "choice":
+            return tune.choice([_thaw(v) for v in self.values])
+        low, high = self.values
+        return tune.uniform(low, high) if self.kind == "uniform" else tune.loguniform(low, high)
+
+
+def _spec_text(spec: Any) -> str:
+    return json.dumps(spec, default=str, separators=(",", ":")) if isinstance(spec, (dict, list)) else repr(spec)
+
+
+def _field_kind(cls: type, name: str) -> str:
+    """The config field's annotation text without '| None' (e.g. 'float', 'list[int]')."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return str(f.type).replace(" | None", "").replace("Optional[", "").strip()
+
+
+def parse_space(space: Mapping | None, mode: str, groups: Mapping[str, type]) -> list[SpaceParam]:
+    """Check a search space and turn it into SpaceParams (sorted by key).
+
+    ``space`` maps dotted keys (or nested dicts, ``{mesa: {alpha: spec}}``) to
+    specs; a null spec drops a key. ``groups`` maps each sweepable config
+    group to its dataclass (e.g. ``{"mesa": MESAConfig}``)."""
+    if space is not None and not isinstance(space, Mapping):
+        raise ConfigError(f"sweep.space={_spec_text(space)} must map config keys to specs, e.g. {{mesa.alpha: {{grid: [0.01, 0.1]}}}}")
+    flat: dict[str, Any] = {}
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if "." not in key and isinstance(v, Mapping) and v and not set(v) & set(SPEC_KINDS):
+                walk(v, f"{key}.")  # {mesa: {alpha: spec}}: a group's keys
+            elif v is not None:
+                flat[key] = v
+
+    walk(dict(space or {}), "")
+    if not flat:
+        raise ConfigError("sweep.space is empty: name at least one key to sweep, e.g. 'sweep.space={mesa.alpha:{grid:[0.01,0.1]}}'")
+    params = []
+    for key in sorted(flat):
+        spec = flat[key]
+        group, _, name = key.partition(".")
+        cls = groups.get(group)
+        if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
+            known = ", ".join(f"{g}.<field>" for g in groups)
+            raise ConfigError(f"sweep.space: unknown key {key!r} (sweepable: {known}, e.g. mesa.alpha, mesa.trigger_size, "
+                              "mesa.levels, mesa.betas)")  # fmt: skip
+        where = f"sweep.space.{key}={_spec_text(spec)}"
+        if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
+            raise ConfigError(f"{where}: a spec is one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [low, high]}}, "
+                              "{loguniform: [low, high]}")  # fmt: skip
+        kind, values = next(iter(spec.items()))
+        if mode == "grid" and kind != "grid":
+            raise ConfigError(f"{where}: sweep.mode=grid takes {{grid: [...]}} specs only (use sweep.mode=random for {kind})")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"{where}: {kind} needs a non-empty list")
+        if kind in ("uniform", "loguniform"):
+            if _field_kind(cls, name) != "float":
+                raise ConfigError(f"{where}: {key} is not a float setting; use {{choice: [...]}} or {{grid: [...]}}")
+            ok = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                          for v in values)  # fmt: skip
+            if not ok or not values[0] < values[1]:
+                raise ConfigError(f"{where}: {kind} needs [low, high] with low < high")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0")
+            values = [float(v) for v in values]
+        elif len({_spec_text(v) for v in values}) != len(values):
+            raise ConfigError(f"{where}: {kind} lists a value twice")
+        params.append(SpaceParam(key, kind, tuple(_freeze(v) for v in values)))
+    return params
+
+
+def _freeze(v: Any) -> Any:
+    return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _thaw(v: Any) -> Any:
+    return [_thaw(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def combinations(params: list[SpaceParam], mode: str) -> list[dict[str, Any]]:
+    """The parameter settings to validate before starting: the whole grid in
+    grid mode; in random mode each parameter's candidates one at a time (the
+    others at their first candidate)."""
+    if mode == "grid":
+        total = math.prod(len(p.values) for p in params)
+        if total > MAX_GRID:
+            raise ConfigError(f"sweep.space: the grid has {total} trials (more than {MAX_GRID}); use sweep.mode=random")
+        return [{p.key: _thaw(v) for p, v in zip(params, combo)} for combo in itertools.product(*(p.values for p in params))]
+    first = {p.key: _thaw(p.values[0]) for p in params}
+    return [{**first, p.key: v} for p in params for v in p.candidates()]
+
+
+def apply_params(base: Mapping[str, Mapping], params: Mapping[str, Any]) -> dict[str, dict]:
+    """The per-group config dicts of one trial: ``base`` with the trial's values."""
+    out = {g: dict(v) for g, v in base.items()}
+    for key, value in params.items():
+        group, _, name = key.partition(".")
+        out[group][name] = _thaw(value)
+    return out
+
+
+def param_fields(params: list[SpaceParam], groups: Mapping[str, type]) -> list[pa.Field]:
+    """One Parquet column per swept key, typed by its config field."""
+    types = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(), "str": pa.string(),
+             "list[int]": pa.list_(pa.int64()), "list[float]": pa.list_(pa.float64())}  # fmt: skip
+    return [pa.field(p.key, types.get(_field_kind(groups[p.group], p.name), pa.string())) for p in params]
+
+
+def _cell(value: Any, typ: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if typ == pa.float64():
+        return float(value)
+    if typ == pa.int64():
+        return int(value)
+    if typ == pa.list_(pa.float64()):
+        return [float(v) for v in value]
+    if typ == pa.list_(pa.int64()):
+        return [int(v) for v in value]
+    if typ == pa.string() and not isinstance(value, str):
+        return json.dumps(value, default=str)
+    return value
+
+
+# --- one trial ------------------------------------------------------------------------
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial needs; it reaches the trials through Ray's object store."""
+
+    model_bytes: bytes  # the model file, so trials need no shared file system
+    model_suffix: str
+    arch: str | None
+    defense: ImageSet  # the defender's clean split: search and retraining
+    eval: ImageSet  # the held-out split: every metric
+    target: int
+    real_trigger: dict  # TriggerSpec fields of the trigger the model was poisoned with
+    real_target: int
+    base: dict[str, dict]  # {"mesa": {...}, "defense": {...}} before the trial's values
+    keys: list[str]  # the swept keys
+    seed: int
+    device: str  # auto | cpu | cuda[:k]
+    cpus: float
+    gpus: float
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def evaluate_trial(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
+    """Search, defend, measure: one trial's metrics (an input problem gives a
+    row with ``error`` set and null metrics, not an exception)."""
+    import numpy as np
+    import torch
+
+    from gdm_ray.core.defense import DefenseConfig, retrain
+    from gdm_ray.core.mesa import MESA, MESAConfig
+    from gdm_ray.core.metrics import attack_success_rate, clean_accuracy, sampled_asr
+    from gdm_ray.core.model_io import clone_model, load_model
+    from gdm_ray.core.triggers import TriggerSpec, make_trigger
+    from gdm_ray.store.provenance import code_version
+
+    t0 = time.perf_counter()
+    pin_threads(ctx.cpus)
+    random.seed(ctx.seed)
+    np.random.seed(ctx.seed % 2**32)
+    torch.manual_seed(ctx.seed)
+    out: dict[str, Any] = {"error": "", "code_version": code_version(), "seed": ctx.seed}
+    tmp = None
+    try:
+        groups = apply_params(ctx.base, params)
+        mesa_cfg, defense_cfg = MESAConfig(**groups["mesa"]), DefenseConfig(**groups["defense"])
+        dev = ctx.device
+        if dev == "auto":
+            dev = "cuda" if ctx.gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = torch.device(dev)
+        fd, tmp = tempfile.mkstemp(suffix=ctx.model_suffix, prefix="gdm-ray-sweep-model-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(ctx.model_bytes)
+        c, h, w = ctx.eval.shape
+        model = load_model(tmp, (c, h, w), ctx.eval.num_classes, arch=ctx.arch, device=device).module
+        real = make_trigger(TriggerSpec(**ctx.real_trigger), c, (h, w))
+        eval_seed = ctx.seed + EVAL_SEED_OFFSET
+        g = torch.Generator().manual_seed(ctx.seed)
+
+        t_search = time.perf_counter()
+        mesa = MESA(mesa_cfg)
+        mesa.fit(model, ctx.defense, ctx.target, g)
+        search_s = time.perf_counter() - t_search
+
+        def measure(m: torch.nn.Module) -> tuple[float, float, float]:
+            acc = clean_accuracy(m, ctx.eval)
+            asr = attack_success_rate(m, ctx.eval, real, ctx.real_target, torch.Generator().manual_seed(eval_seed))
+            found = sampled_asr(m, ctx.eval, mesa, ctx.target, torch.Generator().manual_seed(eval_seed))
+            return acc, asr, found
+
+        acc_before, asr_before, found_before = measure(model)
+        repaired = clone_model(model)
+        t_retrain = time.perf_counter()
+        retrain(repaired, ctx.defense, [mesa], defense_cfg, g)
+        retrain_s = time.perf_counter() - t_retrain
+        acc_after, asr_after, found_after = measure(repaired)
+        acc_drop = (acc_before - acc_after) * 100.0
+        out.update(objective=asr_after + acc_drop / 100.0, asr_after=asr_after, acc_drop=acc_drop,
+                   found_asr_after=found_after, asr_before=asr_before, acc_before=acc_before, acc_after=acc_after,
+                   found_asr_before=found_before, search_seconds=search_s, retrain_seconds=retrain_s,
+                   device=str(device))  # fmt: skip
+    except GdmRayError as exc:
+        out.update(error=_one_line(exc), objective=float("nan"))
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune trainable: one trial, one report."""
+    from ray import tune
+
+    tune.report(evaluate_trial({k: config[k] for k in ctx.keys}, ctx))
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+# --- the experiment ---------------------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    """A finished (or failed) trial as Tune reports it."""
+
+    trial_id: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]  # what the trial reported ({} if it never did)
+    error: str | None  # a crash after Tune's retries, or an input problem the trial reported
+    finished: bool
+
+    @property
+    def index(self) -> int:
+        tail = self.trial_id.rsplit("_", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+
+def _resources(cfg: RayConfig) -> Any:
+    from ray.tune import PlacementGroupFactory
+
+    bundle = {"CPU": float(cfg.task_cpus), "GPU": float(cfg.task_gpus)}
+    bundle.update({str(k): float(v) for k, v in dict(cfg.resources).items()})
+    return PlacementGroupFactory([bundle])
+
+
+def can_restore(experiment: Path) -> bool:
+    from ray.tune import Tuner
+
+    return experiment.is_dir() and Tuner.can_restore(str(experiment))
+
+
+def run_tune(experiment: Path, params: list[SpaceParam], sweep: SweepConfig, ctx: TrialContext, ray_cfg: RayConfig,
+             verbose: int = 1) -> tuple[list[TrialRecord], bool]:
+    """Run (or, when ``experiment`` holds one, restore and finish) the Tune
+    experiment; Ray must be running. Returns the trials in order and whether
+    the experiment was restored."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _resources(ray_cfg))
+    restored = can_restore(experiment)
+    if restored:
+        # finished trials keep their results; unfinished and crashed ones run again
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={p.key: p.domain() for p in params},
+            tune_config=tune.TuneConfig(
+                num_samples=int(sweep.num_samples),
+                search_alg=BasicVariantGenerator(random_state=ctx.seed),  # seeded random draws
+                max_concurrent_trials=sweep.max_concurrent,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment.name,
+                storage_path=str(experiment.parent),
+                failure_config=tune.FailureConfig(max_failures=int(ray_cfg.max_retries)),
+                verbose=verbose,
+            ),
+        )
+    grid = tuner.fit()
+    records = []
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        trial_id = str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"))
+        crashed = _one_line(result.error) if result.error is not None else None
+        reported = "objective" in metrics
+        records.append(TrialRecord(
+            trial_id=trial_id,
+            params={p.key: _thaw((result.config or {}).get(p.key)) for p in params},
+            metrics=metrics if reported else {},
+            error=crashed or (metrics.get("error") or None if reported else None),
+            finished=reported or crashed is not None,
+        ))  # fmt: skip
+    records.sort(key=lambda r: (r.index, r.trial_id))
+    return records, restored
+
+
+def trial_rows(records: list[TrialRecord], fields: list[pa.Field], hashes: list[str], code: str) -> list[dict[str, Any]]:
+    """trials.parquet rows (see gdm_ray.store.tables.trial_schema)."""
+    names = ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after",
+             "found_asr_before", "seconds", "search_seconds", "retrain_seconds")  # fmt: skip
+    rows = []
+    for rec, h in zip(records, hashes):
+        m = rec.metrics
+        ok = rec.error is None
+        row: dict[str, Any] = {"trial_id": rec.trial_id, "status": "TERMINATED" if ok else "ERROR", "error": rec.error}
+        row.update({f.name: _cell(rec.params.get(f.name), f.type) for f in fields})
+        for n in names:
+            v = m.get(n)
+            row[n] = float(v) if ok and isinstance(v, (int, float)) and math.isfinite(v) else None
+        row["seconds"] = float(m["seconds"]) if isinstance(m.get("seconds"), (int, float)) else None
+        row["finished_at"] = float(m["timestamp"]) if isinstance(m.get("timestamp"), (int, float)) else None
+        row["node_ip"] = m.get("node_ip")
+        row["seed"] = int(m["seed"]) if isinstance(m.get("seed"), int) else None
+        row["config_hash"] = h
+        row["code_version"] = m.get("code_version") or code
+        rows.append(row)
+    return rows
