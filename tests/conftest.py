@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
+# Ray reads its authentication mode when it is imported. Local Ray uses
+# token authentication by default since 2.59; the two-node cluster of
+# test_dist.py (`ray start`) needs it said explicitly, for its nodes and for
+# this process, before anything imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from pathlib import Path
+
 import pytest
 import torch
+
+from gdm_ray.cli.main import main
 
 from gdm_ray.core.data import DataSpec, Splits, load_splits
 
@@ -24,3 +36,37 @@ def synthetic_splits(synthetic_spec: DataSpec) -> Splits:
 def gen() -> torch.Generator:
     """A fresh seeded generator for each test."""
     return torch.Generator().manual_seed(1234)
+
+
+# --- small 8-class models made by `gdm-ray attack`, for the scan / zoo-scan / Ray tests ---
+
+SCAN_DATA = ["data=synthetic", "data.num_classes=8", "data.samples=3000", "progress=false", "threads=1"]
+
+
+def _attack_model(out: Path, rate: float) -> Path:
+    args = ["attack", *SCAN_DATA, "train=tiny", "arch.width=8", "train.epochs=5", "attack.target=2", f"attack.rate={rate}",
+            f"out={out}"]  # fmt: skip
+    assert main(args) == 0
+    return out / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("zoo")
+    return {"backdoored": _attack_model(root / "bd", 0.2), "clean": _attack_model(root / "clean", 0.0)}
+
+
+@pytest.fixture(scope="session")
+def zoo(models, tmp_path_factory) -> Path:
+    """Two real models, a corrupt model file, and a file that is not a model."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("zoo-dir")
+    shutil.copy(models["backdoored"], root / "vendor-a.pt")
+    shutil.copy(models["clean"], root / "vendor-b.pt")
+    shutil.copy(models["clean"], root / "vendor-c.pt")  # three working models: classes judged against the zoo
+    (root / "broken.pt").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
+    (root / "README.txt").write_text("not a model")
+    return root
+
+

@@ -11,21 +11,9 @@ import pytest
 from gdm_ray.cli.main import main
 from gdm_ray.core.ensemble import load_ensemble
 
-DATA = ["data=synthetic", "data.num_classes=8", "data.samples=3000", "progress=false", "threads=1"]
+from conftest import SCAN_DATA as DATA  # noqa: E402
+
 FAST = [*DATA, "scan.steps=150", "mesa.steps=100", "mesa.eval_samples=128", "samples_per_level=4"]
-
-
-def _attack(out: Path, rate: float) -> Path:
-    args = ["attack", *DATA, "train=tiny", "arch.width=8", "train.epochs=5", "attack.target=2", f"attack.rate={rate}",
-            f"out={out}"]  # fmt: skip
-    assert main(args) == 0
-    return out / "model.pt"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("zoo")
-    return {"backdoored": _attack(root / "bd", 0.2), "clean": _attack(root / "clean", 0.0)}
 
 
 def test_scan_flags_the_target_and_writes_contract_tables(models, tmp_path, capsys):
@@ -141,20 +129,6 @@ def test_defend_auto_repairs_two_targets_at_once(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def zoo(models, tmp_path_factory) -> Path:
-    """Two real models, a corrupt model file, and a file that is not a model."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("zoo-dir")
-    shutil.copy(models["backdoored"], root / "vendor-a.pt")
-    shutil.copy(models["clean"], root / "vendor-b.pt")
-    shutil.copy(models["clean"], root / "vendor-c.pt")  # three working models: classes judged against the zoo
-    (root / "broken.pt").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
-    (root / "README.txt").write_text("not a model")
-    return root
-
-
-@pytest.fixture(scope="module")
 def zoo_scanned(zoo, tmp_path_factory) -> tuple[Path, str]:
     """The zoo scanned once: its output folder and what it printed."""
     import contextlib
@@ -165,6 +139,27 @@ def zoo_scanned(zoo, tmp_path_factory) -> tuple[Path, str]:
     with contextlib.redirect_stdout(buf):
         assert main(["zoo-scan", f"zoo.path={zoo}", *FAST, f"out={out}"]) == 0
     return out, buf.getvalue()
+
+
+def test_zoo_scan_in_one_process_gives_the_ray_answer(zoo, zoo_scanned, tmp_path):
+    """use_ray=false runs the same searches in this process: same verdicts and class rows."""
+    ray_out, _ = zoo_scanned
+    out = tmp_path / "local"
+    assert main(["zoo-scan", f"zoo.path={zoo}", *FAST, "use_ray=false", f"out={out}"]) == 0
+    local = {r["model_id"]: r for r in pq.read_table(out / "verdicts.parquet").to_pylist()}
+    remote = {r["model_id"]: r for r in pq.read_table(ray_out / "verdicts.parquet").to_pylist()}
+    assert set(local) == set(remote)
+    for mid, r in remote.items():
+        assert (r["backdoored"], r["target_class"], r["flagged"], r["error"] is None) == (
+            local[mid]["backdoored"], local[mid]["target_class"], local[mid]["flagged"], local[mid]["error"] is None), mid
+        if r["score"] is not None:
+            assert r["score"] == pytest.approx(local[mid]["score"], abs=1e-3), mid
+    sizes = lambda p: {(r["model_id"], r["class"]): r["trigger_size"] for r in pq.read_table(p / "classes.parquet").to_pylist()}  # noqa: E731
+    assert sizes(out) == pytest.approx(sizes(ray_out), abs=1e-2)
+    ray_meta = json.loads((ray_out / "zoo.json").read_text())["ray"]
+    assert ray_meta["tasks_run"] == 3 + 1 and ray_meta["tasks_resumed"] == 0  # 3 models x 1 chunk, 1 flagged class
+    assert json.loads((out / "zoo.json").read_text())["ray"] is None
+    assert not list(ray_out.parent.glob(".*.state"))  # published: no resume state left behind
 
 
 def test_zoo_scan_writes_contract_tables_and_reports_broken_models(zoo_scanned):

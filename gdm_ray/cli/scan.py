@@ -6,7 +6,6 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,16 @@ import torch
 from omegaconf import DictConfig
 
 from gdm_ray.cli.commands import load_data, plain, progress_bar, setup, typed
-from gdm_ray.core.detect import (HeatMap, ScanConfig, ScanResult, anomaly_index, reference_anomaly, rescore, scan_classes,
-                                 window_heatmap)  # fmt: skip
+from gdm_ray.core.detect import (ClassSearch, ScanConfig, ScanResult, anomaly_index, reference_anomaly, rescore,
+                                 scan_classes, search_class)  # fmt: skip
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError
-from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
-from gdm_ray.core.metrics import sampled_asr
+from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.model_io import LoadedModel, load_model
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, read_rows, write_json, write_rows
 
-__all__ = ["scan", "scan_model", "first_pass", "full_search", "ClassSearch", "reference_sizes"]
+__all__ = ["scan", "scan_model", "first_pass", "full_search", "search_base", "reference_sizes"]
 
 # the first-pass settings that decide a trigger's size: sizes found with
 # other settings are not comparable
@@ -55,51 +53,18 @@ def first_pass(cfg: DictConfig, loaded: LoadedModel, splits, g: torch.Generator,
         close()
 
 
-@dataclass
-class ClassSearch:
-    """What the full search of one flagged class found: where its trigger
-    lives (moving window) and the distribution of its triggers (MESA)."""
-
-    heat: HeatMap | None
-    mesa: MESA | None
-    result: MESAResult | None
-    asr_eval: float | None  # the ensemble's samples on held-out images
+def search_base(g: torch.Generator) -> int:
+    """The seed base of a model's full searches (class k: base + k)."""
+    return int(torch.randint(0, 2**62, (1,), generator=g))
 
 
-def full_search(
-    cfg: DictConfig, model: torch.nn.Module, splits, k: int, seed: int, window: bool, full: bool, progress: bool = True
-) -> ClassSearch:
-    """The moving window (``window``) and MESA (``full``) for flagged class k,
-    seeded by ``seed`` alone so it gives the same answer wherever it runs."""
+def full_search(cfg: DictConfig, model: torch.nn.Module, splits, k: int, seed: int, window: bool, full: bool,
+                progress: bool = True) -> ClassSearch:  # fmt: skip
+    """``search_class`` with the command's settings (scan, mesa, seed)."""
     scfg = typed(ScanConfig, cfg.scan, "scan")
-    data = splits.defense
-    g = torch.Generator().manual_seed(seed)
-
-    def bar(desc: str):  # a task on a cluster has no terminal to draw on
-        return progress_bar(cfg, desc) if progress else (None, lambda: None)
-
-    heat: HeatMap | None = None
-    if window:
-        update, close = bar(f"moving window, class {k}")
-        try:
-            heat = window_heatmap(model, data, k, scfg, tuple(scfg.window) if scfg.window else None,
-                                  tuple(scfg.stride) if scfg.stride else None, g, update)  # fmt: skip
-        finally:
-            close()
-    if not full:
-        return ClassSearch(heat, None, None, None)
-    mcfg = typed(MESAConfig, cfg.mesa, "mesa")
-    if heat is not None:  # the heat map sizes and places the complete search
-        r0, c0, h, w = heat.box
-        mcfg = dataclasses.replace(mcfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
-    mesa = MESA(mcfg)
-    update, close = bar(f"MESA, class {k}")
-    try:
-        res = mesa.fit(model, data, k, g, update)
-    finally:
-        close()
-    asr = sampled_asr(model, splits.eval, mesa, k, torch.Generator().manual_seed(int(cfg.seed)))
-    return ClassSearch(heat, mesa, res, asr)
+    mcfg = typed(MESAConfig, cfg.mesa, "mesa") if full else None
+    bar = (lambda desc: progress_bar(cfg, desc)) if progress else None  # a task on a cluster has no terminal
+    return search_class(model, splits.defense, splits.eval, k, scfg, mcfg, seed, window, int(cfg.seed), bar)
 
 
 def reference_sizes(folder: Path, names: list[str], scfg: ScanConfig, exclude_sha256: str | None) -> list[list[float]]:
@@ -179,7 +144,7 @@ def scan_model(
     samplers: dict[int, MESA] = {}
     full = bool(cfg.get("full_search", True)) and not baseline_only  # defend always models the flagged classes
     window = bool(scfg.moving_window) and not baseline_only
-    base = int(torch.randint(0, 2**62, (1,), generator=g))  # class k searches with base + k: any order, any process
+    base = search_base(g)  # class k searches with base + k: any order, any process
     if searches is None:
         searches = {}
         for k in result.flagged if (full or window) else []:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -11,11 +12,14 @@ import torch
 from omegaconf import DictConfig
 
 from gdm_ray.cli.commands import load_data, plain, setup, typed
-from gdm_ray.cli.scan import first_pass, scan_model
-from gdm_ray.core.detect import ScanConfig, ScanResult, reference_anomaly, rescore
+from gdm_ray.cli.scan import first_pass, scan_model, search_base
+from gdm_ray.core.detect import ClassSearch, ScanConfig, ScanResult, plan_scan, reference_anomaly, rescore, scan_result
+from gdm_ray.core.mesa import MESAConfig
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.model_io import file_sha256, load_model
 from gdm_ray.core.plots import save_zoo_scores
+from gdm_ray.dist.runtime import RayConfig, init_ray
+from gdm_ray.dist.scan import ScanState, TaskLog, put_model, run_class_searches, run_first_passes
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json, write_rows
 
 __all__ = ["zoo_scan", "list_models"]
@@ -57,6 +61,7 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
     folder = Path(str(cfg.zoo.path))
     files = list_models(folder, str(cfg.zoo.get("glob") or "*"))
     scfg = typed(ScanConfig, cfg.scan, "scan")  # bad settings fail before any model is scanned
+    rcfg = typed(RayConfig, cfg.ray, "ray")
     splits = load_data(cfg)
     arch = cfg.arch.name if cfg.get("arch") else None
     provenance = {"config_hash": config_hash(plain(cfg)), "code_version": code_version()}
@@ -75,49 +80,92 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
         failed[path.stem] = _failed_row(path, msg, provenance, scfg.method)
         print(f"  {path.stem}: ERROR {msg}", file=sys.stderr, flush=True)
 
-    with RunDir(cfg.get("out"), "zoo-scan") as run_dir:
-        # 1. the cheap first pass over every model; each starts from the same
-        #    seed, so its verdict does not depend on its neighbours in the folder
-        passes: dict[str, ScanResult] = {}
-        for i, path in enumerate(files, 1):
-            try:
-                passes[path.stem] = first_pass(cfg, load(path), splits, torch.Generator().manual_seed(int(cfg.seed)), path.stem)
-            except (GdmRayError, RuntimeError) as exc:  # a broken model is a finding, not a reason to stop
-                fail(path, exc)
-                continue
-            print(f"[{i}/{len(files)}] first pass {path.stem}: {passes[path.stem].seconds:.0f}s", file=sys.stderr, flush=True)
-        # 2. with enough models, each class's trigger size is judged against the
-        #    same class in the other models (a natural trigger is not an anomaly)
-        reference = "zoo" if calibrate and len(passes) >= MIN_ZOO else "model"
-        if reference == "zoo":
-            ids = list(passes)
-            table = reference_anomaly([[c.size for c in passes[m].classes] for m in ids])
-            passes = {m: rescore(passes[m], a) for m, a in zip(ids, table)}
-        # 3. the full search of every flagged class, then the rows
-        verdicts: list[dict[str, Any]] = []
-        classes: list[dict[str, Any]] = []
-        for path in files:
-            mid = path.stem
-            if mid in passes:
-                try:
-                    verdict, rows, _ = scan_model(cfg, load(path), splits, run_dir, torch.Generator().manual_seed(int(cfg.seed) + 1),
-                                                  mid, prefix=f"{mid}/", result=passes[mid], reference=reference)  # fmt: skip
-                except (GdmRayError, RuntimeError) as exc:
-                    fail(path, exc)
-            if mid in failed:
-                verdict, rows = failed[mid], []
-            verdicts.append(verdict)
-            classes.extend(rows)
-            state = ("ERROR: " + verdict["error"]) if verdict["error"] else (
-                f"BACKDOORED -> {verdict['flagged']}" if verdict["backdoored"] else "clean")
-            score = f"{verdict['score']:6.2f}" if verdict["score"] is not None else "     -"
-            print(f"  {mid:<24} score {score}  {state}", file=sys.stderr, flush=True)
-        write_rows(run_dir.path("verdicts.parquet"), verdicts, VERDICT_SCHEMA)
-        write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
-        save_zoo_scores(run_dir.path("scores.png"), [v["model_id"] for v in verdicts], [v["score"] for v in verdicts],
-                        float(scfg.threshold), f"zoo-scan of {folder.name}: anomaly score per model")  # fmt: skip
-        write_json(run_dir.path("zoo.json"), {"zoo": str(folder), "models": len(files), "scan": plain(cfg.scan), "reference": reference,
-                                              "verdicts": verdicts, "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+    by_id = {p.stem: p for p in files}
+    progress = bool(cfg.get("progress", True))
+    ray_log: TaskLog | None = TaskLog() if bool(cfg.get("use_ray", True)) else None
+    started = init_ray(rcfg) if ray_log is not None else False
+    try:
+        with RunDir(cfg.get("out"), "zoo-scan") as run_dir:
+            # finished first-pass chunks, kept beside the output until it is published: a
+            # zoo-scan run again with the same out= after an interruption resumes from them
+            resume = ScanState(run_dir.final.parent / f".{run_dir.final.name}.state" if ray_log is not None else None)
+            # 1. the cheap first pass over every model; each starts from the same
+            #    seed, so its verdict does not depend on its neighbours in the folder
+            passes: dict[str, ScanResult] = {}
+            if ray_log is not None:
+                refs = {}
+                for path in files:
+                    try:
+                        loaded = load(path)  # checked here: a broken file is a row, not a failed task
+                    except (GdmRayError, RuntimeError) as exc:
+                        fail(path, exc)
+                        continue
+                    refs[path.stem] = put_model(path.stem, path, loaded.sha256, arch, splits.shape, splits.eval.num_classes)
+                plan = plan_scan(splits.defense, scfg, torch.Generator().manual_seed(int(cfg.seed)))
+                found, errors = run_first_passes(rcfg, refs.values(), splits.defense, scfg, plan, resume, ray_log, progress)
+                for mid, msg in errors.items():
+                    fail(by_id[mid], RuntimeError(msg))
+                passes = {m: scan_result(plan, scfg, found[m], ray_log.seconds[m]) for m in refs if m in found}
+            else:
+                for i, path in enumerate(files, 1):
+                    try:
+                        passes[path.stem] = first_pass(cfg, load(path), splits, torch.Generator().manual_seed(int(cfg.seed)), path.stem)
+                    except (GdmRayError, RuntimeError) as exc:  # a broken model is a finding, not a reason to stop
+                        fail(path, exc)
+                        continue
+                    print(f"[{i}/{len(files)}] first pass {path.stem}: {passes[path.stem].seconds:.0f}s", file=sys.stderr, flush=True)
+            # 2. with enough models, each class's trigger size is judged against the
+            #    same class in the other models (a natural trigger is not an anomaly)
+            reference = "zoo" if calibrate and len(passes) >= MIN_ZOO else "model"
+            if reference == "zoo":
+                ids = list(passes)
+                table = reference_anomaly([[c.size for c in passes[m].classes] for m in ids])
+                passes = {m: rescore(passes[m], a) for m, a in zip(ids, table)}
+            # 3. the full search of every flagged class, then the rows
+            searches: dict[tuple[str, int], ClassSearch] = {}
+            full, window = bool(cfg.get("full_search", True)), bool(scfg.moving_window)
+            if ray_log is not None and scfg.method != "baseline" and (full or window):
+                base = search_base(torch.Generator().manual_seed(int(cfg.seed) + 1))  # what scan_model draws from its generator
+                asks = [(refs[m], k, base + k) for m in passes for k in passes[m].flagged]
+                mcfg = typed(MESAConfig, cfg.mesa, "mesa") if full else None
+                searches, errors = run_class_searches(rcfg, asks, splits.defense, splits.eval, scfg, mcfg, window, int(cfg.seed),
+                                                      ray_log, progress)  # fmt: skip
+                for mid, msg in errors.items():
+                    fail(by_id[mid], RuntimeError(msg))
+            verdicts: list[dict[str, Any]] = []
+            classes: list[dict[str, Any]] = []
+            for path in files:
+                mid = path.stem
+                if mid in passes and mid not in failed:
+                    given = {k: v for (m, k), v in searches.items() if m == mid} if ray_log is not None else None
+                    try:
+                        verdict, rows, _ = scan_model(cfg, load(path), splits, run_dir, torch.Generator().manual_seed(int(cfg.seed) + 1),
+                                                      mid, prefix=f"{mid}/", result=passes[mid], reference=reference,
+                                                      searches=given)  # fmt: skip
+                    except (GdmRayError, RuntimeError) as exc:
+                        fail(path, exc)
+                if mid in failed:
+                    verdict, rows = failed[mid], []
+                verdicts.append(verdict)
+                classes.extend(rows)
+                state = ("ERROR: " + verdict["error"]) if verdict["error"] else (
+                    f"BACKDOORED -> {verdict['flagged']}" if verdict["backdoored"] else "clean")
+                score = f"{verdict['score']:6.2f}" if verdict["score"] is not None else "     -"
+                print(f"  {mid:<24} score {score}  {state}", file=sys.stderr, flush=True)
+            write_rows(run_dir.path("verdicts.parquet"), verdicts, VERDICT_SCHEMA)
+            write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
+            save_zoo_scores(run_dir.path("scores.png"), [v["model_id"] for v in verdicts], [v["score"] for v in verdicts],
+                            float(scfg.threshold), f"zoo-scan of {folder.name}: anomaly score per model")  # fmt: skip
+            write_json(run_dir.path("zoo.json"), {"zoo": str(folder), "models": len(files), "scan": plain(cfg.scan), "reference": reference,
+                                                  "verdicts": verdicts, "seconds": round(time.perf_counter() - t0, 2),
+                                                  "ray": ray_log.summary() if ray_log is not None else None})  # fmt: skip
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    if ray_log is not None:
+        shutil.rmtree(resume.folder, ignore_errors=True)  # published: nothing left to resume
     width = max(len(v["model_id"]) for v in verdicts)
     print(f"  {'model'.ljust(width)}  verdict      score  target  flagged   seconds")
     for v in verdicts:

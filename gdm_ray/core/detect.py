@@ -46,9 +46,11 @@ from torch import nn
 from gdm_ray.core.baseline import BaselineConfig, PixelBaseline
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
+from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
+from gdm_ray.core.metrics import sampled_asr
 from gdm_ray.core.train import frozen, model_device
 
-__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "ScanPlan", "scan_classes", "plan_scan", "scan_chunks", "scan_result", "anomaly_index", "reference_anomaly", "rescore", "HeatMap", "window_heatmap",
+__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "ScanPlan", "scan_classes", "plan_scan", "scan_chunks", "scan_result", "anomaly_index", "reference_anomaly", "rescore", "HeatMap", "window_heatmap", "ClassSearch", "search_class",
            "default_window"]  # fmt: skip
 
 
@@ -471,3 +473,57 @@ def window_heatmap(
     r1, c1 = (int(v) for v in hot.max(0).values)
     return HeatMap(int(target), heat, corners, (wh, ww), strength, asr, size, peak, (r0, c0, r1 - r0 + 1, c1 - c0 + 1),
                    torch.stack(pats), torch.stack(masks), time.perf_counter() - t0, total)  # fmt: skip
+
+
+@dataclass
+class ClassSearch:
+    """What the full search of one flagged class found: where its trigger
+    lives (moving window) and the distribution of its triggers (MESA)."""
+
+    heat: HeatMap | None
+    mesa: MESA | None
+    result: MESAResult | None
+    asr_eval: float | None  # the ensemble's samples on held-out images
+
+
+Bar = Callable[[str], tuple[Callable[[int, int, float], None] | None, Callable[[], None]]]
+
+
+def search_class(
+    model: nn.Module,
+    data: ImageSet,
+    eval_data: ImageSet,
+    k: int,
+    cfg: ScanConfig,
+    mesa_cfg: MESAConfig | None,
+    seed: int,
+    window: bool,
+    eval_seed: int = 0,
+    bar: Bar | None = None,
+) -> ClassSearch:
+    """The complete search of flagged class k: the moving window (``window``),
+    then MESA (unless ``mesa_cfg`` is None), placed and sized by the heat map
+    when there is one. Seeded by ``seed`` alone, so it gives the same answer
+    wherever it runs. ``bar(desc)`` makes a progress callback and its closer."""
+    g = torch.Generator().manual_seed(seed)
+    bar = bar or (lambda desc: (None, lambda: None))
+    heat: HeatMap | None = None
+    if window:
+        update, close = bar(f"moving window, class {k}")
+        try:
+            heat = window_heatmap(model, data, k, cfg, tuple(cfg.window) if cfg.window else None,
+                                  tuple(cfg.stride) if cfg.stride else None, g, update)  # fmt: skip
+        finally:
+            close()
+    if mesa_cfg is None:
+        return ClassSearch(heat, None, None, None)
+    if heat is not None:  # the heat map sizes and places the complete search
+        r0, c0, h, w = heat.box
+        mesa_cfg = dataclasses.replace(mesa_cfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
+    mesa = MESA(mesa_cfg)
+    update, close = bar(f"MESA, class {k}")
+    try:
+        res = mesa.fit(model, data, k, g, update)
+    finally:
+        close()
+    return ClassSearch(heat, mesa, res, sampled_asr(model, eval_data, mesa, k, torch.Generator().manual_seed(eval_seed)))

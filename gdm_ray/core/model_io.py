@@ -28,7 +28,7 @@ from torch import nn
 from gdm_ray.core.errors import ModelLoadError
 from gdm_ray.core.models import ARCHS, build_model
 
-__all__ = ["LoadedModel", "save_torchscript", "save_safetensors", "load_model", "file_sha256", "MODEL_SUFFIXES", "clone_model"]
+__all__ = ["LoadedModel", "save_torchscript", "save_safetensors", "load_model", "load_model_bytes", "file_sha256", "MODEL_SUFFIXES", "clone_model"]
 
 META_NAME = "gdm_ray.json"
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".safetensors")
@@ -129,6 +129,25 @@ def _device(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def load_model_bytes(
+    blob: bytes,
+    name: str,
+    input_shape: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
+    arch: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """``load_model`` for a model file's bytes: a Ray worker on another node
+    gets the file through the object store, not a shared file system.
+    ``name`` is the original path, kept as the model's path."""
+    with tempfile.TemporaryDirectory(prefix="gdm-ray-model-") as tmp:
+        p = Path(tmp) / Path(name).name
+        p.write_bytes(blob)
+        loaded = load_model(p, input_shape, num_classes, arch, device)
+    loaded.path = name
+    return loaded
 
 
 def load_model(

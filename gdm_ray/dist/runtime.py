@@ -64,11 +64,27 @@ def init_ray(cfg: RayConfig) -> bool:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
     elif cfg.num_cpus is not None or cfg.num_gpus is not None:
         raise ConfigError(f"ray.num_cpus/num_gpus size an in-process Ray only; the cluster at {address} has its own")
+    if address not in (None, "auto") and not address.startswith("ray://"):
+        _probe(address)  # ray.init waits minutes for a GCS that is not there
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:
-        raise ConfigError(f"ray.address={address}: no Ray cluster there ({str(exc).splitlines()[0][:200]})") from None
+        hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token"
+        raise ConfigError(f"ray.address={address}: cannot join the Ray cluster there ({str(exc).splitlines()[0][:200]}{hint})") from None
     return True
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the address, when nothing listens at host:port."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address={address} is not host:port, auto, or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"ray.address={address}: no Ray cluster there ({exc.strerror or exc})") from None
 
 
 def task_options(cfg: RayConfig) -> dict[str, Any]:
