@@ -1,0 +1,200 @@
+"""Scale bench: the per-class scan of one Fashion-MNIST model on Ray with 1 and
+2 workers, against the pure core in one process; and a Tune sweep.
+
+    python bench/scale.py             # ~25 min on 2 cores
+    python bench/scale.py --quick     # smoke run: fewer steps, 1 repeat, 4-trial sweep
+
+Scan: the first pass of bench/detect.py's zoo model cnn-clean-0 (built by
+`python bench/detect.py`; this bench builds nothing else), its 10 classes in
+two chunks of 5 (scan.classes_per_pass=5), so two workers have equal halves.
+Four ways, interleaved, each repeated --repeats times, median wall time:
+- core, 1 thread: `scan_classes` in this process, torch pinned to 1 thread;
+- Ray, 1 worker: the same chunks as Ray tasks (gdm_ray.dist.scan), Ray
+  started in-process with num_cpus=1, each task 1 CPU (1 torch thread);
+- core, 2 threads: `scan_classes` with torch on 2 threads;
+- Ray, 2 workers: num_cpus=2, two 1-CPU tasks at once.
+Speedup = Ray 1 worker / Ray 2 workers. Overhead = Ray / core at the same
+CPUs (Ray started beforehand, as a cluster is; its start-up is reported
+apart). Every run must find the same trigger sizes (checked).
+
+Sweep: `gdm-ray sweep` on bench/attack.py's fm-bw3x3 model (3x3 b/w trigger,
+target 0), 8 trials: alpha {0.01, 0.1, 1, 10} x MESA trigger size {3x3, 5x5},
+2 trials at a time on the 2 cores; prints the table and the best alpha and
+trigger size. Writes bench/results/scale.md (scale-quick.md with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from report import markdown_table, write_result  # noqa: E402
+
+from gdm_ray.cli.main import compose_config  # noqa: E402
+from gdm_ray.cli.sweep import sweep  # noqa: E402
+from gdm_ray.core.data import DataSpec, load_splits  # noqa: E402
+from gdm_ray.core.detect import ScanConfig, plan_scan, scan_classes, scan_result  # noqa: E402
+from gdm_ray.core.model_io import file_sha256, load_model  # noqa: E402
+from gdm_ray.dist.runtime import RayConfig, init_ray  # noqa: E402
+from gdm_ray.dist.scan import ScanState, TaskLog, put_model, run_first_passes  # noqa: E402
+
+MODEL = ROOT / "bench" / "work" / "detect" / "full" / "zoo" / "cnn-clean-0.pt"
+SWEEP_MODEL = ROOT / "bench" / "work" / "attack" / "fm-bw3x3" / "model.pt"
+WORK = ROOT / "bench" / "work" / "scale"
+
+
+def core_scan(model, data, cfg: ScanConfig, threads: int) -> tuple[float, list[float]]:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    res = scan_classes(model, data, cfg, torch.Generator().manual_seed(0))
+    return time.perf_counter() - t0, [c.size for c in res.classes]
+
+
+def ray_scan(path: Path, sha: str, splits, cfg: ScanConfig) -> tuple[float, list[float]]:
+    """The same first pass as Ray tasks (Ray already running)."""
+    rcfg = RayConfig(task_cpus=1)
+    t0 = time.perf_counter()
+    ref = put_model(path.stem, path, sha, None, splits.shape, splits.eval.num_classes)
+    plan = plan_scan(splits.defense, cfg, torch.Generator().manual_seed(0))
+    log = TaskLog()
+    found, errors = run_first_passes(rcfg, [ref], splits.defense, cfg, plan, ScanState(None), log, progress=False)
+    if errors:
+        raise RuntimeError(errors)
+    res = scan_result(plan, cfg, found[path.stem], time.perf_counter() - t0)
+    return time.perf_counter() - t0, [c.size for c in res.classes]
+
+
+def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
+    if not MODEL.is_file():
+        raise SystemExit(f"{MODEL} is missing: run `python bench/detect.py` first (it builds the zoo)")
+    splits = load_splits(DataSpec(name="fashion_mnist"))
+    loaded = load_model(MODEL, splits.shape, splits.eval.num_classes)
+    sha = file_sha256(MODEL)
+    cfg = ScanConfig(steps=60 if quick else 200, classes_per_pass=5)
+    times: dict[str, list[float]] = {k: [] for k in ("core1", "ray1", "core2", "ray2")}
+    sizes: dict[str, list[float]] = {}
+    startup: dict[int, float] = {}
+    for rep in range(repeats):
+        for cpus in (1, 2):
+            t, s = core_scan(loaded.module, splits.defense, cfg, cpus)
+            times[f"core{cpus}"].append(t)
+            sizes[f"core{cpus}"] = s
+            t0 = time.perf_counter()
+            init_ray(RayConfig(num_cpus=cpus))
+            startup[cpus] = time.perf_counter() - t0
+            try:
+                ray_scan(MODEL, sha, splits, ScanConfig(steps=5, classes_per_pass=5))  # workers started and warm
+                t, s = ray_scan(MODEL, sha, splits, cfg)
+            finally:
+                ray.shutdown()
+            times[f"ray{cpus}"].append(t)
+            sizes[f"ray{cpus}"] = s
+            print(f"repeat {rep + 1}/{repeats}, {cpus} CPU(s): core {times[f'core{cpus}'][-1]:.1f}s, Ray {t:.1f}s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    same = all(sizes[k] == pytest_approx(sizes["core1"]) for k in sizes)
+    speedup = med["ray1"] / med["ray2"]
+    over1, over2 = med["ray1"] / med["core1"] - 1, med["ray2"] / med["core2"] - 1
+    rows = [
+        ["core, 1 thread", "1", f"{med['core1']:.1f}", ", ".join(f"{t:.1f}" for t in times["core1"]), "-"],
+        ["Ray, 1 worker (1 CPU)", "1", f"{med['ray1']:.1f}", ", ".join(f"{t:.1f}" for t in times["ray1"]), f"{over1:+.1%}"],
+        ["core, 2 threads", "2", f"{med['core2']:.1f}", ", ".join(f"{t:.1f}" for t in times["core2"]), "-"],
+        ["Ray, 2 workers (1 CPU each)", "2", f"{med['ray2']:.1f}", ", ".join(f"{t:.1f}" for t in times["ray2"]), f"{over2:+.1%}"],
+    ]  # fmt: skip
+    body = "\n\n".join([
+        f"Per-class scan (first pass) of `{MODEL.name}`: {splits.eval.num_classes} classes in chunks of "
+        f"{cfg.classes_per_pass}, {cfg.steps} steps, batch {cfg.batch_size} per class; median of {repeats} interleaved repeats.",
+        markdown_table(["run", "CPUs", "median s", "runs (s)", "Ray overhead vs core, same CPUs"], rows),
+        f"- speedup, 2 workers vs 1 worker: **{speedup:.2f}x**",
+        f"- Ray start-up (in-process `ray.init`, not in the times above): {startup[1]:.1f}s at 1 CPU, {startup[2]:.1f}s at 2 CPUs",
+        f"- every run found the same trigger sizes: {'yes' if same else 'NO'}",
+    ])  # fmt: skip
+    checks = [
+        (speedup >= 1.8, f"speedup with 2 workers >= 1.8x ({speedup:.2f}x)"),
+        (over1 <= 0.10, f"Ray overhead vs the pure core at 1 CPU <= 10% ({over1:+.1%})"),
+        (over2 <= 0.10, f"Ray overhead vs the pure core at 2 CPUs <= 10% ({over2:+.1%})"),
+        (same, "Ray and the core find the same trigger sizes"),
+    ]
+    return body, checks
+
+
+def pytest_approx(values: list[float]):
+    """Equal up to float noise (thread counts change reduction order)."""
+
+    class _Approx:
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, list) and len(other) == len(values) and all(abs(a - b) <= 0.05 * max(1.0, abs(b)) for a, b in zip(other, values))
+
+    return _Approx()
+
+
+def sweep_bench(quick: bool) -> tuple[str, list[tuple[bool, str]]]:
+    if not SWEEP_MODEL.is_file():
+        raise SystemExit(f"{SWEEP_MODEL} is missing: run `python bench/attack.py` first")
+    out = WORK / ("sweep-quick" if quick else "sweep")
+    alphas = [0.01, 1.0] if quick else [0.01, 0.1, 1.0, 10.0]
+    space = "{mesa.alpha:{grid:[" + ",".join(map(str, alphas)) + "]},mesa.trigger_size:{grid:[[3,3],[5,5]]}}"
+    overrides = [f"model={SWEEP_MODEL}", "target_class=0", f"sweep.space={space}", "ray.num_cpus=2", "ray.task_cpus=1",
+                 "progress=false", f"out={out}"] + (["mesa.steps=100", "defense.epochs=1"] if quick else [])  # fmt: skip
+    cfg = compose_config("sweep", overrides)
+    t0 = time.perf_counter()
+    res = sweep(cfg)
+    seconds = time.perf_counter() - t0
+    summary = json.loads((Path(res["out"]) / "sweep.json").read_text())
+    import pyarrow.parquet as pq
+
+    trials = pq.read_table(res["table"]).to_pylist()
+    def f(v, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    rows = sorted(
+        ([f"{t['mesa.alpha']:g}", "x".join(map(str, t["mesa.trigger_size"])), f(t["asr_after"], ".2%"), f(t["acc_drop"], "+.2f"),
+          f(t["found_asr_after"], ".2%"), f(t["objective"], ".4f"), f(t["seconds"], ".0f"), t["status"]] for t in trials),
+        key=lambda r: (float(r[0]), r[1]))  # fmt: skip
+    best = res["best"]
+    body = "\n\n".join([
+        f"`gdm-ray sweep` on `{SWEEP_MODEL.parent.name}` (bench/attack.py; target 0), {len(trials)} trials, 2 at a time, {seconds:.0f}s in all "
+        f"(resumed from an earlier run: {bool(summary.get('resumed', False))}):",
+        markdown_table(["alpha", "trigger size", "ASR after", "acc drop (points)", "found ASR after", "objective", "s", "status"], rows),
+        f"- best (lowest objective = ASR after + accuracy drop / 100): alpha **{best['mesa.alpha']:g}**, "
+        f"trigger size **{'x'.join(map(str, best['mesa.trigger_size']))}**",
+    ])  # fmt: skip
+    ok = sum(1 for t in trials if t["status"] == "TERMINATED")
+    return body, [(len(trials) >= (4 if quick else 8) and ok == len(trials), f"sweep of >= {4 if quick else 8} trials finished ({ok}/{len(trials)})")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--fresh-sweep", action="store_true", help="delete a finished sweep of this bench and run it again")
+    args = ap.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.fresh_sweep:
+        shutil.rmtree(WORK / ("sweep-quick" if args.quick else "sweep"), ignore_errors=True)
+    body, checks = scan_bench(args.quick, repeats)
+    parts = [body]
+    if not args.skip_sweep:
+        sbody, schecks = sweep_bench(args.quick)
+        parts.append(sbody)
+        checks += schecks
+    parts.append("\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks))
+    text = "\n\n".join(parts)
+    path = write_result("scale-quick" if args.quick else "scale", "Scale: per-class scan on Ray, 1 vs 2 workers; Tune sweep", text)
+    print(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
