@@ -162,6 +162,23 @@ def test_zoo_scan_in_one_process_gives_the_ray_answer(zoo, zoo_scanned, tmp_path
     assert not list(ray_out.parent.glob(".*.state"))  # published: no resume state left behind
 
 
+def test_zoo_scan_moving_window_on_ray_gives_the_in_process_heat_map(zoo, tmp_path):
+    """Window chunks and MESA as Ray tasks, the heat map put together on the
+    driver: the same hot box, peak and sized search as in one process."""
+    common = ["zoo-scan", f"zoo.path={zoo}", *FAST, "scan.moving_window=true", "scan.stride=[3,3]", "zoo.glob='vendor-[ab]*'"]
+    details = {}
+    for use_ray in ("true", "false"):
+        out = tmp_path / use_ray
+        assert main([*common, f"use_ray={use_ray}", f"out={out}"]) == 0
+        details[use_ray] = json.loads((out / "vendor-a" / "scan.json").read_text())["flagged_detail"]["2"]
+        assert (out / "vendor-a" / "class-2" / "heat.png").is_file()
+        assert load_ensemble(out / "vendor-a" / "class-2" / "ensemble").position == tuple(details[use_ray]["heat_box"][:2])
+    remote, local = details["true"], details["false"]
+    assert remote["heat_box"] == local["heat_box"] and remote["heat_peak"] == local["heat_peak"]
+    assert remote["heat_max"] == pytest.approx(local["heat_max"], abs=1e-3)
+    assert remote["mesa_asr_eval"] == pytest.approx(local["mesa_asr_eval"], abs=0.02)
+
+
 def test_zoo_scan_writes_contract_tables_and_reports_broken_models(zoo_scanned):
     out, stdout = zoo_scanned
     assert "4 models: 1 backdoored, 2 clean, 1 failed to load" in stdout

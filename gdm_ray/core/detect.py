@@ -50,7 +50,7 @@ from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
 from gdm_ray.core.metrics import sampled_asr
 from gdm_ray.core.train import frozen, model_device
 
-__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "ScanPlan", "scan_classes", "plan_scan", "scan_chunks", "scan_result", "anomaly_index", "reference_anomaly", "rescore", "HeatMap", "window_heatmap", "ClassSearch", "search_class",
+__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "ScanPlan", "scan_classes", "plan_scan", "scan_chunks", "scan_result", "anomaly_index", "reference_anomaly", "rescore", "HeatMap", "window_heatmap", "ClassSearch", "search_class", "WindowPlan", "plan_windows", "search_windows", "window_result", "class_mesa", "window_seed", "mesa_seed",
            "default_window"]  # fmt: skip
 
 
@@ -410,6 +410,113 @@ class HeatMap:
     passes: int
 
 
+@dataclass
+class WindowPlan:
+    """How a moving-window search splits its work (like ``ScanPlan``): the
+    window's corners, searched ``classes_per_pass`` at a time, chunk i with
+    seed + i, so chunks can run anywhere (gdm_ray.dist: as Ray tasks)."""
+
+    target: int
+    window: tuple[int, int]
+    image: tuple[int, int]
+    corners: list[tuple[int, int]]
+    chunks: list[list[int]]  # indices into corners
+    eval_idx: torch.Tensor
+    search_idx: torch.Tensor
+    seed: int
+
+    def regions(self, which: list[int] | None = None) -> torch.Tensor:
+        """One {0,1} mask per corner (``which``: indices; default all)."""
+        (H, W), (wh, ww) = self.image, self.window
+        idx = range(len(self.corners)) if which is None else which
+        out = torch.zeros(len(idx), H, W)
+        for j, i in enumerate(idx):
+            r, c = self.corners[i]
+            out[j, r : r + wh, c : c + ww] = 1
+        return out
+
+
+def plan_windows(
+    data: ImageSet,
+    target: int,
+    cfg: ScanConfig | None = None,
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    generator: torch.Generator | None = None,
+) -> WindowPlan:
+    """Place the windows of a moving-window search (see ``window_heatmap``)."""
+    cfg = cfg or ScanConfig()
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    _, H, W = data.shape
+    wh, ww = window if window is not None else default_window((H, W))
+    if wh > H or ww > W or min(wh, ww) < 1:
+        raise ConfigError(f"scan.window={wh}x{ww} does not fit the image {H}x{W}")
+    sh, sw = stride if stride is not None else (max(1, wh // 2), max(1, ww // 2))
+    if min(sh, sw) < 1:
+        raise ConfigError(f"scan.stride={sh}x{sw} must be positive")
+    if not 0 <= int(target) < data.num_classes:
+        raise ConfigError(f"target_class={target} is not a class of the data (0..{data.num_classes - 1})")
+    rows = sorted(set(list(range(0, H - wh + 1, sh)) + [H - wh]))
+    cols = sorted(set(list(range(0, W - ww + 1, sw)) + [W - ww]))
+    corners = [(r, c) for r in rows for c in cols]
+    perm = torch.randperm(len(data), generator=g)
+    n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
+    per = int(cfg.classes_per_pass)
+    chunks = [list(range(i, min(i + per, len(corners)))) for i in range(0, len(corners), per)]
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    return WindowPlan(int(target), (wh, ww), (H, W), corners, chunks, perm[:n_eval], perm[n_eval:], seed)
+
+
+WindowFind = tuple[torch.Tensor, torch.Tensor, float, float]  # pattern, mask, held-out ASR, mask size
+
+
+def search_windows(
+    model: nn.Module,
+    data: ImageSet,
+    cfg: ScanConfig,
+    plan: WindowPlan,
+    which: list[int] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[int, WindowFind]:
+    """Search the chunks ``which`` of a window plan; corner index -> what it found."""
+    which = list(range(len(plan.chunks))) if which is None else list(which)
+    device = model_device(model)
+    x_tr, y_tr = data.x[plan.search_idx].to(device), data.y[plan.search_idx].to(device)
+    x_ev, y_ev = data.x[plan.eval_idx].to(device), data.y[plan.eval_idx].to(device)
+    total = len(which) * int(cfg.steps)
+    out: dict[int, WindowFind] = {}
+    with frozen(model):
+        for n, i in enumerate(which):
+            idx = plan.chunks[i]
+            g = torch.Generator().manual_seed(plan.seed + i)
+            found = _search_chunk(model, x_tr, y_tr, [plan.target] * len(idx), plan.regions(idx).to(device), cfg, g, progress,
+                                  n * int(cfg.steps), total)  # fmt: skip
+            for j, (p, m) in zip(idx, found):
+                out[j] = (p.cpu(), m.cpu(), _asr(model, x_ev, y_ev, plan.target, p, m), float(m.sum()))
+    return out
+
+
+def window_result(plan: WindowPlan, found: dict[int, WindowFind], cfg: ScanConfig, seconds: float) -> HeatMap:
+    """The heat map from every window's find: each pixel averages the
+    strengths of the windows covering it; the hot box bounds >= half the peak."""
+    if sorted(found) != list(range(len(plan.corners))):
+        raise ValueError(f"window_result: finds for {len(found)} of {len(plan.corners)} windows")
+    (H, W), (wh, ww) = plan.image, plan.window
+    pats, masks, asr, size = ([found[j][f] for j in range(len(plan.corners))] for f in range(4))
+    area = float(wh * ww)
+    strength = [a * max(0.0, 1.0 - s / area) for a, s in zip(asr, size)]
+    regions = plan.regions()
+    cover = regions.sum(0).clamp_min(1)
+    heat = (regions * torch.tensor(strength)[:, None, None]).sum(0) / cover
+    flat = int(heat.flatten().argmax())
+    peak = (flat // W, flat % W)
+    hot = (heat >= 0.5 * heat.max()).nonzero() if float(heat.max()) > 0 else torch.tensor([[peak[0], peak[1]]])
+    r0, c0 = (int(v) for v in hot.min(0).values)
+    r1, c1 = (int(v) for v in hot.max(0).values)
+    return HeatMap(plan.target, heat, plan.corners, (wh, ww), strength, asr, size, peak, (r0, c0, r1 - r0 + 1, c1 - c0 + 1),
+                   torch.stack(pats), torch.stack(masks), seconds, len(plan.chunks) * int(cfg.steps))  # fmt: skip
+
+
 def window_heatmap(
     model: nn.Module,
     data: ImageSet,
@@ -427,52 +534,9 @@ def window_heatmap(
     confined to its window).
     """
     cfg = cfg or ScanConfig()
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    _, H, W = data.shape
-    wh, ww = window if window is not None else default_window((H, W))
-    if wh > H or ww > W or min(wh, ww) < 1:
-        raise ConfigError(f"scan.window={wh}x{ww} does not fit the image {H}x{W}")
-    sh, sw = stride if stride is not None else (max(1, wh // 2), max(1, ww // 2))
-    if min(sh, sw) < 1:
-        raise ConfigError(f"scan.stride={sh}x{sw} must be positive")
-    if not 0 <= int(target) < data.num_classes:
-        raise ConfigError(f"target_class={target} is not a class of the data (0..{data.num_classes - 1})")
-    rows = sorted(set(list(range(0, H - wh + 1, sh)) + [H - wh]))
-    cols = sorted(set(list(range(0, W - ww + 1, sw)) + [W - ww]))
-    corners = [(r, c) for r in rows for c in cols]
-    device = model_device(model)
-    regions = torch.zeros(len(corners), H, W, device=device)
-    for j, (r, c) in enumerate(corners):
-        regions[j, r : r + wh, c : c + ww] = 1
-    perm = torch.randperm(len(data), generator=g)
-    n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
-    x_tr, y_tr = data.x[perm[n_eval:]].to(device), data.y[perm[n_eval:]].to(device)
-    x_ev, y_ev = data.x[perm[:n_eval]].to(device), data.y[perm[:n_eval]].to(device)
-    per = int(cfg.classes_per_pass)
-    total = math.ceil(len(corners) / per) * int(cfg.steps)
-    pats, masks, asr, size = [], [], [], []
     t0 = time.perf_counter()
-    with frozen(model):
-        for start in range(0, len(corners), per):
-            reg = regions[start : start + per]
-            found = _search_chunk(model, x_tr, y_tr, [int(target)] * len(reg), reg, cfg, g, progress,
-                                  (start // per) * int(cfg.steps), total)  # fmt: skip
-            for p, m in found:
-                pats.append(p.cpu())
-                masks.append(m.cpu())
-                asr.append(_asr(model, x_ev, y_ev, int(target), p, m))
-                size.append(float(m.sum()))
-    area = float(wh * ww)
-    strength = [a * max(0.0, 1.0 - s / area) for a, s in zip(asr, size)]
-    cover = regions.sum(0).clamp_min(1).cpu()
-    heat = (regions.cpu() * torch.tensor(strength)[:, None, None]).sum(0) / cover
-    flat = int(heat.flatten().argmax())
-    peak = (flat // W, flat % W)
-    hot = (heat >= 0.5 * heat.max()).nonzero() if float(heat.max()) > 0 else torch.tensor([[peak[0], peak[1]]])
-    r0, c0 = (int(v) for v in hot.min(0).values)
-    r1, c1 = (int(v) for v in hot.max(0).values)
-    return HeatMap(int(target), heat, corners, (wh, ww), strength, asr, size, peak, (r0, c0, r1 - r0 + 1, c1 - c0 + 1),
-                   torch.stack(pats), torch.stack(masks), time.perf_counter() - t0, total)  # fmt: skip
+    plan = plan_windows(data, target, cfg, window, stride, generator)
+    return window_result(plan, search_windows(model, data, cfg, plan, progress=progress), cfg, time.perf_counter() - t0)
 
 
 @dataclass
@@ -487,6 +551,36 @@ class ClassSearch:
 
 
 Bar = Callable[[str], tuple[Callable[[int, int, float], None] | None, Callable[[], None]]]
+
+
+def class_mesa(
+    model: nn.Module,
+    data: ImageSet,
+    eval_data: ImageSet,
+    k: int,
+    mesa_cfg: MESAConfig,
+    heat: HeatMap | None,
+    seed: int,
+    eval_seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[MESA, MESAResult, float]:
+    """MESA on flagged class k, placed and sized by the heat map when there is
+    one; returns the fitted MESA, its result and its samples' held-out ASR."""
+    if heat is not None:  # the heat map sizes and places the complete search
+        r0, c0, h, w = heat.box
+        mesa_cfg = dataclasses.replace(mesa_cfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
+    mesa = MESA(mesa_cfg)
+    res = mesa.fit(model, data, k, torch.Generator().manual_seed(seed), progress)
+    return mesa, res, sampled_asr(model, eval_data, mesa, k, torch.Generator().manual_seed(eval_seed))
+
+
+def window_seed(seed: int) -> int:
+    """A class search's seed for its windows (MESA: ``mesa_seed``)."""
+    return 2 * seed % 2**63
+
+
+def mesa_seed(seed: int) -> int:
+    return (2 * seed + 1) % 2**63
 
 
 def search_class(
@@ -505,25 +599,21 @@ def search_class(
     then MESA (unless ``mesa_cfg`` is None), placed and sized by the heat map
     when there is one. Seeded by ``seed`` alone, so it gives the same answer
     wherever it runs. ``bar(desc)`` makes a progress callback and its closer."""
-    g = torch.Generator().manual_seed(seed)
     bar = bar or (lambda desc: (None, lambda: None))
     heat: HeatMap | None = None
     if window:
         update, close = bar(f"moving window, class {k}")
         try:
             heat = window_heatmap(model, data, k, cfg, tuple(cfg.window) if cfg.window else None,
-                                  tuple(cfg.stride) if cfg.stride else None, g, update)  # fmt: skip
+                                  tuple(cfg.stride) if cfg.stride else None, torch.Generator().manual_seed(window_seed(seed)),
+                                  update)  # fmt: skip
         finally:
             close()
     if mesa_cfg is None:
         return ClassSearch(heat, None, None, None)
-    if heat is not None:  # the heat map sizes and places the complete search
-        r0, c0, h, w = heat.box
-        mesa_cfg = dataclasses.replace(mesa_cfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
-    mesa = MESA(mesa_cfg)
     update, close = bar(f"MESA, class {k}")
     try:
-        res = mesa.fit(model, data, k, g, update)
+        mesa, res, asr = class_mesa(model, data, eval_data, k, mesa_cfg, heat, mesa_seed(seed), eval_seed, update)
     finally:
         close()
-    return ClassSearch(heat, mesa, res, sampled_asr(model, eval_data, mesa, k, torch.Generator().manual_seed(eval_seed)))
+    return ClassSearch(heat, mesa, res, asr)

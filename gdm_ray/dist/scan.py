@@ -1,5 +1,6 @@
-"""Scans as Ray tasks: every (model, chunk of classes) first pass and every
-flagged class's full search is one task, spread over the cluster.
+"""Scans as Ray tasks, spread over the cluster: every (model, chunk of
+classes) of the first pass, every chunk of a flagged class's moving windows,
+and every flagged class's MESA search is one task.
 
 Why tasks over classes and models, and not one actor per staircase level:
 the N levels of a MESA search already share one classifier forward/backward
@@ -7,13 +8,13 @@ per step, which bench/results/mesa_batching.md measured 1.11-1.16x faster
 than N separate loops on the same CPUs; so a search stays batched in one
 task and the parallelism is across classes, windows and models.
 
-Exactly once: a result is stored under its key ((model, chunk) or (model,
-class)) as it arrives, so a task that Ray retries after its worker died
+Exactly once: a result is stored under its key ((model, chunk), (model,
+class, window) or (model, class)) as it arrives, so a task that Ray retries after its worker died
 replaces nothing and adds nothing. Resume: each finished first-pass chunk is
 also written to a state folder beside the output (safetensors, no pickle); a
 zoo-scan started again with the same ``out=`` loads those instead of
-searching again. Full searches are not kept there: a resumed run repeats
-them (they are the short part of a zoo scan).
+searching again. Windows and MESA searches are not kept there: a resumed run
+repeats them (they are the short part of a zoo scan).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import ray
 import torch
 
 from gdm_ray.core.data import ImageSet
-from gdm_ray.core.detect import ClassSearch, ClassTrigger, ScanConfig, ScanPlan, scan_chunks, search_class
+from gdm_ray.core.detect import (ClassSearch, ClassTrigger, HeatMap, ScanConfig, ScanPlan, WindowPlan, class_mesa, mesa_seed,
+                                 plan_windows, scan_chunks, search_windows, window_result, window_seed)  # fmt: skip
 from gdm_ray.core.mesa import MESAConfig
 from gdm_ray.core.model_io import load_model_bytes
 from gdm_ray.dist.runtime import RayConfig, pin_threads, task_options
@@ -91,11 +93,19 @@ def _first_pass_task(blob: bytes, m: ModelRef, data: ImageSet, cfg: ScanConfig, 
 
 
 @ray.remote
-def _class_search_task(blob: bytes, m: ModelRef, data: ImageSet, eval_data: ImageSet, k: int, cfg: ScanConfig,
-                       mesa_cfg: MESAConfig | None, seed: int, window: bool, eval_seed: int, cpus: float):  # fmt: skip
+def _window_task(blob: bytes, m: ModelRef, data: ImageSet, cfg: ScanConfig, plan: WindowPlan, chunk: int, cpus: float):
+    pin_threads(cpus)
+    t0 = time.perf_counter()
+    model = load_model_bytes(blob, m.path, m.shape, m.num_classes, m.arch, _device()).module
+    return search_windows(model, data, cfg, plan, [chunk]), _node(), time.perf_counter() - t0
+
+
+@ray.remote
+def _mesa_task(blob: bytes, m: ModelRef, data: ImageSet, eval_data: ImageSet, k: int, mesa_cfg: MESAConfig,
+               heat: HeatMap | None, seed: int, eval_seed: int, cpus: float):  # fmt: skip
     pin_threads(cpus)
     model = load_model_bytes(blob, m.path, m.shape, m.num_classes, m.arch, _device()).module
-    return search_class(model, data, eval_data, k, cfg, mesa_cfg, seed, window, eval_seed), _node()
+    return class_mesa(model, data, eval_data, k, mesa_cfg, heat, seed, eval_seed), _node()
 
 
 class ScanState:
@@ -246,31 +256,65 @@ def run_class_searches(
     log: TaskLog,
     progress: bool = True,
 ) -> tuple[dict[tuple[str, int], ClassSearch], dict[str, str]]:
-    """The full search of each (model, class, seed) request, as tasks."""
+    """The full search of each (model, class, seed) request, as tasks: with
+    ``window``, every chunk of every class's windows is a task, and the heat
+    maps are put together here; then each class's MESA is a task. Gives what
+    ``search_class`` gives in one process."""
     if not requests:
         return {}, {}
     data_ref, eval_ref = ray.put(data), ray.put(eval_data)
     opts = task_options(rcfg)
-    out: dict[tuple[str, int], ClassSearch] = {}
+    cpus = float(rcfg.task_cpus)
     errors: dict[str, str] = {}
+    heats: dict[tuple[str, int], HeatMap | None] = {(m.model_id, k): None for m, k, _ in requests}
+
+    def failed(key: tuple, msg: str) -> None:
+        errors.setdefault(key[0], msg)
+
+    if window:
+        stride = tuple(cfg.stride) if cfg.stride else None
+        plans = {(m.model_id, k): plan_windows(data, k, cfg, tuple(cfg.window) if cfg.window else None, stride,
+                                               torch.Generator().manual_seed(window_seed(seed)))
+                 for m, k, seed in requests}  # fmt: skip
+        finds: dict[tuple[str, int], dict[int, Any]] = {key: {} for key in plans}
+        seconds: Counter = Counter()
+        pending = {
+            _window_task.options(**opts).remote(m.blob, m, data_ref, cfg, plans[(m.model_id, k)], i, cpus): (m.model_id, k)
+            for m, k, _ in requests for i in range(len(plans[(m.model_id, k)].chunks))
+        }  # fmt: skip
+
+        def window_done(key: tuple[str, int], value: tuple[dict[int, Any], str, float]) -> None:
+            finds[key].update(value[0])  # keyed by window: a retried chunk overwrites itself
+            seconds[key] += value[2]
+            log.nodes[value[1]] += 1
+            log.run += 1
+
+        update, close = _bar(len(pending), "moving windows (Ray tasks)", progress)
+        try:
+            _gather(pending, window_done, failed, update)
+        finally:
+            close()
+        for key, plan in plans.items():
+            if key[0] not in errors:
+                heats[key] = window_result(plan, finds[key], cfg, seconds[key])
+    out = {key: ClassSearch(heat, None, None, None) for key, heat in heats.items() if key[0] not in errors}
+    if mesa_cfg is None:
+        return out, errors
     pending = {
-        _class_search_task.options(**opts).remote(m.blob, m, data_ref, eval_ref, k, cfg, mesa_cfg, seed, window, eval_seed,
-                                                  float(rcfg.task_cpus)): (m.model_id, k)
-        for m, k, seed in requests
+        _mesa_task.options(**opts).remote(m.blob, m, data_ref, eval_ref, k, mesa_cfg, heats[(m.model_id, k)], mesa_seed(seed),
+                                          eval_seed, cpus): (m.model_id, k)
+        for m, k, seed in requests if m.model_id not in errors
     }  # fmt: skip
 
-    def done(key: tuple[str, int], value: tuple[ClassSearch, str]) -> None:
-        out[key] = value[0]
+    def mesa_done(key: tuple[str, int], value: tuple[tuple[Any, Any, float], str]) -> None:
+        mesa, res, asr = value[0]
+        out[key] = ClassSearch(heats[key], mesa, res, asr)
         log.nodes[value[1]] += 1
         log.run += 1
 
-    def failed(key: tuple[str, int], msg: str) -> None:
-        errors.setdefault(key[0], msg)
-
-    update, close = _bar(len(pending), "full searches (Ray tasks)", progress)
+    update, close = _bar(len(pending), "MESA searches (Ray tasks)", progress)
     try:
-        _gather(pending, done, failed, update)
+        _gather(pending, mesa_done, failed, update)
     finally:
         close()
-    return out, errors
-
+    return {k: v for k, v in out.items() if k[0] not in errors}, errors
