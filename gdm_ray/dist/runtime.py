@@ -5,7 +5,9 @@ starts inside this process with ``ray.num_cpus`` CPUs; ``ray.address=auto``
 or ``host:port`` joins an existing cluster. Each task asks for
 ``ray.task_cpus`` CPUs (and ``ray.task_gpus``, fractions allowed) plus any
 custom ``ray.resources``, and pins torch's thread count to its CPUs: two
-tasks on one node must not each spread over every core.
+tasks on one node must not each spread over every core. gdm-ray's work is
+stateless tasks (and Tune trials), not actors: a task whose worker dies is
+run again up to ``ray.max_retries`` times (a trial: Tune's max_failures).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ class RayConfig:
     task_gpus: float = 0.0  # per task / actor; fractions share a GPU
     resources: dict[str, float] = field(default_factory=dict)  # custom resources each task needs
     max_retries: int = 3  # a task whose worker dies is run again (results are keyed, never duplicated)
-    max_restarts: int = 3  # an actor whose process dies is restarted
     namespace: str = "gdm-ray"
     log_to_driver: bool = False  # workers' stdout/stderr on the driver's console
 
@@ -39,9 +40,8 @@ class RayConfig:
             raise ConfigError(f"ray.task_cpus={self.task_cpus} must be > 0")
         if float(self.task_gpus) < 0:
             raise ConfigError(f"ray.task_gpus={self.task_gpus} must be >= 0")
-        for key in ("max_retries", "max_restarts"):
-            if int(getattr(self, key)) < 0:
-                raise ConfigError(f"ray.{key}={getattr(self, key)} must be >= 0")
+        if int(self.max_retries) < 0:
+            raise ConfigError(f"ray.max_retries={self.max_retries} must be >= 0")
         for key in ("num_cpus", "num_gpus"):
             v = getattr(self, key)
             if v is not None and int(v) < (1 if key == "num_cpus" else 0):

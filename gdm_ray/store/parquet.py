@@ -15,6 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gdm_ray.store.rundir import publish
+
 __all__ = ["SCHEMA_VERSION", "write_rows", "read_rows"]
 
 SCHEMA_VERSION = 1
@@ -29,7 +31,7 @@ def write_rows(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema |
     os.close(fd)
     try:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)  # mkstemp's 0600 would hide the table from other users
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
