@@ -253,3 +253,33 @@ def test_scan_reference_bad_inputs(model, reference, extra, needle, models, zoo_
     err = capsys.readouterr().err
     assert code != 0 and needle in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_interrupted_scan_resumes_its_first_pass(models, tmp_path):
+    """A scan killed mid-pass keeps its finished chunks beside out=; the same
+    command resumes from them and finds what an uninterrupted scan finds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["scan", f"model={models['backdoored']}", *FAST, "scan.steps=400", "scan.classes_per_pass=2", "full_search=false"]
+    whole = tmp_path / "whole"
+    assert main([*args, f"out={whole}"]) == 0
+    out, state = tmp_path / "s", tmp_path / ".s.state"
+    cmd = [sys.executable, "-m", "gdm_ray.cli.main", *args, f"out={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not list(state.glob("*.safetensors")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the scan ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    kept = len(list(state.glob("*.safetensors")))
+    assert 1 <= kept < 4 and not out.exists()
+    assert main([*args, f"out={out}"]) == 0
+    assert json.loads((out / "scan.json").read_text())["resumed_chunks"] == kept
+    sizes = lambda p: [r["trigger_size"] for r in pq.read_table(p / "classes.parquet").to_pylist()]  # noqa: E731
+    assert sizes(out) == pytest.approx(sizes(whole), rel=1e-4)
+    assert not state.exists()  # published: the state is gone

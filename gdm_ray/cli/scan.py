@@ -13,14 +13,15 @@ import torch
 from omegaconf import DictConfig
 
 from gdm_ray.cli.commands import load_data, plain, progress_bar, setup, typed
-from gdm_ray.core.detect import (ClassSearch, ScanConfig, ScanResult, anomaly_index, reference_anomaly, rescore,
-                                 scan_classes, search_class)  # fmt: skip
+from gdm_ray.core.detect import (ClassSearch, ScanConfig, ScanResult, anomaly_index, plan_scan, reference_anomaly, rescore,
+                                 scan_chunks, scan_result, search_class)  # fmt: skip
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.model_io import LoadedModel, load_model
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, read_rows, write_json, write_rows
+from gdm_ray.store.scanstate import ScanState
 
 __all__ = ["scan", "scan_model", "first_pass", "full_search", "search_base", "reference_sizes"]
 
@@ -41,16 +42,32 @@ def _class_grid(path: Path, result: ScanResult, names: list[str], title: str) ->
     save_level_grid(path, rows, title, labels, titles)
 
 
-def first_pass(cfg: DictConfig, loaded: LoadedModel, splits, g: torch.Generator, model_id: str) -> ScanResult:
+def first_pass(cfg: DictConfig, loaded: LoadedModel, splits, g: torch.Generator, model_id: str,
+               state: ScanState | None = None) -> ScanResult:  # fmt: skip
     """The cheap pass over every class: each one's smallest trigger and the
-    within-model anomaly index."""
+    within-model anomaly index. With ``state``, each finished chunk of classes
+    is kept there and a chunk already there is loaded, not searched again."""
     scfg = typed(ScanConfig, cfg.scan, "scan")
     data = splits.defense
-    update, close = progress_bar(cfg, f"scan {model_id}: {data.num_classes} classes")
-    try:
-        return scan_classes(loaded.module, data, scfg, g, progress=update)
-    finally:
-        close()
+    t0 = time.perf_counter()
+    plan = plan_scan(data, scfg, g)
+    found: list = []
+    for i in range(plan.passes):
+        key = ScanState.key(model_id, loaded.sha256, scfg, plan, i)
+        cached = state.load(key) if state is not None else None
+        if cached is not None:
+            found += cached
+            continue
+        what = f"scan {model_id}: {data.num_classes} classes" + (f", chunk {i + 1}/{plan.passes}" if plan.passes > 1 else "")
+        update, close = progress_bar(cfg, what)
+        try:
+            part = scan_chunks(loaded.module, data, scfg, plan, [i], progress=update)
+        finally:
+            close()
+        if state is not None:
+            state.save(key, part)
+        found += part
+    return scan_result(plan, scfg, found, time.perf_counter() - t0)
 
 
 def search_base(g: torch.Generator) -> int:
@@ -112,6 +129,7 @@ def scan_model(
     result: ScanResult | None = None,
     reference: str = "model",
     searches: dict[int, ClassSearch] | None = None,
+    state: ScanState | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, MESA]]:
     """First pass over every class (unless ``result`` brings one, e.g.
     rescored against a zoo: ``reference="zoo"``; with ``reference=DIR`` in the
@@ -122,7 +140,8 @@ def scan_model(
     Files go under ``prefix`` in the run folder. ``scan.method=baseline`` is
     the first pass alone (plain Neural Cleanse, no moving window, no MESA).
     ``searches`` brings the flagged classes' full searches when they ran
-    elsewhere (gdm_ray.dist: as Ray tasks); they are run here otherwise."""
+    elsewhere (gdm_ray.dist: as Ray tasks); they are run here otherwise.
+    ``state`` keeps (and resumes from) the first pass's finished chunks."""
     scfg = typed(ScanConfig, cfg.scan, "scan")
     baseline_only = scfg.method == "baseline"
     data = splits.defense
@@ -132,7 +151,7 @@ def scan_model(
     ref = None if given or not cfg.get("reference") else Path(str(cfg.reference))
     others = reference_sizes(ref, names, scfg, loaded.sha256) if ref is not None else None  # fails before the search
     if result is None:
-        result = first_pass(cfg, loaded, splits, g, model_id)
+        result = first_pass(cfg, loaded, splits, g, model_id, state)
         within = result.anomaly
         if others is not None:  # judged against the same classes in the reference models
             result = rescore(result, reference_anomaly([[c.size for c in result.classes], *others])[0])
@@ -189,7 +208,8 @@ def scan_model(
     }  # fmt: skip
     write_json(run_dir.path(f"{prefix}scan.json"), {**verdict, "classes": classes, "flagged_detail": {str(k): v for k, v in extra.items()},
                                            "scan": dataclasses.asdict(scfg), "reference_path": None if ref is None else str(ref),
-                                           "reference_models": 0 if others is None else len(others)})  # fmt: skip
+                                           "reference_models": 0 if others is None else len(others),
+                                           "resumed_chunks": state.resumed if state is not None else 0})  # fmt: skip
     return verdict, classes, samplers
 
 
@@ -210,9 +230,13 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
     print(f"gdm-ray scan: {loaded.path}, {splits.eval.num_classes} classes, {len(splits.defense)} clean images", file=sys.stderr)
     t0 = time.perf_counter()
     with RunDir(cfg.get("out"), "scan") as run_dir:
-        verdict, classes, _ = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem)
+        # with an explicit out=, finished chunks of the first pass wait beside it: run again, it resumes
+        state = ScanState(ScanState.beside(run_dir.final)) if cfg.get("out") else None
+        verdict, classes, _ = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem, state=state)
         write_rows(run_dir.path("verdict.parquet"), [verdict], VERDICT_SCHEMA)
         write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
+    if state is not None:
+        state.clear()
     width = max(len(c["class_name"]) for c in classes)
     print(f"  {'class'.ljust(width + 4)}  trigger px  ASR      anomaly  flagged")
     for c in sorted(classes, key=lambda c: -c["anomaly"]):

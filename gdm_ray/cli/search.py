@@ -23,6 +23,7 @@ from gdm_ray.core.model_io import LoadedModel, clone_model, file_sha256, load_mo
 from gdm_ray.core.plots import save_curves, save_level_grid, save_pca_scatter
 from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
 from gdm_ray.store import RunDir, code_version, config_hash, write_json
+from gdm_ray.store.scanstate import ScanState
 
 __all__ = ["search", "defend", "run_search"]
 
@@ -167,9 +168,11 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
     what = "every class (target_class=auto)" if target is None else f"class {target}"
     print(f"gdm-ray defend: {loaded.path}, {what}, {method}; search and retrain on {len(splits.defense)} "
           f"clean images, metrics on {len(splits.eval)} held-out images", file=sys.stderr)  # fmt: skip
+    state: ScanState | None = None
     with RunDir(cfg.get("out"), "defend") as run_dir:
         if target is None:
-            verdict, _, samplers = scan_model(cfg, loaded, splits, run_dir, g, Path(loaded.path).stem)
+            state = ScanState(ScanState.beside(run_dir.final)) if cfg.get("out") else None  # resumes the first pass
+            verdict, _, samplers = scan_model(cfg, loaded, splits, run_dir, g, Path(loaded.path).stem, state=state)
             summary: dict[str, Any] = {"method": "mesa", "scan": verdict, "search_seconds": round(verdict["seconds"], 2)}
         else:
             sampler, summary = run_search(cfg, method, loaded, splits, target, run_dir, g)
@@ -199,6 +202,8 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
                              {"repaired_from": loaded.sha256, "method": method, "target_classes": targets})  # fmt: skip
             metrics["repaired_sha256"] = file_sha256(run_dir.path("model.pt"))
             write_json(run_dir.path("metrics.json"), metrics)
+    if state is not None:
+        state.clear()  # published: nothing left to resume
 
     def pct(v: float | None) -> str:
         return "unknown (no trigger= and no model card)" if v is None else f"{v:.2%}"

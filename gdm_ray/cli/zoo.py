@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.model_io import file_sha256, load_model
 from gdm_ray.core.plots import save_zoo_scores
 from gdm_ray.dist.runtime import RayConfig, init_ray
-from gdm_ray.dist.scan import ScanState, TaskLog, put_model, run_class_searches, run_first_passes
+from gdm_ray.dist.scan import TaskLog, put_model, run_class_searches, run_first_passes
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json, write_rows
+from gdm_ray.store.scanstate import ScanState
 
 __all__ = ["zoo_scan", "list_models"]
 
@@ -88,7 +88,7 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
         with RunDir(cfg.get("out"), "zoo-scan") as run_dir:
             # finished first-pass chunks, kept beside the output until it is published: a
             # zoo-scan run again with the same out= after an interruption resumes from them
-            resume = ScanState(run_dir.final.parent / f".{run_dir.final.name}.state" if ray_log is not None else None)
+            resume = ScanState(ScanState.beside(run_dir.final) if cfg.get("out") else None)
             # 1. the cheap first pass over every model; each starts from the same
             #    seed, so its verdict does not depend on its neighbours in the folder
             passes: dict[str, ScanResult] = {}
@@ -109,7 +109,8 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
             else:
                 for i, path in enumerate(files, 1):
                     try:
-                        passes[path.stem] = first_pass(cfg, load(path), splits, torch.Generator().manual_seed(int(cfg.seed)), path.stem)
+                        passes[path.stem] = first_pass(cfg, load(path), splits, torch.Generator().manual_seed(int(cfg.seed)), path.stem,
+                                                      resume)  # fmt: skip
                     except (GdmRayError, RuntimeError) as exc:  # a broken model is a finding, not a reason to stop
                         fail(path, exc)
                         continue
@@ -158,14 +159,14 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
                             float(scfg.threshold), f"zoo-scan of {folder.name}: anomaly score per model")  # fmt: skip
             write_json(run_dir.path("zoo.json"), {"zoo": str(folder), "models": len(files), "scan": plain(cfg.scan), "reference": reference,
                                                   "verdicts": verdicts, "seconds": round(time.perf_counter() - t0, 2),
-                                                  "ray": ray_log.summary() if ray_log is not None else None})  # fmt: skip
+                                                  "ray": ray_log.summary() if ray_log is not None else None,
+                                                  "resumed_chunks": resume.resumed})  # fmt: skip
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    if ray_log is not None:
-        shutil.rmtree(resume.folder, ignore_errors=True)  # published: nothing left to resume
+    resume.clear()  # published: nothing left to resume
     width = max(len(v["model_id"]) for v in verdicts)
     print(f"  {'model'.ljust(width)}  verdict      score  target  flagged   seconds")
     for v in verdicts:

@@ -20,11 +20,7 @@ repeats them (they are the short part of a zoo scan).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -41,8 +37,9 @@ from gdm_ray.core.detect import (ClassSearch, ClassTrigger, HeatMap, ScanConfig,
 from gdm_ray.core.mesa import MESAConfig
 from gdm_ray.core.model_io import load_model_bytes
 from gdm_ray.dist.runtime import RayConfig, pin_threads, task_options
+from gdm_ray.store.scanstate import ScanState
 
-__all__ = ["ModelRef", "ScanState", "TaskLog", "put_model", "run_first_passes", "run_class_searches"]
+__all__ = ["ModelRef", "TaskLog", "put_model", "run_first_passes", "run_class_searches"]
 
 
 @dataclass(frozen=True)
@@ -108,58 +105,6 @@ def _mesa_task(blob: bytes, m: ModelRef, data: ImageSet, eval_data: ImageSet, k:
     return class_mesa(model, data, eval_data, k, mesa_cfg, heat, seed, eval_seed), _node()
 
 
-class ScanState:
-    """Finished first-pass chunks on local disk, so an interrupted scan resumes.
-
-    A chunk's key hashes everything its answer depends on: the model file,
-    the first-pass settings, the plan (seed, images, classes of the chunk).
-    Files are written to a temp name and renamed: a kill never leaves half a
-    result that a resumed run would trust.
-    """
-
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
-
-    @staticmethod
-    def key(m: ModelRef, cfg: ScanConfig, plan: ScanPlan, chunk: int) -> str:
-        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threshold", "moving_window", "window", "stride")}
-        h = hashlib.sha256(json.dumps([m.sha256, settings, plan.seed, plan.chunks[chunk], chunk], sort_keys=True).encode())
-        h.update(plan.eval_idx.numpy().tobytes())
-        return f"{m.model_id}-{h.hexdigest()[:24]}"
-
-    def load(self, key: str) -> list[ClassTrigger] | None:
-        if self.folder is None or not (self.folder / f"{key}.safetensors").is_file():
-            return None
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self.folder / f"{key}.safetensors"), framework="pt") as f:
-                meta = json.loads(f.metadata()["classes"])
-                return [ClassTrigger(int(c["target"]), f.get_tensor(f"pattern_{i}"), f.get_tensor(f"mask_{i}"), float(c["size"]),
-                                     float(c["asr"]), bool(c["valid"])) for i, c in enumerate(meta)]  # fmt: skip
-        except Exception:  # unreadable state is searched again, never trusted
-            return None
-
-    def save(self, key: str, found: list[ClassTrigger]) -> None:
-        if self.folder is None:
-            return
-        from safetensors.torch import save_file
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for i, c in enumerate(found):
-            tensors[f"pattern_{i}"], tensors[f"mask_{i}"] = c.pattern.contiguous(), c.mask.contiguous()
-        meta = [{"target": c.target, "size": c.size, "asr": c.asr, "valid": c.valid} for c in found]
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"classes": json.dumps(meta)})
-            os.replace(tmp, self.folder / f"{key}.safetensors")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
 def _cause(exc: BaseException) -> str:
     """The first line of what went wrong inside a task."""
     inner = getattr(exc, "cause", None) or exc
@@ -214,7 +159,7 @@ def run_first_passes(
         found[m.model_id] = {}
         log.seconds.setdefault(m.model_id, 0.0)
         for i in range(plan.passes):
-            key = ScanState.key(m, cfg, plan, i)
+            key = ScanState.key(m.model_id, m.sha256, cfg, plan, i)
             cached = state.load(key)
             if cached is not None:
                 found[m.model_id][i] = cached
