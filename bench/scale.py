@@ -1,7 +1,7 @@
 """Scale bench: the per-class scan of one Fashion-MNIST model on Ray with 1 and
 2 workers, against the pure core in one process; and a Tune sweep.
 
-    python bench/scale.py             # ~25 min on 2 cores
+    python bench/scale.py             # ~30 min on 2 cores (a finished sweep is reused: --fresh-sweep)
     python bench/scale.py --quick     # smoke run: fewer steps, 1 repeat, 4-trial sweep
 
 Scan: the first pass of bench/detect.py's zoo model cnn-clean-0 (built by
@@ -179,7 +179,7 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--fresh-sweep", action="store_true", help="delete a finished sweep of this bench and run it again")
     args = ap.parse_args()
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)
     WORK.mkdir(parents=True, exist_ok=True)
     if args.fresh_sweep:
         shutil.rmtree(WORK / ("sweep-quick" if args.quick else "sweep"), ignore_errors=True)
