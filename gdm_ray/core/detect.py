@@ -162,11 +162,17 @@ def plan_scan(
         raise ConfigError(f"scan: classes {bad} are not classes of the data (0..{num_classes - 1})")
     if len(data) < 2:
         raise DataError(f"scan: needs clean images, got {len(data)}")
-    perm = torch.randperm(len(data), generator=g)
-    n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
+    eval_idx, search_idx = _split(data, cfg, g)
     per = 1 if cfg.method == "baseline" else int(cfg.classes_per_pass)
     seed = int(torch.randint(0, 2**62, (1,), generator=g))
-    return ScanPlan(ks, [ks[i : i + per] for i in range(0, len(ks), per)], perm[:n_eval], perm[n_eval:], seed)
+    return ScanPlan(ks, [ks[i : i + per] for i in range(0, len(ks), per)], eval_idx, search_idx, seed)
+
+
+def _split(data: ImageSet, cfg: ScanConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded: the first ``eval_images`` (at most a fifth) measure, the rest search."""
+    perm = torch.randperm(len(data), generator=g)
+    n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
+    return perm[:n_eval], perm[n_eval:]
 
 
 def scan_chunks(
@@ -459,12 +465,11 @@ def plan_windows(
     rows = sorted(set(list(range(0, H - wh + 1, sh)) + [H - wh]))
     cols = sorted(set(list(range(0, W - ww + 1, sw)) + [W - ww]))
     corners = [(r, c) for r in rows for c in cols]
-    perm = torch.randperm(len(data), generator=g)
-    n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
+    eval_idx, search_idx = _split(data, cfg, g)
     per = int(cfg.classes_per_pass)
     chunks = [list(range(i, min(i + per, len(corners)))) for i in range(0, len(corners), per)]
     seed = int(torch.randint(0, 2**62, (1,), generator=g))
-    return WindowPlan(int(target), (wh, ww), (H, W), corners, chunks, perm[:n_eval], perm[n_eval:], seed)
+    return WindowPlan(int(target), (wh, ww), (H, W), corners, chunks, eval_idx, search_idx, seed)
 
 
 WindowFind = tuple[torch.Tensor, torch.Tensor, float, float]  # pattern, mask, held-out ASR, mask size

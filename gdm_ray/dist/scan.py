@@ -81,27 +81,30 @@ def _device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
+def _task_model(blob: bytes, m: ModelRef, cpus: float) -> torch.nn.Module:
+    """Inside a task: torch threads pinned to the task's CPUs, the model loaded from its bytes."""
+    pin_threads(cpus)
+    return load_model_bytes(blob, m.path, m.shape, m.num_classes, m.arch, _device()).module
+
+
 @ray.remote
 def _first_pass_task(blob: bytes, m: ModelRef, data: ImageSet, cfg: ScanConfig, plan: ScanPlan, chunk: int, cpus: float):
-    pin_threads(cpus)
     t0 = time.perf_counter()
-    model = load_model_bytes(blob, m.path, m.shape, m.num_classes, m.arch, _device()).module
+    model = _task_model(blob, m, cpus)
     return scan_chunks(model, data, cfg, plan, [chunk]), _node(), time.perf_counter() - t0
 
 
 @ray.remote
 def _window_task(blob: bytes, m: ModelRef, data: ImageSet, cfg: ScanConfig, plan: WindowPlan, chunk: int, cpus: float):
-    pin_threads(cpus)
     t0 = time.perf_counter()
-    model = load_model_bytes(blob, m.path, m.shape, m.num_classes, m.arch, _device()).module
+    model = _task_model(blob, m, cpus)
     return search_windows(model, data, cfg, plan, [chunk]), _node(), time.perf_counter() - t0
 
 
 @ray.remote
 def _mesa_task(blob: bytes, m: ModelRef, data: ImageSet, eval_data: ImageSet, k: int, mesa_cfg: MESAConfig,
                heat: HeatMap | None, seed: int, eval_seed: int, cpus: float):  # fmt: skip
-    pin_threads(cpus)
-    model = load_model_bytes(blob, m.path, m.shape, m.num_classes, m.arch, _device()).module
+    model = _task_model(blob, m, cpus)
     return class_mesa(model, data, eval_data, k, mesa_cfg, heat, seed, eval_seed), _node()
 
 
