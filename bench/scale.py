@@ -102,8 +102,13 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
             print(f"repeat {rep + 1}/{repeats}, {cpus} CPU(s): core {times[f'core{cpus}'][-1]:.1f}s, Ray {t:.1f}s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     same = all(sizes[k] == pytest_approx(sizes["core1"]) for k in sizes)
-    speedup = med["ray1"] / med["ray2"]
-    over1, over2 = med["ray1"] / med["core1"] - 1, med["ray2"] / med["core2"] - 1
+
+    def paired(a: str, b: str) -> float:
+        """Median over repeats of a/b measured side by side (a shared machine's load drifts between repeats)."""
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    speedup = paired("ray1", "ray2")
+    over1, over2 = paired("ray1", "core1") - 1, paired("ray2", "core2") - 1
     rows = [
         ["core, 1 thread", "1", f"{med['core1']:.1f}", ", ".join(f"{t:.1f}" for t in times["core1"]), "-"],
         ["Ray, 1 worker (1 CPU)", "1", f"{med['ray1']:.1f}", ", ".join(f"{t:.1f}" for t in times["ray1"]), f"{over1:+.1%}"],
@@ -114,7 +119,9 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
         f"Per-class scan (first pass) of `{MODEL.name}`: {splits.eval.num_classes} classes in chunks of "
         f"{cfg.classes_per_pass}, {cfg.steps} steps, batch {cfg.batch_size} per class; median of {repeats} interleaved repeats.",
         markdown_table(["run", "CPUs", "median s", "runs (s)", "Ray overhead vs core, same CPUs"], rows),
-        f"- speedup, 2 workers vs 1 worker: **{speedup:.2f}x**",
+        "Ratios are medians over the repeats of the ratio within each repeat (runs side by side).",
+        f"- speedup, 2 workers vs 1 worker: **{speedup:.2f}x** (per repeat: "
+        + ", ".join(f"{x / y:.2f}" for x, y in zip(times["ray1"], times["ray2"])) + ")",
         f"- Ray start-up (in-process `ray.init`, not in the times above): {startup[1]:.1f}s at 1 CPU, {startup[2]:.1f}s at 2 CPUs",
         f"- every run found the same trigger sizes: {'yes' if same else 'NO'}",
     ])  # fmt: skip
@@ -141,6 +148,7 @@ def sweep_bench(quick: bool) -> tuple[str, list[tuple[bool, str]]]:
     if not SWEEP_MODEL.is_file():
         raise SystemExit(f"{SWEEP_MODEL} is missing: run `python bench/attack.py` first")
     out = WORK / ("sweep-quick" if quick else "sweep")
+    reused = (out / "sweep.json").is_file()  # a finished sweep only reports
     alphas = [0.01, 1.0] if quick else [0.01, 0.1, 1.0, 10.0]
     space = "{mesa.alpha:{grid:[" + ",".join(map(str, alphas)) + "]},mesa.trigger_size:{grid:[[3,3],[5,5]]}}"
     overrides = [f"model={SWEEP_MODEL}", "target_class=0", f"sweep.space={space}", "ray.num_cpus=2", "ray.task_cpus=1",
@@ -162,8 +170,9 @@ def sweep_bench(quick: bool) -> tuple[str, list[tuple[bool, str]]]:
         key=lambda r: (float(r[0]), r[1]))  # fmt: skip
     best = res["best"]
     body = "\n\n".join([
-        f"`gdm-ray sweep` on `{SWEEP_MODEL.parent.name}` (bench/attack.py; target 0), {len(trials)} trials, 2 at a time, {seconds:.0f}s in all "
-        f"(resumed from an earlier run: {bool(summary.get('resumed', False))}):",
+        f"`gdm-ray sweep` on `{SWEEP_MODEL.parent.name}` (bench/attack.py; target 0), {len(trials)} trials, 2 at a time"
+        + (f", reused: finished earlier by code version {summary.get('code_version', '?')} (`--fresh-sweep` runs it again):" if reused
+           else f", {seconds:.0f}s in all:"),
         markdown_table(["alpha", "trigger size", "ASR after", "acc drop (points)", "found ASR after", "objective", "s", "status"], rows),
         f"- best (lowest objective = ASR after + accuracy drop / 100): alpha **{best['mesa.alpha']:g}**, "
         f"trigger size **{'x'.join(map(str, best['mesa.trigger_size']))}**",
