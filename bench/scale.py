@@ -14,8 +14,8 @@ Four ways, interleaved, each repeated --repeats times, median wall time:
 - core, 2 threads: `scan_classes` with torch on 2 threads;
 - Ray, 2 workers: num_cpus=2, two 1-CPU tasks at once.
 Speedup = Ray 1 worker / Ray 2 workers. Overhead = Ray / core at the same
-CPUs (Ray started beforehand, as a cluster is; its start-up is reported
-apart). Every run must find the same trigger sizes (checked).
+CPUs (Ray started and every worker warm beforehand, as on a cluster that
+has run before; Ray's start-up is reported apart). Every run must find the same trigger sizes (checked).
 
 Sweep: `gdm-ray sweep` on bench/attack.py's fm-bw3x3 model (3x3 b/w trigger,
 target 0), 8 trials: alpha {0.01, 0.1, 1, 10} x MESA trigger size {3x3, 5x5},
@@ -51,6 +51,18 @@ from gdm_ray.dist.scan import ScanState, TaskLog, put_model, run_first_passes  #
 MODEL = ROOT / "bench" / "work" / "detect" / "full" / "zoo" / "cnn-clean-0.pt"
 SWEEP_MODEL = ROOT / "bench" / "work" / "attack" / "fm-bw3x3" / "model.pt"
 WORK = ROOT / "bench" / "work" / "scale"
+
+
+@ray.remote(num_cpus=1)
+def _warm() -> int:
+    """Occupy one worker for a moment with gdm-ray and torch imported: the
+    timed run then meets warm workers, as on a cluster that has run before."""
+    import os
+
+    import gdm_ray.dist.scan  # noqa: F401
+
+    time.sleep(1.0)
+    return os.getpid()
 
 
 def core_scan(model, data, cfg: ScanConfig, threads: int) -> tuple[float, list[float]]:
@@ -93,7 +105,8 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
             init_ray(RayConfig(num_cpus=cpus))
             startup[cpus] = time.perf_counter() - t0
             try:
-                ray_scan(MODEL, sha, splits, ScanConfig(steps=5, classes_per_pass=5))  # workers started and warm
+                assert len(set(ray.get([_warm.remote() for _ in range(cpus)]))) == cpus  # every worker started and warm
+                ray_scan(MODEL, sha, splits, ScanConfig(steps=5, classes_per_pass=5))
                 t, s = ray_scan(MODEL, sha, splits, cfg)
             finally:
                 ray.shutdown()
