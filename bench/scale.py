@@ -114,7 +114,7 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
             sizes[f"ray{cpus}"] = s
             print(f"repeat {rep + 1}/{repeats}, {cpus} CPU(s): core {times[f'core{cpus}'][-1]:.1f}s, Ray {t:.1f}s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    same = all(sizes[k] == pytest_approx(sizes["core1"]) for k in sizes)
+    same = all(_close(sizes[k], sizes["core1"]) for k in sizes)
 
     def paired(a: str, b: str) -> float:
         """Median over repeats of a/b measured side by side (a shared machine's load drifts between repeats)."""
@@ -147,14 +147,9 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
     return body, checks
 
 
-def pytest_approx(values: list[float]):
+def _close(a: list[float], b: list[float]) -> bool:
     """Equal up to float noise (thread counts change reduction order)."""
-
-    class _Approx:
-        def __eq__(self, other: object) -> bool:
-            return isinstance(other, list) and len(other) == len(values) and all(abs(a - b) <= 0.05 * max(1.0, abs(b)) for a, b in zip(other, values))
-
-    return _Approx()
+    return len(a) == len(b) and all(abs(x - y) <= 0.05 * max(1.0, abs(y)) for x, y in zip(a, b))
 
 
 def sweep_bench(quick: bool) -> tuple[str, list[tuple[bool, str]]]:
