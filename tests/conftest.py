@@ -70,3 +70,25 @@ def zoo(models, tmp_path_factory) -> Path:
     return root
 
 
+
+
+# --- a real S3-protocol server (moto in server mode) on 127.0.0.1 ---
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from s3server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request) -> str:
+    """A fresh bucket for one test (name from the test's name)."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") or "b"
+    s3_server.client().create_bucket(Bucket=name)
+    return name

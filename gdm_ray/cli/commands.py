@@ -39,11 +39,12 @@ T = TypeVar("T")
 def run(command: str, cfg: DictConfig) -> dict[str, Any]:
     from gdm_ray.cli.scan import scan
     from gdm_ray.cli.search import defend, search
+    from gdm_ray.cli.serve import serve
     from gdm_ray.cli.sweep import sweep
     from gdm_ray.cli.zoo import zoo_scan
 
     fn = {"attack": attack, "evaluate": evaluate, "demo": demo, "search": search, "defend": defend, "scan": scan,
-          "zoo-scan": zoo_scan, "sweep": sweep}[command]  # fmt: skip
+          "zoo-scan": zoo_scan, "sweep": sweep, "serve": serve}[command]  # fmt: skip
     return fn(cfg)
 
 
@@ -94,8 +95,43 @@ def setup(cfg: DictConfig) -> torch.device:
     return torch.device(dev)
 
 
+_SECRETS = ("access_key_id", "secret_access_key", "session_token")
+
+
 def plain(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """The resolved config as plain data, S3 credentials masked (it is written into outputs)."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    store = out.get("store") if isinstance(out, dict) else None
+    if isinstance(store, dict):
+        out["store"] = {k: ("***" if k in _SECRETS and v else v) for k, v in store.items()}
+    return out  # type: ignore[return-value]
+
+
+def store_of(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``store`` config node (S3 endpoint and credentials) as a plain dict."""
+    node = cfg.get("store")
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None  # type: ignore[return-value]
+
+
+def model_file(cfg: DictConfig, key: str = "model") -> Path:
+    """model= as a local file: an s3:// object is fetched (with its model.json card
+    when one is beside it); a missing file fails before the slow data load."""
+    from gdm_ray.store.fetch import localize
+    from gdm_ray.store.s3 import S3, is_s3, join_uri
+
+    uri = str(OmegaConf.select(cfg, key, throw_on_missing=True))
+    if is_s3(uri):
+        path = localize(uri, store_of(cfg), what=key)
+        card = join_uri(uri.rsplit("/", 1)[0], "model.json")
+        if path.is_file() and S3(store_of(cfg)).exists(card):
+            localize(card, store_of(cfg), what=key)
+        else:
+            path.with_name("model.json").unlink(missing_ok=True)
+    else:
+        path = Path(uri)
+    if not path.is_file():
+        raise ConfigError(f"{key}={uri}: no such file")
+    return path
 
 
 def progress_bar(cfg: DictConfig, desc: str):
@@ -152,7 +188,7 @@ def attack(cfg: DictConfig) -> dict[str, Any]:
     train_cfg = typed(TrainConfig, cfg.train, "train")
     target, rate = int(cfg.attack.target), float(cfg.attack.rate)
     badnets = BadNets(trigger, target, rate)
-    with RunDir(cfg.get("out"), "attack") as run_dir:
+    with RunDir(cfg.get("out"), "attack", store_of(cfg)) as run_dir:
         if cfg.attack.get("init"):
             loaded = load_model(cfg.attack.init, (c, h, w), splits.train.num_classes, device=device)
             model, arch, width = loaded.module, loaded.meta.get("arch", "torchscript"), loaded.meta.get("width")
@@ -208,11 +244,11 @@ def attack(cfg: DictConfig) -> dict[str, Any]:
             ("clean accuracy", f"{result.clean_accuracy:.2%}"),
             ("attack success rate", f"{result.asr:.2%}"),
             ("train seconds", f"{result.train_seconds:.1f}"),
-            ("model", str(run_dir.final / "model.pt")),
+            ("model", run_dir.join("model.pt")),
         ]
     )
-    print(f"wrote {run_dir.final}")
-    return {**card, "out": str(run_dir.final)}
+    print(f"wrote {run_dir.location}")
+    return {**card, "out": run_dir.location}
 
 
 def card_for(model_path: Path) -> dict[str, Any]:
@@ -230,9 +266,7 @@ def card_for(model_path: Path) -> dict[str, Any]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Clean accuracy and ASR of model= for a trigger (default: the one on its card)."""
     device = setup(cfg)
-    model_path = Path(str(cfg.model))
-    if not model_path.is_file():  # fail before the (slow) data load
-        raise ConfigError(f"model={model_path}: no such file")
+    model_path = model_file(cfg)
     splits = load_data(cfg)
     c, h, w = splits.shape
     arch = cfg.arch.name if cfg.get("arch") else None
@@ -270,7 +304,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "config_hash": config_hash(plain(cfg)),
         "code_version": code_version(),
     }
-    with RunDir(cfg.get("out"), "evaluate") as run_dir:
+    with RunDir(cfg.get("out"), "evaluate", store_of(cfg)) as run_dir:
         write_json(run_dir.path("metrics.json"), metrics)
         write_examples(
             run_dir.path("examples.png"), loaded.module, splits, trigger,
@@ -278,8 +312,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )  # fmt: skip
     print(f"gdm-ray evaluate: {model_path} on {splits.name}/{split} ({len(part)} images)")
     print_table([("clean accuracy", f"{acc:.2%}"), ("attack success rate", f"{asr:.2%}")])
-    print(f"wrote {run_dir.final}")
-    return {**metrics, "out": str(run_dir.final)}
+    print(f"wrote {run_dir.location}")
+    return {**metrics, "out": run_dir.location}
 
 
 def demo(cfg: DictConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from gdm_ray.cli.commands import load_data, plain, progress_bar, setup, typed
+from gdm_ray.cli.commands import load_data, model_file, plain, progress_bar, setup, store_of, typed
 from gdm_ray.core.detect import (ClassSearch, ScanConfig, ScanResult, anomaly_index, plan_scan, reference_anomaly, rescore,
                                  scan_chunks, scan_result, search_class)  # fmt: skip
 from gdm_ray.core.ensemble import save_ensemble
@@ -21,6 +21,7 @@ from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.model_io import LoadedModel, load_model
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, read_rows, write_json, write_rows
+from gdm_ray.store.fetch import localize
 from gdm_ray.store.scanstate import ScanState
 
 __all__ = ["scan", "scan_model", "first_pass", "full_search", "search_base", "reference_sizes"]
@@ -148,7 +149,7 @@ def scan_model(
     names = data.classes
     t0 = time.perf_counter()
     given = result is not None  # its first pass ran earlier: count its seconds too
-    ref = None if given or not cfg.get("reference") else Path(str(cfg.reference))
+    ref = None if given or not cfg.get("reference") else localize(str(cfg.reference), store_of(cfg), "reference")
     others = reference_sizes(ref, names, scfg, loaded.sha256) if ref is not None else None  # fails before the search
     if result is None:
         result = first_pass(cfg, loaded, splits, g, model_id, state)
@@ -216,9 +217,7 @@ def scan_model(
 def scan(cfg: DictConfig) -> dict[str, Any]:
     """Scan every class of one model; print the verdict table."""
     device = setup(cfg)
-    model_path = Path(str(cfg.model))
-    if not model_path.is_file():
-        raise ConfigError(f"model={model_path}: no such file")
+    model_path = model_file(cfg)
     scfg = typed(ScanConfig, cfg.scan, "scan")  # bad settings fail before the data loads
     splits = load_data(cfg)
     _, H, W = splits.shape
@@ -229,9 +228,9 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
     g = torch.Generator().manual_seed(int(cfg.seed))
     print(f"gdm-ray scan: {loaded.path}, {splits.eval.num_classes} classes, {len(splits.defense)} clean images", file=sys.stderr)
     t0 = time.perf_counter()
-    with RunDir(cfg.get("out"), "scan") as run_dir:
+    with RunDir(cfg.get("out"), "scan", store_of(cfg)) as run_dir:
         # with an explicit out=, finished chunks of the first pass wait beside it: run again, it resumes
-        state = ScanState(ScanState.beside(run_dir.final)) if cfg.get("out") else None
+        state = ScanState(run_dir.state_dir()) if cfg.get("out") else None
         verdict, classes, _ = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem, state=state)
         write_rows(run_dir.path("verdict.parquet"), [verdict], VERDICT_SCHEMA)
         write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
@@ -246,5 +245,5 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
     print(f"verdict: {'BACKDOORED' if verdict['backdoored'] else 'clean'} (score {verdict['score']:.2f}"
           + (f", target class {target}, flagged {verdict['flagged']}" if verdict["backdoored"] else "")
           + f"; {time.perf_counter() - t0:.0f}s)")  # fmt: skip
-    print(f"wrote {run_dir.final}")
-    return {**verdict, "out": str(run_dir.final)}
+    print(f"wrote {run_dir.location}")
+    return {**verdict, "out": run_dir.location}

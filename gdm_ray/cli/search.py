@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from gdm_ray.cli.commands import card_for, load_data, plain, print_table, progress_bar, setup, typed
+from gdm_ray.cli.commands import card_for, load_data, model_file, plain, print_table, progress_bar, setup, store_of, typed
 from gdm_ray.core.baseline import BaselineConfig, PixelBaseline
 from gdm_ray.core.data import Splits
 from gdm_ray.core.defense import DefenseConfig, TriggerSampler, retrain
@@ -31,9 +31,7 @@ METHODS = ("mesa", "baseline")
 
 
 def _load(cfg: DictConfig, device: torch.device, allow_auto: bool = False) -> tuple[LoadedModel, Splits, int | None, str]:
-    model_path = Path(str(cfg.model))
-    if not model_path.is_file():  # fail before the (slow) data load
-        raise ConfigError(f"model={model_path}: no such file")
+    model_path = model_file(cfg)
     method = str(cfg.method)
     if method not in METHODS:
         raise ConfigError(f"method={method!r} must be one of {', '.join(METHODS)}")
@@ -105,7 +103,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     loaded, splits, target, method = _load(cfg, device)
     g = torch.Generator().manual_seed(int(cfg.seed))
     print(f"gdm-ray search: {loaded.path}, class {target}, {method} on {len(splits.defense)} clean images", file=sys.stderr)
-    with RunDir(cfg.get("out"), "search") as run_dir:
+    with RunDir(cfg.get("out"), "search", store_of(cfg)) as run_dir:
         sampler, summary = run_search(cfg, method, loaded, splits, target, run_dir, g)
         summary["found_asr_eval"] = sampled_asr(loaded.module, splits.eval, sampler, target, g)
         summary.update({"model": loaded.path, "model_sha256": loaded.sha256, "config_hash": config_hash(plain(cfg)),
@@ -116,8 +114,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     if method == "mesa":
         rows.insert(1, ("level ASR", ", ".join(f"{a:.0%}" for a in summary["level_asr"])))
     print_table(rows)
-    print(f"wrote {run_dir.final}")
-    return {**summary, "out": str(run_dir.final)}
+    print(f"wrote {run_dir.location}")
+    return {**summary, "out": run_dir.location}
 
 
 def _real_trigger(cfg: DictConfig, model_path: Path, splits: Splits) -> tuple[Trigger | None, int | None, dict | None]:
@@ -169,9 +167,9 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
     print(f"gdm-ray defend: {loaded.path}, {what}, {method}; search and retrain on {len(splits.defense)} "
           f"clean images, metrics on {len(splits.eval)} held-out images", file=sys.stderr)  # fmt: skip
     state: ScanState | None = None
-    with RunDir(cfg.get("out"), "defend") as run_dir:
+    with RunDir(cfg.get("out"), "defend", store_of(cfg)) as run_dir:
         if target is None:
-            state = ScanState(ScanState.beside(run_dir.final)) if cfg.get("out") else None  # resumes the first pass
+            state = ScanState(run_dir.state_dir()) if cfg.get("out") else None  # resumes the first pass
             verdict, _, samplers = scan_model(cfg, loaded, splits, run_dir, g, Path(loaded.path).stem, state=state)
             summary: dict[str, Any] = {"method": "mesa", "scan": verdict, "search_seconds": round(verdict["seconds"], 2)}
         else:
@@ -221,7 +219,7 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
         rows += [(f"ASR of the found triggers, class {k}", f"{before['found_asr_by_class'][k]:.2%} -> {v:.2%}")
                  for k, v in after["found_asr_by_class"].items()]  # fmt: skip
         rows += [("seconds (search, retrain)", f"{summary['search_seconds']:.1f}, {metrics['retrain_seconds']:.1f}"),
-                 ("repaired model", str(run_dir.final / "model.pt"))]  # fmt: skip
+                 ("repaired model", run_dir.join("model.pt"))]  # fmt: skip
         print_table(rows)
-    print(f"wrote {run_dir.final}")
-    return {**metrics, "out": str(run_dir.final)}
+    print(f"wrote {run_dir.location}")
+    return {**metrics, "out": run_dir.location}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from gdm_ray.cli.commands import load_data, plain, setup, typed
+from gdm_ray.cli.commands import load_data, plain, setup, store_of, typed
 from gdm_ray.cli.scan import first_pass, scan_model, search_base
 from gdm_ray.core.detect import ClassSearch, ScanConfig, ScanResult, plan_scan, reference_anomaly, rescore, scan_result
 from gdm_ray.core.mesa import MESAConfig
@@ -20,6 +20,7 @@ from gdm_ray.core.plots import save_zoo_scores
 from gdm_ray.dist.runtime import RayConfig, init_ray
 from gdm_ray.dist.scan import TaskLog, put_model, run_class_searches, run_first_passes
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json, write_rows
+from gdm_ray.store.fetch import localize
 from gdm_ray.store.scanstate import ScanState
 
 __all__ = ["zoo_scan", "list_models"]
@@ -58,7 +59,7 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
     """Scan each model in zoo.path; a model that fails to load or scan gets a
     row with its error and the scan goes on."""
     device = setup(cfg)
-    folder = Path(str(cfg.zoo.path))
+    folder = localize(str(cfg.zoo.path), store_of(cfg), "zoo.path")
     files = list_models(folder, str(cfg.zoo.get("glob") or "*"))
     scfg = typed(ScanConfig, cfg.scan, "scan")  # bad settings fail before any model is scanned
     rcfg = typed(RayConfig, cfg.ray, "ray")
@@ -85,10 +86,10 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
     ray_log: TaskLog | None = TaskLog() if bool(cfg.get("use_ray", True)) else None
     started = init_ray(rcfg) if ray_log is not None else False
     try:
-        with RunDir(cfg.get("out"), "zoo-scan") as run_dir:
+        with RunDir(cfg.get("out"), "zoo-scan", store_of(cfg)) as run_dir:
             # finished first-pass chunks, kept beside the output until it is published: a
             # zoo-scan run again with the same out= after an interruption resumes from them
-            resume = ScanState(ScanState.beside(run_dir.final) if cfg.get("out") else None)
+            resume = ScanState(run_dir.state_dir() if cfg.get("out") else None)
             # 1. the cheap first pass over every model; each starts from the same
             #    seed, so its verdict does not depend on its neighbours in the folder
             passes: dict[str, ScanResult] = {}
@@ -180,5 +181,5 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
     failed = sum(1 for v in verdicts if v["error"])
     print(f"{len(verdicts)} models: {bad} backdoored, {len(verdicts) - bad - failed} clean, {failed} failed to load "
           f"({time.perf_counter() - t0:.0f}s)")  # fmt: skip
-    print(f"wrote {run_dir.final}")
-    return {"verdicts": verdicts, "out": str(run_dir.final)}
+    print(f"wrote {run_dir.location}")
+    return {"verdicts": verdicts, "out": run_dir.location}

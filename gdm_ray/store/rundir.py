@@ -4,6 +4,12 @@ Files are written into a hidden staging folder beside the destination and
 moved into place (one ``os.replace`` per file) only when the command
 succeeds; a failed command removes the staging folder and leaves any earlier
 contents of the destination as they were.
+
+``out=s3://bucket/prefix`` stages in a local temp folder and uploads on
+success, one PUT per file (S3 shows an object whole or not at all). Tables
+and JSON go last, so a reader that finds ``verdicts.parquet`` finds the
+pictures and artifacts beside it; if an upload fails, the objects this run
+had added are deleted again (best effort: the endpoint may be gone).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.store.s3 import S3, StoreError, is_s3, join_uri
 
 __all__ = ["RunDir", "write_json", "default_out", "publish"]
 
@@ -63,10 +70,17 @@ class RunDir:
     >>> run.final  # where they landed
     """
 
-    def __init__(self, out: str | Path | None, command: str) -> None:
-        if out is not None and str(out).startswith("s3://"):
-            raise ConfigError(f"out={out}: writing command outputs to S3 is not supported yet; use a local folder")
+    def __init__(self, out: str | Path | None, command: str, store: Any = None) -> None:
+        self.s3: S3 | None = None
+        if is_s3(str(out or "")):
+            self.location = str(out).rstrip("/")
+            self.s3 = S3(store)
+            self.s3.check_bucket(self.location)  # wrong credentials or no bucket: fail before the work, not after
+            self.final = None
+            self.stage = Path(tempfile.mkdtemp(prefix=f"gdm-ray-{command}-"))
+            return
         self.final = Path(out) if out not in (None, "") else default_out(command)
+        self.location = str(self.final)
         if self.final.exists() and not self.final.is_dir():
             raise ConfigError(f"out={self.final} exists and is not a folder")
         try:
@@ -75,13 +89,30 @@ class RunDir:
         except OSError as exc:
             raise ConfigError(f"out={self.final}: cannot write there ({exc.strerror})") from None
 
+    def join(self, name: str) -> str:
+        """Where ``name`` will be once published (a path or an s3:// URI), for messages."""
+        return join_uri(self.location, name)
+
+    def state_dir(self) -> Path:
+        """A local folder for resumable state of a run with this out= (see ScanState)."""
+        if self.final is not None:
+            return self.final.parent / f".{self.final.name}.state"
+        from gdm_ray.store.fetch import cache_root
+        import hashlib
+
+        return cache_root() / "state" / hashlib.sha256(self.location.encode()).hexdigest()[:24]
+
     def path(self, name: str) -> Path:
         """Where to write ``name`` now (inside the staging folder)."""
         p = self.stage / name
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
-    def commit(self) -> Path:
+    def commit(self) -> str:
+        if self.s3 is not None:
+            self._upload()
+            return self.location
+        assert self.final is not None
         self.final.mkdir(parents=True, exist_ok=True)
         for src in sorted(self.stage.rglob("*")):
             if src.is_file():
@@ -89,7 +120,32 @@ class RunDir:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dst)
         shutil.rmtree(self.stage, ignore_errors=True)
-        return self.final
+        return self.location
+
+    def _upload(self) -> None:
+        assert self.s3 is not None
+        files = [p for p in self.stage.rglob("*") if p.is_file()]
+        files.sort(key=lambda p: (p.suffix in (".parquet", ".json"), str(p)))
+        before = set(self.s3.list(self.location))
+        done: list[str] = []
+        try:
+            for f in files:
+                uri = join_uri(self.location, f.relative_to(self.stage).as_posix())
+                self.s3.put_file(uri, f)
+                done.append(uri)
+        except BaseException as exc:
+            left = []
+            for uri in done:
+                if uri not in before:
+                    try:
+                        self.s3.delete(uri)
+                    except StoreError:
+                        left.append(uri)
+            if left and isinstance(exc, StoreError):
+                raise StoreError(f"{exc}; {len(left)} object(s) of this run could not be removed again") from None
+            raise
+        finally:
+            shutil.rmtree(self.stage, ignore_errors=True)
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)

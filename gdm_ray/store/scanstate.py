@@ -1,7 +1,7 @@
 """Finished first-pass chunks on local disk, so an interrupted scan resumes.
 
 A scan (or zoo-scan) run with an explicit ``out=`` keeps each finished chunk
-of classes in ``.<out>.state/`` beside it until its outputs are published;
+of classes in a state folder (:meth:`RunDir.state_dir`) until its outputs are published;
 run again with the same ``out=``, it loads those chunks instead of searching
 them again. Tensors go to safetensors with the numbers in its metadata:
 nothing here is ever unpickled.
@@ -46,11 +46,6 @@ class ScanState:
         """The run is published: nothing left to resume."""
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
-
-    @staticmethod
-    def beside(out: Path) -> Path:
-        """Where a run writing to ``out`` keeps its state: a hidden sibling."""
-        return out.parent / f".{out.name}.state"
 
     def load(self, key: str) -> list[ClassTrigger] | None:
         if self.folder is None or not (self.folder / f"{key}.safetensors").is_file():
