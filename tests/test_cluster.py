@@ -310,28 +310,42 @@ def _compose(words: list[str]) -> dict:
     return yaml.safe_load(proc.stdout)
 
 
-def _jobs() -> list[tuple[str, dict]]:
+def _entrypoints_in_files() -> list[tuple[str, str]]:
+    """(file, entrypoint) for every RayJob in cluster/ and every patch that replaces one: no renderer needed."""
     out = []
-    for name in OVERLAYS:
-        out += [(name, d) for d in _overlay(name) if d["kind"] == "RayJob"]
+    for path in sorted(CLUSTER.rglob("*.yaml")):
+        for doc in load_docs(path):
+            if isinstance(doc, dict) and doc.get("kind") == "RayJob":
+                out.append((path.relative_to(ROOT).as_posix(), doc["spec"]["entrypoint"]))
+            elif isinstance(doc, list):  # a JSON 6902 patch
+                out += [(path.relative_to(ROOT).as_posix(), op["value"]) for op in doc
+                        if isinstance(op, dict) and op.get("path") == "/spec/entrypoint" and op.get("op") in ("add", "replace")]  # fmt: skip
     return out
 
 
-def test_rayjob_entrypoints_compose_and_fit_their_workers():
+def test_every_entrypoint_composes():
+    """Each RayJob entrypoint, as written in cluster/, is `gdm-ray <command> ...` that Hydra composes."""
     from gdm_ray.cli.main import COMMANDS
 
-    jobs = _jobs()
-    assert sorted(shlex.split(d["spec"]["entrypoint"])[1] for _, d in jobs) == ["sweep", "sweep", "zoo-scan", "zoo-scan"]
-    for overlay, job in jobs:
-        where = f"{overlay}: RayJob/{job['metadata']['name']}"
-        spec = job["spec"]
-        words = shlex.split(spec["entrypoint"])
+    found = _entrypoints_in_files()
+    assert len(found) == 4, found  # the base's two jobs, and the dev overlay's two replacements
+    for where, entrypoint in found:
+        words = shlex.split(entrypoint)
         assert words[0] == "gdm-ray" and words[1] in COMMANDS, where
         cfg = _compose(words)
         assert str(cfg["out"]).startswith("s3://"), f"{where}: out= must be an s3:// prefix (the job's pods are deleted)"
         if words[1] == "zoo-scan":
             assert str(cfg["zoo"]["path"]).startswith("s3://"), where
         assert cfg["ray"]["address"] is None, f"{where}: leave ray.address unset: KubeRay sets RAY_ADDRESS"
+
+
+def test_rendered_rayjobs_clean_up_and_their_tasks_fit_their_workers():
+    jobs = [(name, d) for name in OVERLAYS for d in _overlay(name) if d["kind"] == "RayJob"]
+    assert sorted(shlex.split(d["spec"]["entrypoint"])[1] for _, d in jobs) == ["sweep", "sweep", "zoo-scan", "zoo-scan"]
+    for overlay, job in jobs:
+        where = f"{overlay}: RayJob/{job['metadata']['name']}"
+        spec = job["spec"]
+        cfg = _compose(shlex.split(spec["entrypoint"]))
         # a RayJob that cleans up after itself (KubeRay's own rules: shutdown needs rayClusterSpec, TTL needs shutdown)
         assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0, where
         assert "rayClusterSpec" in spec and "clusterSelector" not in spec, where
