@@ -14,12 +14,16 @@ No cluster, registry or Docker engine is needed:
   worker pods;
 - serveConfigV2 parses as Ray Serve's ServeDeploySchema, its import path
   imports, Serve's own builder path builds the app from its args, and every
-  deployment it configures exists in that app.
+  deployment it configures exists in that app;
+- the Dockerfile statically (base image, variants, user, entry point; hadolint
+  when installed), .dockerignore, and the install it makes: the files it
+  copies built into a wheel, from which the CLI runs with its GDM_RAY_CONFIG_DIR.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
 import subprocess
@@ -467,6 +471,48 @@ def test_dockerfile_static():
     envs = " ".join(rest for i, rest in ins if i == "ENV")
     assert "GDM_RAY_CONFIG_DIR=/home/ray/gdm-ray/configs" in envs  # configs/ is not inside the installed package
     assert [rest for i, rest in ins if i == "ENTRYPOINT"] == ['["gdm-ray"]']
+
+
+def test_image_install_layout(tmp_path):
+    """What the Dockerfile does to the project, without Docker: copy the paths it COPYs,
+    `pip install .` them (as a wheel, unpacked): every module is in it (the Serve app
+    too), and the CLI runs from that install with GDM_RAY_CONFIG_DIR as the ENV sets it
+    (configs/ is not in the package, so without it the CLI would find no configs)."""
+    import importlib.util
+    import shutil
+    import zipfile
+
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools (the project's build backend) is needed to build its wheel offline")
+    ctx = tmp_path / "home/ray/gdm-ray"
+    ctx.mkdir(parents=True)
+    for instr, rest in _dockerfile():
+        if instr == "COPY":
+            *srcs, dest = [w for w in rest.split() if not w.startswith("--")]
+            for src in srcs:
+                target = ctx / (src if dest.endswith("/") else dest.removeprefix("./"))
+                (shutil.copytree if (ROOT / src).is_dir() else shutil.copy)(ROOT / src, target)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ctx),
+                           "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    site = tmp_path / "site-packages"
+    zipfile.ZipFile(next((tmp_path / "wheel").glob("gdm_ray-*.whl"))).extractall(site)
+    packaged = {p.relative_to(site).as_posix() for p in site.rglob("*.py")}
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "gdm_ray").rglob("*.py")}
+    assert source <= packaged, sorted(source - packaged)
+    env_line = next(rest for i, rest in _dockerfile() if i == "ENV" and "GDM_RAY_CONFIG_DIR" in rest)
+    config_dir = tmp_path / env_line.split("GDM_RAY_CONFIG_DIR=", 1)[1].split()[0].lstrip("/")
+    assert (config_dir / "zoo-scan.yaml").is_file()
+    script = (
+        "import sys, gdm_ray; assert gdm_ray.__file__.startswith(sys.argv[1]), gdm_ray.__file__\n"
+        "from gdm_ray.cli.main import main\n"
+        "sys.exit(main(['zoo-scan', 'zoo.path=s3://b/p', 'out=s3://b/q', '--cfg', 'job']))"
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(site), "GDM_RAY_CONFIG_DIR": str(config_dir)}
+    run = subprocess.run([sys.executable, "-P", "-c", script, str(site)], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "zoo:" in run.stdout
 
 
 def _docker_ignored(rel: str, patterns: list[str]) -> bool:
