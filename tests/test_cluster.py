@@ -237,7 +237,11 @@ def test_pods_non_root_with_requests_and_limits(rendered):
                     assert key in res.get("requests", {}) and key in res.get("limits", {}), (folder, group, c["name"], key)
                     assert parse_quantity(res["requests"][key]) <= parse_quantity(res["limits"][key])
                 assert c.get("securityContext", {}).get("allowPrivilegeEscalation") is False
-    assert _by_kind(docs, "ServiceAccount"), f"{folder}: the ServiceAccount gdm-ray is not rendered"
+    accounts = _by_kind(docs, "ServiceAccount")
+    assert accounts, f"{folder}: the ServiceAccount gdm-ray is not rendered"
+    # the autoscaler sidecar in the head pod talks to the API server with the account's token
+    assert all(a.get("automountServiceAccountToken", True) for a in accounts)
+    assert all(t["spec"].get("automountServiceAccountToken", True) for d in docs for _, t in pod_templates(d))
 
 
 def test_prod_has_autoscaling_gpu_workers():
