@@ -23,6 +23,7 @@ COMMANDS = {
     "zoo-scan": "scan every model file in a folder: verdicts.parquet, classes.parquet, scores.png",
     "defend": "repair a model by retraining against the found triggers; writes model.pt + metrics.json",
     "sweep": "Ray Tune sweep of MESA's alpha, trigger size (N, betas, ...) scored by the defense; trials.parquet",
+    "serve": "HTTP endpoint (Ray Serve) that samples triggers from MESA ensembles: POST /v1/sample",
     "demo": "the end-to-end main job on the embedded default",
 }
 

@@ -1,0 +1,86 @@
+"""``gdm-ray serve``: the trigger-sampling endpoint (gdm_ray.dist.serve) on this machine.
+
+Every ensemble is opened (and its hash checked) here first, so a missing
+path, a bad S3 prefix or an id collision is one line and a non-zero exit
+before Ray starts; then Ray (embedded default, or ray.address) runs the app
+on host:port until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gdm_ray.cli.commands import print_table, store_of, typed
+from gdm_ray.core.errors import ConfigError
+from gdm_ray.dist.runtime import RayConfig, init_ray
+
+__all__ = ["serve", "app_args"]
+
+# configs/serve.yaml keys that are the app builder's args (the rest place the HTTP server)
+_APP_KEYS = ("ensembles", "token", "max_n", "max_png_n", "batching", "autoscaling", "max_ongoing_requests", "access_log")
+
+
+def app_args(cfg: DictConfig) -> dict[str, Any]:
+    """build_app's args from the composed config: plain values, token resolved here (not re-read from env)."""
+    args = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in _APP_KEYS}
+    args["token_env"] = None
+    args["replica_cpus"] = float(cfg.ray.task_cpus)
+    args["store"] = store_of(cfg)
+    return args
+
+
+def _check_port(host: str, port: Any) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"port={port!r} must be an integer in 1..65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"host={host} port={port}: cannot listen there ({exc.strerror or exc})") from None
+    return port
+
+
+def serve(cfg: DictConfig) -> dict[str, Any]:
+    from gdm_ray.dist.serve import Sampler, ServeSettings, build_app
+
+    host = str(cfg.host)
+    args = app_args(cfg)
+    settings = ServeSettings.from_args(args)
+    sampler = Sampler(settings)  # opens every ensemble: bad URIs fail here, before Ray
+    port = _check_port(host, cfg.port)
+    route = str(cfg.route_prefix or "/")
+    if not route.startswith("/"):
+        raise ConfigError(f"route_prefix={route!r} must start with '/'")
+    ray_cfg = typed(RayConfig, cfg.ray, "ray")
+
+    import ray
+    from ray import serve as ray_serve
+
+    started = init_ray(ray_cfg)
+    try:
+        ray_serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": settings.access_log})
+        ray_serve.run(build_app(args), name=str(cfg.app_name), route_prefix=route)
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}{route.rstrip('/')}"
+        print(f"gdm-ray serve: {url}  (POST /v1/sample, GET /v1/ensembles, GET /healthz; docs {url}/docs)")
+        print_table([(d["id"], f"{d['uri']}  class {d['target_class']}, trigger {'x'.join(map(str, d['trigger_shape']))}, "
+                               f"{d['levels']} levels{', alpha mask' if d['with_alpha'] else ''}")
+                     for d in sampler.describe()])  # fmt: skip
+        auth = "bearer token required on /v1/*" if settings.token else "no token (open)"
+        print(f"max_n {settings.max_n}, {auth}; Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("gdm-ray serve: stopping", file=sys.stderr)
+    finally:
+        try:
+            ray_serve.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
+    return {"url": url, "ensembles": list(settings.ensembles)}
