@@ -161,3 +161,28 @@ def test_bad_s3_settings_fail_fast_with_one_line(s3_server, bucket, models, caps
     one_line_error(capsys, "Bad_Bucket", "not a valid S3 bucket name")
     assert time.perf_counter() - t0 < 60  # every one of them fails before any scanning
     assert S3(s3_server.store()).list(f"s3://{bucket}") == []  # and wrote nothing
+
+
+def test_sweep_writes_to_s3_and_a_rerun_elsewhere_reports_it(s3_server, bucket, tmp_path, monkeypatch, capsys):
+    attack = tmp_path / "attack"
+    assert main(["attack", "data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1", "attack.target=1",
+                 "attack.rate=0.2", "train.epochs=6", f"out={attack}"]) == 0  # fmt: skip
+    s3 = S3(s3_server.store())
+    s3.put_file(f"s3://{bucket}/models/m.pt", attack / "model.pt")
+    s3.put_file(f"s3://{bucket}/models/m.json", attack / "model.json")  # the card names the real trigger
+    out = f"s3://{bucket}/sweeps/s1"
+    args = ["sweep", f"model=s3://{bucket}/models/m.pt", "target_class=1", "data=synthetic", "data.samples=600", "mesa.steps=30",
+            "mesa.eval_samples=64", "defense.epochs=1", "ray.num_cpus=2", "progress=false",
+            "sweep.space={mesa.alpha:{grid:[0.01,0.1]}}", f"out={out}", *s3_server.overrides()]  # fmt: skip
+    monkeypatch.setenv("GDM_RAY_CACHE", str(tmp_path / "cache-1"))
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"wrote {out}" in capsys.readouterr().out
+    rows = pq.read_table(f"{bucket}/sweeps/s1/trials.parquet", filesystem=arrow_fs(s3_server)).to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["asr_after"] is not None for r in rows)
+    summary = json.loads(s3.get_bytes(f"{out}/sweep.json"))
+    assert summary["table"] == f"{out}/trials.parquet" and summary["best"]["mesa.alpha"] in (0.01, 0.1)
+    assert any(k.startswith(f"{out}/tune/") for k in s3.list(out))
+    # another machine (empty cache) with the same command: reported from S3, not rerun
+    monkeypatch.setenv("GDM_RAY_CACHE", str(tmp_path / "cache-2"))
+    assert main(args) == 0
+    assert "has finished (2 trials); nothing to run" in capsys.readouterr().err

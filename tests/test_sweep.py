@@ -222,7 +222,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(model, tmp_
         (["sweep.mode=random", "sweep.space={mesa.levels:{choice:[2,3]},mesa.betas:{choice:[[0,0.5]]}}"], ["mesa.betas"]),
         (["sweep.mode=bayes"], ["sweep.mode='bayes'"]),
         (["sweep.num_samples=3"], ["sweep.num_samples=3"]),
-        (["out=s3://bucket/sweeps/x"], ["out=s3://bucket/sweeps/x", "S3"]),
+        (["out=s3://bucket/sweeps/x", "store.endpoint_url=http://127.0.0.1:9", "store.access_key_id=k", "store.secret_access_key=s",
+          "store.retries=0", "store.connect_timeout=1"], ["s3://bucket/sweeps/x", "unreachable"]),
     ],
 )
 def test_bad_inputs_are_one_line_and_write_nothing(model, extra, needles, tmp_path, capsys):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,14 +28,14 @@ from gdm_ray.core.plots import save_examples
 from gdm_ray.core.train import TrainConfig
 from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
 from gdm_ray.store import RunDir, code_version, config_hash, write_json
-from gdm_ray.store.rundir import default_out
 
-__all__ = ["run", "attack", "evaluate", "demo"]
+__all__ = ["run", "attack", "evaluate"]
 
 T = TypeVar("T")
 
 
 def run(command: str, cfg: DictConfig) -> dict[str, Any]:
+    from gdm_ray.cli.demo import demo
     from gdm_ray.cli.scan import scan
     from gdm_ray.cli.search import defend, search
     from gdm_ray.cli.serve import serve
@@ -114,19 +113,20 @@ def store_of(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def model_file(cfg: DictConfig, key: str = "model") -> Path:
-    """model= as a local file: an s3:// object is fetched (with its model.json card
-    when one is beside it); a missing file fails before the slow data load."""
+    """model= as a local file: an s3:// object is fetched (with its card, the
+    same name with .json, when one is beside it); a missing file fails before
+    the slow data load."""
     from gdm_ray.store.fetch import localize
-    from gdm_ray.store.s3 import S3, is_s3, join_uri
+    from gdm_ray.store.s3 import S3, is_s3
 
     uri = str(OmegaConf.select(cfg, key, throw_on_missing=True))
     if is_s3(uri):
         path = localize(uri, store_of(cfg), what=key)
-        card = join_uri(uri.rsplit("/", 1)[0], "model.json")
+        card = uri.rsplit(".", 1)[0] + ".json" if "." in uri.rsplit("/", 1)[-1] else uri + ".json"
         if path.is_file() and S3(store_of(cfg)).exists(card):
             localize(card, store_of(cfg), what=key)
         else:
-            path.with_name("model.json").unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
     else:
         path = Path(uri)
     if not path.is_file():
@@ -314,66 +314,3 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     print_table([("clean accuracy", f"{acc:.2%}"), ("attack success rate", f"{asr:.2%}")])
     print(f"wrote {run_dir.location}")
     return {**metrics, "out": run_dir.location}
-
-
-def demo(cfg: DictConfig) -> dict[str, Any]:
-    """Backdoor a Fashion-MNIST model, evaluate it on the held-out split, repair it with MESA."""
-    t0 = time.perf_counter()
-    base = Path(cfg.out) if cfg.get("out") else default_out("demo")
-    created = not base.exists()
-    try:
-        return _demo_steps(cfg, base, t0)
-    except BaseException:
-        if created:  # each step publishes atomically; drop the folder of a failed demo whole
-            shutil.rmtree(base, ignore_errors=True)
-        raise
-
-
-def _demo_steps(cfg: DictConfig, base: Path, t0: float) -> dict[str, Any]:
-    attack_cfg = cfg.copy()
-    attack_cfg.out = str(base / "attack")
-    print("== step 1/3: train a backdoored model")
-    a = attack(attack_cfg)
-    eval_cfg = OmegaConf.create(
-        {
-            "data": OmegaConf.to_container(cfg.data),
-            "trigger": None,
-            "arch": None,
-            "model": str(base / "attack" / "model.pt"),
-            "target": None,
-            "split": "eval",
-            "seed": int(cfg.seed) + 1,
-            "device": cfg.device,
-            "threads": cfg.threads,
-            "progress": cfg.progress,
-            "out": str(base / "evaluate"),
-        }
-    )
-    print("== step 2/3: evaluate it on the held-out split")
-    e = evaluate(eval_cfg)
-    print("== step 3/3: model its triggers with MESA and repair it")
-    from gdm_ray.cli.main import compose_config
-    from gdm_ray.cli.search import defend
-
-    defend_cfg = compose_config(
-        "defend",
-        [f"model={base / 'attack' / 'model.pt'}", f"target_class={int(a['target'])}", f"out={base / 'defend'}",
-         f"seed={int(cfg.seed)}", f"device={cfg.device}", f"progress={str(bool(cfg.progress)).lower()}"],
-    )  # fmt: skip
-    defend_cfg.data, defend_cfg.mesa, defend_cfg.defense = cfg.data, cfg.mesa, cfg.defense
-    defend_cfg.threads = cfg.threads
-    d = defend(defend_cfg)
-    print("\n== summary")
-    print_table(
-        [
-            ("data", f"{a['data']} ({'x'.join(map(str, a['input_shape']))}, {a['num_classes']} classes)"),
-            ("trigger", f"{a['trigger']['family']} -> class {a['target']} ({a['classes'][a['target']]})"),
-            ("clean accuracy", f"{e['clean_accuracy']:.2%}"),
-            ("attack success rate", f"{e['asr']:.2%}"),
-            ("after MESA repair", f"accuracy {d['after']['clean_accuracy']:.2%}, ASR {d['after']['asr']:.2%}"),
-            ("MESA triggers", str(base / "defend" / "samples.png")),
-            ("seconds", f"{time.perf_counter() - t0:.0f}"),
-            ("results", str(base)),
-        ]
-    )
-    return {"attack": a, "evaluate": e, "defend": d, "out": str(base)}

@@ -4,6 +4,7 @@ and how a trial is scored; gdm_ray.dist.sweep runs the trials)."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import shutil
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
 
-from gdm_ray.cli.commands import plain, print_table, typed
+from gdm_ray.cli.commands import plain, print_table, store_of, typed
 from gdm_ray.cli.search import _load, _real_trigger
 from gdm_ray.core.defense import DefenseConfig
 from gdm_ray.core.errors import ConfigError, GdmRayError
@@ -25,7 +26,9 @@ from gdm_ray.dist.runtime import RayConfig, init_ray
 from gdm_ray.dist.sweep import (EXPERIMENT, SpaceParam, SweepConfig, TrialContext, apply_params, can_restore, combinations,
                                 param_fields, parse_space, run_tune, trial_rows)  # fmt: skip
 from gdm_ray.store import code_version, config_hash, read_rows, trial_schema, write_json, write_rows
+from gdm_ray.store.fetch import cache_root
 from gdm_ray.store.rundir import default_out, publish
+from gdm_ray.store.s3 import S3, is_s3, join_uri
 
 __all__ = ["sweep", "GROUPS"]
 
@@ -41,8 +44,6 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     """Validate everything, then run (or resume, or just report) the sweep."""
     t0 = time.perf_counter()
     out = cfg.get("out")
-    if out is not None and str(out).startswith("s3://"):
-        raise ConfigError(f"out={out}: writing sweep outputs to S3 arrives with the store issue; use a local folder")
     opts = typed(SweepConfig, cfg.sweep, "sweep")
     ray_cfg = typed(RayConfig, cfg.ray, "ray")
     params = parse_space(opts.search_space, opts.mode, GROUPS)
@@ -84,13 +85,22 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"model={loaded.path}: a sweep scores trials by the ASR of the real trigger; pass trigger=... "
                           "(e.g. trigger=bw3x3) or keep the model's card (model.json) beside it")  # fmt: skip
 
-    final = (Path(str(out)) if out not in (None, "") else default_out("sweep")).resolve()
+    s3_uri = str(out).rstrip("/") if is_s3(str(out or "")) else None
+    if s3_uri:  # Tune runs in a local mirror; the finished sweep is uploaded (see _push)
+        S3(store_of(cfg)).check_bucket(s3_uri)
+        final = cache_root() / "sweeps" / hashlib.sha256(s3_uri.encode()).hexdigest()[:24]
+        _pull_finished(s3_uri, final, store_of(cfg))
+    else:
+        final = (Path(str(out)) if out not in (None, "") else default_out("sweep")).resolve()
+    where = s3_uri or str(final)
     body = {k: v for k, v in plain(cfg).items() if k not in _NOT_RESUME_KEYS}
     request_hash = config_hash({"config": body, "model_sha256": loaded.sha256})
     experiment = final / EXPERIMENT
     state = _out_state(final, request_hash)
     if state == "done":
-        return _report_finished(final)
+        if s3_uri:
+            _push(final, s3_uri, store_of(cfg))
+        return _report_finished(final, where)
 
     ctx = TrialContext(
         model_bytes=Path(loaded.path).read_bytes(), model_suffix=Path(loaded.path).suffix or ".pt",
@@ -101,7 +111,7 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     what = f"{len(combos)} grid trials" if opts.mode == "grid" else f"{opts.num_samples} random draws"
     print(f"gdm-ray sweep: {loaded.path}, class {target}, {what} over {', '.join(p.key for p in params)}; "
           f"search and retrain on {len(splits.defense)} clean images, metrics on {len(splits.eval)} held-out images"
-          + (f"; resuming {final}" if state == "resume" else ""), file=sys.stderr)  # fmt: skip
+          + (f"; resuming {where}" if state == "resume" else ""), file=sys.stderr)  # fmt: skip
     started = init_ray(ray_cfg)
     created = not final.exists()
     try:
@@ -124,7 +134,7 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     pending = [r for r in records if not r.finished]
     if pending:
         print(f"gdm-ray sweep: interrupted with {len(records) - len(pending)} of {len(records)} trials finished; "
-              f"run the same command (out={final}) to resume", file=sys.stderr)  # fmt: skip
+              f"run the same command (out={where}) to resume", file=sys.stderr)  # fmt: skip
         raise KeyboardInterrupt
 
     fields = param_fields(params, GROUPS)
@@ -147,17 +157,37 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
         "trials": len(rows), "errors": sum(r["status"] != "TERMINATED" for r in rows), "resumed": resumed,
         "model": loaded.path, "model_sha256": loaded.sha256, "target_class": target,
         "real_trigger": real_spec, "real_target": real_target,
-        "table": str(final / TABLE), "plot": str(final / PLOT), "experiment": str(experiment),
+        "table": join_uri(where, TABLE), "plot": join_uri(where, PLOT), "experiment": join_uri(where, EXPERIMENT),
         "config_hash": config_hash(plain(cfg)), "request_hash": request_hash, "code_version": code_version(),
         "seconds": round(time.perf_counter() - t0, 2),
     }  # fmt: skip
     write_json(final / SUMMARY, summary)
+    if s3_uri:
+        _push(final, s3_uri, store_of(cfg))
     _print(summary, rows, params)
-    print(f"wrote {final}")
+    print(f"wrote {where}")
     if best is None:
         first = next((r["error"] for r in rows if r["error"]), "no metric")
-        raise GdmRayError(f"no trial of the sweep in {final} finished ({len(rows)} failed; first: {first}); see {final / TABLE}")
-    return {**summary, "out": str(final)}
+        raise GdmRayError(f"no trial of the sweep in {where} finished ({len(rows)} failed; first: {first}); see {summary['table']}")
+    return {**summary, "out": where}
+
+
+def _pull_finished(uri: str, mirror: Path, store: dict[str, Any] | None) -> None:
+    """A sweep that finished on S3 (its summary is there) is reported, not rerun,
+    on any machine: fetch what _out_state and _report_finished read."""
+    s3 = S3(store)
+    if s3.exists(join_uri(uri, SUMMARY)):
+        for name in (REQUEST, TABLE, SUMMARY):
+            s3.download(join_uri(uri, name), mirror / name)
+
+
+def _push(mirror: Path, uri: str, store: dict[str, Any] | None) -> None:
+    """Upload the finished sweep: Tune's experiment, the table and plot, the summary
+    last (its presence on S3 means the sweep is whole)."""
+    s3 = S3(store)
+    files = sorted((p for p in mirror.rglob("*") if p.is_file()), key=lambda p: (p.name == SUMMARY, str(p)))
+    for f in files:
+        s3.put_file(join_uri(uri, f.relative_to(mirror).as_posix()), f)
 
 
 def _out_state(final: Path, request_hash: str) -> str:
@@ -186,17 +216,17 @@ def _out_state(final: Path, request_hash: str) -> str:
     return "resume" if can_restore(final / EXPERIMENT) else "new"
 
 
-def _report_finished(final: Path) -> dict[str, Any]:
+def _report_finished(final: Path, where: str) -> dict[str, Any]:
     import json
 
     summary = json.loads((final / SUMMARY).read_text())
     rows = read_rows(final / TABLE)
-    print(f"gdm-ray sweep: the sweep in {final} has finished ({summary['trials']} trials); nothing to run", file=sys.stderr)
+    print(f"gdm-ray sweep: the sweep in {where} has finished ({summary['trials']} trials); nothing to run", file=sys.stderr)
     params = [SpaceParam(k, next(iter(v)), tuple(next(iter(v.values())))) for k, v in summary["space"].items()]
     _print(summary, rows, params)
     if summary.get("best") is None:
-        raise GdmRayError(f"no trial of the sweep in {final} finished; see {final / TABLE}")
-    return {**summary, "out": str(final), "already_finished": True}
+        raise GdmRayError(f"no trial of the sweep in {where} finished; see {join_uri(where, TABLE)}")
+    return {**summary, "out": where, "already_finished": True}
 
 
 def _fmt(v: Any) -> str:
