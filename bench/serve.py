@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import statistics
 import sys
@@ -182,6 +183,7 @@ def main() -> None:
 
     from gdm_ray.dist.serve import build_app
 
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="gdm-ray-bench")
     port = free_port()
@@ -203,6 +205,7 @@ def main() -> None:
                 print(f"repeat {rep + 1}/{repeats}: {ens} n={n} {enc} c={conc}: {res['tps']:.0f} triggers/s, "
                       f"p50 {res['p50']:.1f} ms, p99 {res['p99']:.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
     finally:
+        load_after = os.getloadavg()[0]
         serve.shutdown()
         ray.shutdown()
 
@@ -232,7 +235,9 @@ def main() -> None:
         f"HTTP: `POST /v1/sample` on 127.0.0.1 (Ray Serve; replicas {st.autoscaling or 'fixed: 1'}; @serve.batch "
         f"{st.max_batch_size} / {st.batch_wait_timeout_s * 1e3:g} ms; access log {'on' if st.access_log else 'off'}; aiohttp "
         f"client on the same machine), median of {repeats} interleaved repeats; Ray + Serve start-up {startup:.1f} s (not timed below). "
-        "`x in-proc` = in-process sample()+JSON triggers/s over HTTP triggers/s for the same ensemble and n.",
+        "`x in-proc` = in-process sample()+JSON triggers/s over HTTP triggers/s for the same ensemble and n. "
+        f"Machine load (1-min load average) {load_before:.1f} before and {load_after:.1f} after the HTTP runs, on "
+        f"{os.cpu_count()} cores: other jobs shared the CPUs, so latencies are upper bounds for an idle machine.",
         "",
         markdown_table(["ensemble", "n", "encoding", "concurrency", "requests", "triggers/s", "req/s", "p50 ms", "p99 ms",
                         "x in-proc", "runs (triggers/s)"], rows),  # fmt: skip
