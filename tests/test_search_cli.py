@@ -138,15 +138,3 @@ def test_bad_search_inputs_are_one_line_and_write_nothing(model, extra, needles,
 def test_missing_model_fails_before_loading_data(tmp_path, capsys):
     code, _, err = run_cli(["search", f"model={tmp_path / 'nope.pt'}", "target_class=0", *FAST], capsys)
     assert code == 1 and "nope.pt" in err and "no such file" in err
-
-
-def test_demo_runs_attack_evaluate_and_repair(tmp_path, capsys):
-    out = tmp_path / "demo"
-    args = ["demo", *TINY, "train.epochs=6", "attack.rate=0.2", "attack.target=1", "mesa.steps=250",
-            "mesa.eval_samples=256", "defense.epochs=4", f"out={out}"]  # fmt: skip
-    code, stdout, err = run_cli(args, capsys)
-    assert code == 0, err
-    assert {"attack", "evaluate", "defend"} <= {p.name for p in out.iterdir()}
-    m = json.loads((out / "defend" / "metrics.json").read_text())
-    assert m["before"]["asr"] >= 0.9 and m["after"]["asr"] < 0.25, m
-    assert "after MESA repair" in stdout and "step 3/3" in stdout

@@ -247,7 +247,11 @@ def test_png_grid(server):
         status, ctype, raw = request(server, "POST", "/v1/sample", body, headers=headers)
         assert status == 200 and ctype == "image/png" and raw[:8] == b"\x89PNG\r\n\x1a\n"
         img = Image.open(io.BytesIO(raw))
-        assert img.mode == ("RGB" if body["ensemble"] == "shaped" else "L") and min(img.size) > 32
+        assert img.mode == "RGB" and min(img.size) > 32
+        assert img.getpixel((0, 0)) == (51, 89, 204)  # the frame that keeps cells apart
+        if body["ensemble"] == "square":  # 1-channel triggers are grey: R = G = B inside the first cell
+            r, g, b = img.getpixel((6, 6))
+            assert r == g == b
     status, _, raw = request(server, "POST", "/v1/sample", {"ensemble": "square", "n": 101, "format": "png"})
     assert status == 422 and "max_png_n=100" in json.loads(raw)["detail"]
 

@@ -79,10 +79,19 @@ def test_zoo_scan_reads_models_from_and_writes_results_to_s3(s3_server, bucket, 
     assert s3_server.secret_access_key not in s3.get_bytes(f"{out}/zoo.json").decode()
 
 
-def test_ensemble_saved_to_and_loaded_from_s3(s3_server, bucket, models, capsys):
-    out = f"s3://{bucket}/search-1"
-    args = ["search", f"model={models['backdoored']}", "target_class=2", *SCAN_DATA, "mesa.steps=60", "mesa.eval_samples=128", f"out={out}", *s3_server.overrides()]
-    assert main(args) == 0, capsys.readouterr().err
+@pytest.fixture(scope="module")
+def searched(s3_server, models) -> str:
+    """`gdm-ray search out=s3://...`: the run folder (its ensemble/ on S3)."""
+    s3_server.client().create_bucket(Bucket="searched")
+    out = "s3://searched/search-1"
+    args = ["search", f"model={models['backdoored']}", "target_class=2", *SCAN_DATA, "mesa.steps=60", "mesa.eval_samples=128",
+            f"out={out}", *s3_server.overrides()]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+def test_ensemble_saved_to_and_loaded_from_s3(s3_server, bucket, searched):
+    out = searched
     store = s3_server.store()
     ens = open_ensemble(f"{out}/ensemble", store)
     assert ens.target_class == 2
@@ -102,6 +111,7 @@ def test_ensemble_saved_to_and_loaded_from_s3(s3_server, bucket, models, capsys)
     from gdm_ray.store.fetch import localize
 
     local = localize(f"{out}/ensemble", store)
+    assert (local / "manifest.json").is_file()
     publish_ensemble(local, f"s3://{bucket}/copy/ensemble", store)
     assert open_ensemble(f"s3://{bucket}/copy/ensemble", store).manifest == load_ensemble(local).manifest
 
@@ -186,3 +196,49 @@ def test_sweep_writes_to_s3_and_a_rerun_elsewhere_reports_it(s3_server, bucket, 
     monkeypatch.setenv("GDM_RAY_CACHE", str(tmp_path / "cache-2"))
     assert main(args) == 0
     assert "has finished (2 trials); nothing to run" in capsys.readouterr().err
+
+
+def test_ensemble_served_from_s3_over_http(s3_server, searched):
+    """Ray Serve loads the ensemble from S3 in its replica; real HTTP requests sample it."""
+    import http.client
+
+    import ray
+    import torch
+    from ray import serve
+    from s3server import free_port
+
+    from gdm_ray.dist.runtime import RayConfig, init_ray
+    from gdm_ray.dist.serve import build_app
+
+    uri = f"{searched}/ensemble"
+    port = free_port()
+    started = init_ray(RayConfig(num_cpus=2))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"ensembles": [f"fm={uri}"], "store": s3_server.store(), "autoscaling": None}),
+                  name="gdm-ray-s3", route_prefix="/")  # fmt: skip
+
+        def call(method: str, path: str, body: object = None) -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request(method, path, body=json.dumps(body).encode() if body is not None else None,
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+            r = conn.getresponse()
+            out = (r.status, r.read())
+            conn.close()
+            return out
+
+        status, raw = call("GET", "/v1/ensembles")
+        assert status == 200, raw
+        listed = json.loads(raw)
+        listed = listed.get("ensembles", listed) if isinstance(listed, dict) else listed
+        assert [(e["id"], e["uri"], e["target_class"]) for e in listed] == [("fm", uri, 2)]
+        status, raw = call("POST", "/v1/sample", {"ensemble": "fm", "n": 16, "seed": 7})
+        assert status == 200, raw
+        got = json.loads(raw)
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    want, _ = open_ensemble(uri, s3_server.store()).sample(16, torch.Generator().manual_seed(7))
+    assert torch.tensor(got["patterns"]).shape == want.shape
+    assert torch.allclose(torch.tensor(got["patterns"]), want)

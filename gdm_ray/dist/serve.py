@@ -255,23 +255,24 @@ def encode_json(job: Job, patterns: torch.Tensor, alphas: torch.Tensor, encoding
 
 def png_grid(patterns: torch.Tensor, alphas: torch.Tensor, cell: int = 32) -> bytes:
     """The triggers as a PNG grid, each blended by its alpha over mid-grey (as plots.save_level_grid
-    shows them); 1-channel triggers in grey, 3-channel in colour, others by their first channel."""
+    shows them) in a blue frame; 1-channel triggers in grey, 3-channel in colour, others by their first channel."""
     from PIL import Image
 
     n, c, h, w = patterns.shape
     img = (1 - alphas.unsqueeze(1)) * 0.5 + alphas.unsqueeze(1) * patterns  # n x C x h x w
-    img = img if c == 3 else img[:, :1]
+    img = img if c == 3 else img[:, :1].expand(-1, 3, -1, -1)
     k = max(1, cell // max(h, w))  # nearest-neighbour upscaling: small triggers stay visible
     img = img.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    ch, cw, gap = h * k, w * k, 2
-    grid = torch.ones(img.shape[1], rows * (ch + gap) + gap, cols * (cw + gap) + gap)
+    ch, cw, gap = h * k, w * k, 4
+    # a blue frame: black, white and grey triggers all stand apart from it
+    grid = torch.tensor([0.2, 0.35, 0.8]).view(3, 1, 1).repeat(1, rows * (ch + gap) + gap, cols * (cw + gap) + gap)
     for i in range(n):
         r, q = divmod(i, cols)
         grid[:, gap + r * (ch + gap): gap + r * (ch + gap) + ch, gap + q * (cw + gap): gap + q * (cw + gap) + cw] = img[i]
     arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
-    pil = Image.fromarray(arr.permute(1, 2, 0).numpy() if arr.shape[0] == 3 else arr[0].numpy())
+    pil = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy())
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     return buf.getvalue()
