@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-slow bench fashion-mnist venv clean
+.PHONY: demo test test-slow bench fashion-mnist haproxy venv clean
 
 venv: $(STAMP)
 
@@ -35,20 +35,35 @@ fashion-mnist:
 	  exit 1; \
 	fi
 
-demo: $(STAMP) fashion-mnist
+# HAProxy is optional: `gdm-ray serve` puts Ray Serve's HAProxy ingress in front of
+# its replicas when the binary is installed (ingress=auto), else Serve's Python proxy.
+haproxy:
+	@if command -v haproxy >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing haproxy (Debian package; Ray Serve's faster HTTP ingress)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null) || \
+	  echo "haproxy could not be installed: gdm-ray serve uses Ray Serve's Python proxy"; \
+	else \
+	  echo "no haproxy: gdm-ray serve uses Ray Serve's Python proxy (apt-get install haproxy for the faster ingress)"; \
+	fi
+
+demo: $(STAMP) fashion-mnist haproxy
 	$(BIN)/gdm-ray demo
 
-test: $(STAMP) fashion-mnist
+test: $(STAMP) fashion-mnist haproxy
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP) fashion-mnist
+test-slow: $(STAMP) fashion-mnist haproxy
 	$(BIN)/python -m pytest -m slow
 
-bench: $(STAMP) fashion-mnist
+bench: $(STAMP) fashion-mnist haproxy
 	$(BIN)/python bench/attack.py
 	$(BIN)/python bench/defense.py
 	$(BIN)/python bench/mesa_batching.py
 	$(BIN)/python bench/detect.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/quote.py
 
 clean:

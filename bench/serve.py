@@ -1,8 +1,9 @@
 """Serve bench: `POST /v1/sample` over real HTTP on loopback at concurrency 1,
 8 and 32, beside the same sampling in this process.
 
-    python bench/serve.py            # ~3 min on 2 cores
-    python bench/serve.py --quick    # smoke run: 1 repeat, fewer requests
+    python bench/serve.py                  # ~3 min on 2 cores; serve's default ingress (auto)
+    python bench/serve.py ingress=proxy    # Serve's Python proxy instead (bench/results/serve-proxy.md)
+    python bench/serve.py --quick          # smoke run: 1 repeat, fewer requests
 
 Ensembles: two made here by a 3-step MESA fit on random data (sampling cost
 does not depend on the weights' values): `fm3x3`, 1x3x3 like the demo's
@@ -11,7 +12,8 @@ bench/detect's fixed irregular trigger (4x the floats per trigger).
 
 HTTP: Ray started in this process with num_cpus=2, Serve on 127.0.0.1 with
 the app of `gdm-ray serve` (configs/serve.yaml defaults: @serve.batch of 16,
-2 ms wait; one replica, 1 torch thread). The load generator is an aiohttp
+no wait; 1-2 replicas, 1 torch thread each; ingress auto: HAProxy when
+installed, else Serve's Python proxy, see gdm_ray/dist/ingress.py). The load generator is an aiohttp
 client in this process (it shares the 2 cores with Serve's proxy and
 replica): C coroutines each send requests one after another over a kept-alive
 connection until a fixed number of requests is done (bounded: no open-loop
@@ -185,6 +187,10 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
+    from gdm_ray.cli.serve import start_ingress
+    from gdm_ray.dist.runtime import RayConfig
+
+    ingress = start_ingress(str(cfg.ingress), RayConfig())  # before Ray starts: its processes read it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="gdm-ray-bench")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": bool(cfg.access_log)})
@@ -232,7 +238,7 @@ def main() -> None:
                ", ".join(f"{v:,.0f}" for v in inproc[(e, n, True)])] for e, n in inproc_cases]  # fmt: skip
     b = batching_check(paths["fm3x3"])
     body = "\n".join([
-        f"HTTP: `POST /v1/sample` on 127.0.0.1 (Ray Serve; replicas {st.autoscaling or 'fixed: 1'}; @serve.batch "
+        f"HTTP: `POST /v1/sample` on 127.0.0.1 (Ray Serve, ingress **{ingress}** (`ingress={cfg.ingress}`); replicas {st.autoscaling or 'fixed: 1'}; @serve.batch "
         f"{st.max_batch_size} / {st.batch_wait_timeout_s * 1e3:g} ms; access log {'on' if st.access_log else 'off'}; aiohttp "
         f"client on the same machine), median of {repeats} interleaved repeats; Ray + Serve start-up {startup:.1f} s (not timed below). "
         "`x in-proc` = in-process sample()+JSON triggers/s over HTTP triggers/s for the same ensemble and n. "
@@ -253,7 +259,8 @@ def main() -> None:
         "",
         "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
     ])  # fmt: skip
-    path = write_result("serve-quick" if args.quick else "serve", "Serve: trigger sampling over HTTP vs in process", body)
+    name = "serve" + ("" if str(cfg.ingress) == "auto" else f"-{cfg.ingress}") + ("-quick" if args.quick else "")
+    path = write_result(name, f"Serve: trigger sampling over HTTP ({ingress} ingress) vs in process", body)
     print(body)
     print(f"wrote {path}")
 

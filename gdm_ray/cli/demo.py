@@ -127,14 +127,16 @@ def _serve_and_fetch(cfg: DictConfig, ensemble: Path, out: Path, name: str) -> d
     from ray import serve
 
     from gdm_ray.cli.commands import typed
-    from gdm_ray.cli.serve import app_args
+    from gdm_ray.cli.serve import app_args, start_ingress
     from gdm_ray.dist.runtime import RayConfig, init_ray
     from gdm_ray.dist.serve import build_app
 
     port = _free_port()
     scfg = compose_config("serve", [f'ensembles=["{name}={ensemble}"]', f"port={port}", "token=null"])
     _inherit(scfg, cfg, "ray")
-    started = init_ray(typed(RayConfig, scfg.ray, "ray"))
+    ray_cfg = typed(RayConfig, scfg.ray, "ray")
+    start_ingress(str(scfg.ingress), ray_cfg)
+    started = init_ray(ray_cfg)
     url = f"http://127.0.0.1:{port}"
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

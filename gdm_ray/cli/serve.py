@@ -19,7 +19,7 @@ from gdm_ray.cli.commands import print_table, store_of, typed
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.dist.runtime import RayConfig, init_ray
 
-__all__ = ["serve", "app_args"]
+__all__ = ["serve", "app_args", "start_ingress"]
 
 # configs/serve.yaml keys that are the app builder's args (the rest place the HTTP server)
 _APP_KEYS = ("ensembles", "token", "max_n", "max_png_n", "batching", "autoscaling", "max_ongoing_requests", "access_log")
@@ -45,6 +45,20 @@ def _check_port(host: str, port: Any) -> int:
     return port
 
 
+def start_ingress(mode: str, ray_cfg: RayConfig) -> str:
+    """Set the environment that picks Serve's HTTP ingress (gdm_ray.dist.ingress) for
+    the Ray this process is about to start; a joined cluster keeps its own."""
+    import os
+
+    from gdm_ray.dist.ingress import ingress_env
+
+    chosen, env = ingress_env(mode)
+    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+        return "the cluster's"
+    os.environ.update(env)
+    return chosen
+
+
 def serve(cfg: DictConfig) -> dict[str, Any]:
     from gdm_ray.dist.serve import Sampler, ServeSettings, build_app
 
@@ -57,6 +71,7 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     if not route.startswith("/"):
         raise ConfigError(f"route_prefix={route!r} must start with '/'")
     ray_cfg = typed(RayConfig, cfg.ray, "ray")
+    ingress = start_ingress(str(cfg.get("ingress") or "auto"), ray_cfg)
 
     import ray
     from ray import serve as ray_serve
@@ -71,7 +86,7 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
                                f"{d['levels']} levels{', alpha mask' if d['with_alpha'] else ''}")
                      for d in sampler.describe()])  # fmt: skip
         auth = "bearer token required on /v1/*" if settings.token else "no token (open)"
-        print(f"max_n {settings.max_n}, {auth}; Ctrl-C stops", flush=True)
+        print(f"max_n {settings.max_n}, {auth}, ingress {ingress}; Ctrl-C stops", flush=True)
         try:
             while True:
                 time.sleep(3600)
