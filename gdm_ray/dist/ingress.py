@@ -5,7 +5,7 @@ forwards it to a replica over Ray. ``haproxy`` is Serve's HAProxy ingress
 (Ray 2.60, ``RAY_SERVE_ENABLE_HA_PROXY``): HAProxy listens on the port and
 balances onto replicas that serve HTTP themselves (direct ingress), so no
 Python process sits between client and replica. bench/serve measured it
-about 3x the proxy's requests per second on 2 cores, at a third of the p99.
+more than twice the proxy's requests per second on 2 cores, at under a third of the p99.
 ``auto`` takes HAProxy when its binary is installed.
 
 Serve reads these settings from the environment of the processes Ray
