@@ -34,6 +34,9 @@ class RayConfig:
     max_retries: int = 3  # a task whose worker dies is run again (results are keyed, never duplicated)
     namespace: str = "gdm-ray"
     log_to_driver: bool = False  # workers' stdout/stderr on the driver's console
+    # in-process Ray only: the workers' nice value. Ray's own default (15) lets any
+    # nice-0 process take a busy CPU from a search; None keeps Ray's default.
+    worker_niceness: int | None = 0
 
     def __post_init__(self) -> None:
         if not float(self.task_cpus) > 0:
@@ -46,6 +49,9 @@ class RayConfig:
             v = getattr(self, key)
             if v is not None and int(v) < (1 if key == "num_cpus" else 0):
                 raise ConfigError(f"ray.{key}={v} must be >= {1 if key == 'num_cpus' else 0}")
+        n = self.worker_niceness
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 19):
+            raise ConfigError(f"ray.worker_niceness={n!r} must be an integer in 0..19 (or null: Ray's default)")
         bad = {k: v for k, v in dict(self.resources).items() if not float(v) > 0}
         if bad:
             raise ConfigError(f"ray.resources={bad}: amounts must be > 0")
@@ -62,6 +68,8 @@ def init_ray(cfg: RayConfig) -> bool:
     kwargs: dict[str, Any] = {"namespace": cfg.namespace, "log_to_driver": bool(cfg.log_to_driver)}
     if address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+        if cfg.worker_niceness is not None:  # read by the workers the raylet starts, from its environment
+            os.environ["RAY_worker_niceness"] = str(int(cfg.worker_niceness))
     elif cfg.num_cpus is not None or cfg.num_gpus is not None:
         raise ConfigError(f"ray.num_cpus/num_gpus size an in-process Ray only; the cluster at {address} has its own")
     if address not in (None, "auto") and not address.startswith("ray://"):
