@@ -136,6 +136,7 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
         f"- speedup, 2 workers vs 1 worker: **{speedup:.2f}x** (per repeat: "
         + ", ".join(f"{x / y:.2f}" for x, y in zip(times["ray1"], times["ray2"])) + ")",
         f"- Ray start-up (in-process `ray.init`, not in the times above): {startup[1]:.1f}s at 1 CPU, {startup[2]:.1f}s at 2 CPUs",
+        f"- Ray workers' nice value: {RayConfig().worker_niceness} (`ray.worker_niceness`; Ray's own default is 15)",
         f"- every run found the same trigger sizes: {'yes' if same else 'NO'}",
     ])  # fmt: skip
     checks = [
