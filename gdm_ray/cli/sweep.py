@@ -37,7 +37,7 @@ REQUEST = "request.json"  # what the sweep in a folder was started with (resume 
 SUMMARY = "sweep.json"  # written last: its presence means the sweep finished
 TABLE = "trials.parquet"
 PLOT = "trials.png"
-_NOT_RESUME_KEYS = ("ray", "out", "progress", "device")  # may change between a run and its resume
+_NOT_RESUME_KEYS = ("ray", "out", "progress", "device", "store")  # may change between a run and its resume (where and how, not what)
 
 
 def sweep(cfg: DictConfig) -> dict[str, Any]:
