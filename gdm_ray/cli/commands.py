@@ -121,10 +121,11 @@ def model_file(cfg: DictConfig, key: str = "model") -> Path:
 
     uri = str(OmegaConf.select(cfg, key, throw_on_missing=True))
     if is_s3(uri):
-        path = localize(uri, store_of(cfg), what=key)
+        store = store_of(cfg)
+        path = localize(uri, store, what=key)
         card = uri.rsplit(".", 1)[0] + ".json" if "." in uri.rsplit("/", 1)[-1] else uri + ".json"
-        if path.is_file() and S3(store_of(cfg)).exists(card):
-            localize(card, store_of(cfg), what=key)
+        if path.is_file() and S3(store).exists(card):
+            localize(card, store, what=key)
         else:
             path.with_suffix(".json").unlink(missing_ok=True)
     else:

@@ -98,7 +98,7 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     experiment = final / EXPERIMENT
     state = _out_state(final, request_hash)
     if state == "done":
-        if s3_uri:
+        if s3_uri and not S3(store_of(cfg)).exists(join_uri(s3_uri, SUMMARY)):  # finished here, upload cut short
             _push(final, s3_uri, store_of(cfg))
         return _report_finished(final, where)
 
