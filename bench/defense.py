@@ -45,8 +45,10 @@ from gdm_ray.cli.commands import attack, load_data, typed  # noqa: E402
 from gdm_ray.cli.main import compose_config  # noqa: E402
 from gdm_ray.cli.search import defend  # noqa: E402
 from gdm_ray.core.mesa import MESA, MESAConfig  # noqa: E402
+from gdm_ray.core.metrics import EVAL_SEED_OFFSET, attack_success_rate  # noqa: E402
 from gdm_ray.core.model_io import load_model  # noqa: E402
 from gdm_ray.core.train import frozen  # noqa: E402
+from gdm_ray.core.triggers import TriggerSpec, make_trigger  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpg.tar.gz"
 
@@ -103,6 +105,19 @@ def defend_one(ds: dict, model: Path, target: int, method: str, out: Path, extra
     return cached(out, "metrics.json", lambda: defend(cfg))
 
 
+def floor_asr(ds: dict, clean: Path, card: dict, target: int, cache: dict) -> float:
+    """The clean model's ASR for the backdoor's trigger, on the eval images and placements that
+    `defend seed=0` measures: how often the trigger's pixels alone already give the target,
+    a floor no retraining that keeps natural features can be expected to go far below."""
+    if "splits" not in cache:
+        cache["splits"] = load_data(compose_config("defend", ["model=x", "target_class=0", *ds["data"]]))
+        cache["clean"] = load_model(clean, cache["splits"].shape, cache["splits"].eval.num_classes).module
+    splits = cache["splits"]
+    c, h, w = splits.shape
+    trigger = make_trigger(TriggerSpec(**card["trigger"]), c, (h, w))
+    return attack_success_rate(cache["clean"], splits.eval, trigger, target, torch.Generator().manual_seed(EVAL_SEED_OFFSET))
+
+
 def overhead(ds: dict, model: Path, target: int, extra: list[str], steps: int, repeats: int) -> list[tuple[float, float]]:
     """(MESA seconds, bare-loop seconds) per repeat, interleaved so drift hits both."""
     mesa_over = [o for o in extra if o.startswith("mesa.")]
@@ -144,7 +159,7 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int) -> tu
     clean_dir = (work if quick else ROOT / "bench" / "work" / "attack") / ("fm-clean" if name == "fashion_mnist" else "c10-clean")
     clean = model_for(ds, clean_over, clean_dir)
     print(f"{ds['label']} clean model: {clean['clean_accuracy']:.2%} ({clean_dir})", flush=True)
-    rows, res = [], []
+    rows, res, cache, versions = [], [], {}, set()
     models = [ds.get("models", {}).get(i, m) for i, m in enumerate(MODELS)]
     for label, trig, target in models[:n_models]:
         tag = f"{name}-{trig[0].split('=')[1]}-t{target}"
@@ -153,12 +168,14 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int) -> tu
         model = work / tag / "model.pt"
         m = defend_one(ds, model, target, "mesa", work / f"{tag}-mesa", extra)
         b = defend_one(ds, model, target, "baseline", work / f"{tag}-baseline", extra)
+        versions |= {m.get("code_version"), b.get("code_version")}
         before = m["before"]
-        res.append({"before": before["asr"], "mesa": m["after"]["asr"], "base": b["after"]["asr"],
+        floor = floor_asr(ds, clean_dir / "model.pt", card, target, cache)
+        res.append({"before": before["asr"], "mesa": m["after"]["asr"], "base": b["after"]["asr"], "floor": floor,
                     "mesa_drop": 100 * (before["clean_accuracy"] - m["after"]["clean_accuracy"]),
                     "base_drop": 100 * (before["clean_accuracy"] - b["after"]["clean_accuracy"])})  # fmt: skip
         secs = lambda r: r["search"]["search_seconds"] + r["retrain_seconds"]  # noqa: E731
-        rows.append([ds["label"], label, str(target), pct(before["asr"]), pct(before["clean_accuracy"]),
+        rows.append([ds["label"], label, str(target), pct(floor), pct(before["asr"]), pct(before["clean_accuracy"]),
                      pct(m["after"]["asr"]), pct(m["after"]["clean_accuracy"]), f"{res[-1]['mesa_drop']:+.2f}",
                      f"{secs(m):.0f}", pct(b["after"]["asr"]), pct(b["after"]["clean_accuracy"]),
                      f"{res[-1]['base_drop']:+.2f}", f"{secs(b):.0f}"])  # fmt: skip
@@ -168,7 +185,8 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int) -> tu
     summary = {
         "before_min": min(r["before"] for r in res), "mesa_median": med("mesa"), "mesa_worst": worst("mesa"),
         "base_median": med("base"), "base_worst": worst("base"), "mesa_drop_worst": worst("mesa_drop"),
-        "base_drop_worst": worst("base_drop"),
+        "base_drop_worst": worst("base_drop"), "versions": sorted(str(v) for v in versions),
+        "mesa_excess_worst": max(r["mesa"] - r["floor"] for r in res), "base_excess_worst": max(r["base"] - r["floor"] for r in res),
     }  # fmt: skip
     first_label, first_trig, first_target = MODELS[0]
     first = work / f"{name}-{first_trig[0].split('=')[1]}-t{first_target}" / "model.pt"
@@ -194,7 +212,7 @@ def main() -> int:
     if args.fresh and work.exists():
         shutil.rmtree(work)
     n_models = 2 if args.quick else min(args.models, len(MODELS))
-    header = ["data set", "trigger", "target", "ASR before", "acc before", "ASR after MESA", "acc after MESA",
+    header = ["data set", "trigger", "target", "clean model's ASR", "ASR before", "acc before", "ASR after MESA", "acc after MESA",
               "MESA drop (pts)", "MESA s", "ASR after baseline", "acc after baseline", "baseline drop (pts)",
               "baseline s"]  # fmt: skip
     rows, sums, checks = [], {}, []
@@ -216,9 +234,11 @@ def main() -> int:
              f"{s['mesa_seconds']:.1f}s vs bare loop {s['bare_seconds']:.1f}s)", s["overhead_ratio"] <= 1.3),
         ]  # fmt: skip
     summ_header = ["data set", "ASR after MESA: median", "worst", "ASR after baseline: median", "worst",
-                   "worst acc drop MESA / baseline (pts)", "MESA overhead ratio"]  # fmt: skip
+                   "worst acc drop MESA / baseline (pts)", "worst ASR above the clean model's, MESA / baseline (pts)",
+                   "MESA overhead ratio"]  # fmt: skip
     summ = [[DATASETS[n]["label"], pct(s["mesa_median"]), pct(s["mesa_worst"]), pct(s["base_median"]),
              pct(s["base_worst"]), f"{s['mesa_drop_worst']:+.2f} / {s['base_drop_worst']:+.2f}",
+             f"{100 * s['mesa_excess_worst']:+.2f} / {100 * s['base_excess_worst']:+.2f}",
              f"{s['overhead_ratio']:.2f}"] for n, s in sums.items()]  # fmt: skip
     body = markdown_table(header, rows) + "\n\n" + markdown_table(summ_header, summ) + "\n\n"
     body += "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for text, ok in checks)
@@ -229,7 +249,13 @@ def main() -> int:
         " 5,000-image defense split; ASR and accuracy on the disjoint 5,000-image eval split. Seconds = search +"
         " retraining. Overhead: the bare loop runs the classifier forward+backward (frozen weights, gradient"
         " w.r.t. the input) on batches of levels x batch_size clean images, as many steps as the MESA search."
+        "\n- Clean model's ASR: the clean model the backdoors were made from (CIFAR-10: fine-tuned from; Fashion-MNIST:"
+        " the same recipe without poisoning), with the same trigger, eval images and placements: the share that"
+        " the trigger's pixels send to the target with no backdoor at all. A repaired model near it has no"
+        " backdoor left to remove, and a few tenths of a point between two repairs there can be retraining noise."
     )
+    body += "\n- Defenses made by code version(s) " + ", ".join(sorted({v for s in sums.values() for v in s["versions"]})) + (
+        " (finished defenses are reused from --work; --fresh redoes them)")
     path = write_result("defense-quick" if args.quick else "defense", "Defense: MESA vs the pixel-space baseline", body)
     print(path.read_text())
     return 0 if all(ok for _, ok in checks) else 1

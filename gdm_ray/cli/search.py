@@ -18,7 +18,7 @@ from gdm_ray.core.defense import DefenseConfig, TriggerSampler, retrain
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig
-from gdm_ray.core.metrics import attack_success_rate, clean_accuracy, sampled_asr
+from gdm_ray.core.metrics import EVAL_SEED_OFFSET, attack_success_rate, clean_accuracy, sampled_asr
 from gdm_ray.core.model_io import LoadedModel, clone_model, file_sha256, load_model, save_torchscript
 from gdm_ray.core.plots import save_curves, save_level_grid, save_pca_scatter
 from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
@@ -149,7 +149,7 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
     defense_cfg = typed(DefenseConfig, cfg.defense, "defense")
     real, real_target, real_spec = _real_trigger(cfg, Path(loaded.path), splits)
     g = torch.Generator().manual_seed(int(cfg.seed))
-    eval_seed = int(cfg.seed) + 7919
+    eval_seed = int(cfg.seed) + EVAL_SEED_OFFSET
 
     def found_asr(model: torch.nn.Module, samplers: dict[int, TriggerSampler]) -> dict[str, float]:
         return {str(k): sampled_asr(model, splits.eval, s, k, torch.Generator().manual_seed(eval_seed)) for k, s in samplers.items()}

@@ -19,7 +19,11 @@ from gdm_ray.core.train import model_device
 if TYPE_CHECKING:
     from gdm_ray.core.defense import TriggerSampler
 
-__all__ = ["predict", "clean_accuracy", "attack_success_rate", "sampled_asr"]
+__all__ = ["EVAL_SEED_OFFSET", "predict", "clean_accuracy", "attack_success_rate", "sampled_asr"]
+
+# Held-out metrics draw trigger placements from seed + this offset, a stream apart from the
+# search's and retraining's (seed itself): defend, sweep and the benches measure on the same placements.
+EVAL_SEED_OFFSET = 7919
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, GdmRayError
+from gdm_ray.core.metrics import EVAL_SEED_OFFSET
 from gdm_ray.dist.runtime import RayConfig, pin_threads
 
 __all__ = ["SweepConfig", "SpaceParam", "TrialContext", "TrialRecord", "SPEC_KINDS", "MODES", "METRICS", "parse_space",
@@ -45,7 +46,6 @@ MODES = ("grid", "random")
 METRICS = ("objective", "asr_after", "acc_drop", "found_asr_after")  # all minimised
 MAX_GRID = 10_000  # a grid larger than this is surely a typo
 EXPERIMENT = "tune"  # the Tune experiment's folder under the storage path
-EVAL_SEED_OFFSET = 7919  # the held-out metrics' generators, as gdm-ray defend seeds them
 
 
 @dataclass
