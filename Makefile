@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-slow bench fashion-mnist haproxy venv clean
+.PHONY: demo test test-slow bench fashion-mnist haproxy wrk venv clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,18 @@ haproxy:
 	  echo "no haproxy: gdm-ray serve uses Ray Serve's Python proxy (apt-get install haproxy for the faster ingress)"; \
 	fi
 
+# wrk is optional: bench/serve.py's load generator when installed (C: leaves the cores to Serve), else aiohttp.
+wrk:
+	@if command -v wrk >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing wrk (Debian package; bench/serve.py's HTTP load generator)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null) || \
+	  echo "wrk could not be installed: bench/serve.py uses its aiohttp client"; \
+	else \
+	  echo "no wrk: bench/serve.py uses its aiohttp client (apt-get install wrk for the C load generator)"; \
+	fi
+
 demo: $(STAMP) fashion-mnist haproxy
 	$(BIN)/gdm-ray demo
 
@@ -57,7 +69,7 @@ test: $(STAMP) fashion-mnist haproxy
 test-slow: $(STAMP) fashion-mnist haproxy
 	$(BIN)/python -m pytest -m slow
 
-bench: $(STAMP) fashion-mnist haproxy
+bench: $(STAMP) fashion-mnist haproxy wrk
 	$(BIN)/python bench/attack.py
 	$(BIN)/python bench/defense.py
 	$(BIN)/python bench/mesa_batching.py

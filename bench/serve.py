@@ -13,17 +13,22 @@ bench/detect's fixed irregular trigger (4x the floats per trigger).
 HTTP: Ray started in this process with num_cpus=2, Serve on 127.0.0.1 with
 the app of `gdm-ray serve` (configs/serve.yaml defaults: @serve.batch of 16,
 no wait; 1-2 replicas, 1 torch thread each; ingress auto: HAProxy when
-installed, else Serve's Python proxy, see gdm_ray/dist/ingress.py). The load generator is an aiohttp
-client in this process (it shares the 2 cores with Serve's proxy and
-replica): C coroutines each send requests one after another over a kept-alive
-connection until a fixed number of requests is done (bounded: no open-loop
-flood); latency is per request, from send to full body read. Each level runs
-after warm-up requests; every configuration is repeated --repeats times,
+installed, else Serve's Python proxy, see gdm_ray/dist/ingress.py). The load generator
+(--client) is wrk when installed (`make wrk`; C, one thread, far less CPU per request than
+a Python client, which shares the 2 cores with Serve), else an aiohttp client in this
+process. Either way C connections each send their next request when the last answer is in
+(closed loop: no open-loop flood), bounded by a duration (wrk) or a request count (aiohttp);
+latency is per request, from send to full body read. Each level runs after warm-up
+requests; every configuration is repeated --repeats times,
 interleaved, and the median is reported.
 
 In-process: `Sampler.sample` (= `Ensemble.sample(n, seeded generator)`) in a
 loop on 1 torch thread, alone, and with the JSON encoding the replica does
 for the same request (`encode_json`): no HTTP, no Ray, no request parsing.
+
+Floor: a second app on the same Serve instance (/floor), with the Sampler's FastAPI ingress and
+deployment options, whose handler returns one stored n=64 answer: the rate of a Serve replica
+doing no work, i.e. the most any Serve app can reach on this machine with this client.
 
 Batching: how long one @serve.batch of 32 requests of 64 takes sampled per
 request (what the server does) and as one forward over the concatenated
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -45,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from fastapi import FastAPI, Request, Response  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
 from gdm_ray.cli.main import compose_config  # noqa: E402
@@ -56,6 +63,9 @@ from gdm_ray.core.mesa import MESA, MESAConfig  # noqa: E402
 from gdm_ray.dist.serve import Job, Sampler, ServeSettings, encode_json  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "serve"
+FLOOR = "(no-op floor)"
+CLIENTS = {"wrk": "wrk client (C, 1 thread, fixed duration per level)",
+           "aiohttp": "aiohttp client in the bench process (fixed number of requests per level)"}  # fmt: skip
 TARGETS = {"tps": 5000.0, "p99_ms": 50.0, "ratio": 2.0}
 
 
@@ -115,6 +125,39 @@ async def load(url: str, body: dict, concurrency: int, requests: int, warmup: in
     return {"rps": len(lat) / wall, "tps": len(lat) * body["n"] / wall, "p50": q(0.50), "p99": q(0.99), "requests": len(lat)}
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [==[%s]==]
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("GDMRAY %%d %%d %%f %%f %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def load_wrk(url: str, body: dict, concurrency: int, seconds: float) -> dict[str, float]:
+    """wrk (C, one thread) for ``seconds`` with ``concurrency`` kept-alive connections, each sending
+    its next request when the last answer is in (closed loop, as load()); after a 1 s untimed warm-up."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
+        f.write(WRK_SCRIPT % json.dumps(body))
+        f.flush()
+        for d in (1.0, seconds):
+            out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{d:g}s", "--latency", "-s", f.name, url],
+                                 capture_output=True, text=True, check=True, timeout=d + 60).stdout  # fmt: skip
+    line = next(x for x in out.splitlines() if x.startswith("GDMRAY "))
+    reqs, dur_us, p50_us, p99_us, bad_status, bad_socket = (float(v) for v in line.split()[1:])
+    if bad_status or bad_socket:
+        raise RuntimeError(f"wrk: {bad_status:.0f} non-2xx answers, {bad_socket:.0f} socket errors on {url}")
+    wall = dur_us / 1e6
+    return {"rps": reqs / wall, "tps": reqs * body["n"] / wall, "p50": p50_us / 1e3, "p99": p99_us / 1e3, "requests": int(reqs)}
+
+
 def batching_check(ens_path: Path, k: int = 32, n: int = 64, reps: int = 200) -> dict[str, float]:
     """One batch of k requests: per-request sample() vs one forward over the concatenated noise."""
     ens = load_ensemble(ens_path)
@@ -151,6 +194,28 @@ def batching_check(ens_path: Path, k: int = 32, n: int = 64, reps: int = 200) ->
     return {"per_request_ms": timed(per_request), "concat_ms": timed(concat), "identical": same, "k": k, "close": close}
 
 
+def floor_app(body: bytes, options: dict):
+    """A Serve app with the Sampler's FastAPI ingress and deployment options whose POST handler only
+    reads the body and returns ``body`` (a real n=64 response) as it is: no validation, batching,
+    sampling or encoding. Its rate is what any Ray Serve replica reaches on this machine with this client."""
+    from ray import serve
+
+    floor_api = FastAPI()
+
+    @serve.deployment(name="Floor")
+    @serve.ingress(floor_api)
+    class Floor:
+        async def sample(self, request: Request) -> Response:
+            await request.body()
+            return Response(body, media_type="application/json")
+
+        # real classes, not this module's postponed strings: the class is pickled by value into the replica
+        sample.__annotations__ = {"request": Request, "return": Response}
+        sample = floor_api.post("/v1/sample")(sample)
+
+    return Floor.options(**options).bind()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,6 +226,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--client", choices=("auto", "wrk", "aiohttp"), default="auto",
+                    help="load generator: wrk (C; auto takes it when installed) or aiohttp in this process")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="configs/serve.yaml overrides, e.g. batching.batch_wait_timeout_s=0")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
@@ -178,6 +245,9 @@ def main() -> None:
     levels = [("fm3x3", 64, "lists", c, int(r * scale)) for c, r in ((1, 400), (8, 1500), (32, 2000))]
     levels += [("fm3x3", 64, "base64", 8, int(1500 * scale)), ("irregular", 64, "lists", 8, int(1000 * scale)),
                ("irregular", 64, "base64", 8, int(1500 * scale)), ("fm3x3", 1024, "lists", 8, int(300 * scale))]  # fmt: skip
+    # the same n=64 fm3x3 response from a replica that does nothing else: the ceiling of any Serve app here
+    levels += [(FLOOR, 64, "lists", c, int(r * scale)) for c, r in ((8, 1500), (32, 2000))]
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     inproc_cases = [("fm3x3", 64), ("irregular", 64), ("fm3x3", 1024)]
 
     import ray
@@ -196,7 +266,9 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": bool(cfg.access_log)})
     serve.run(build_app(sargs), name="bench", route_prefix="/")
     startup = time.perf_counter() - t0
-    url = f"http://127.0.0.1:{port}/v1/sample"
+    job = Job("fm3x3", 64, 0, None)
+    serve.run(floor_app(encode_json(job, *sampler.sample(job)), st.deployment_options()), name="floor", route_prefix="/floor")
+    urls = {True: f"http://127.0.0.1:{port}/floor/v1/sample", False: f"http://127.0.0.1:{port}/v1/sample"}
 
     http: dict[tuple, list[dict]] = {lv[:5]: [] for lv in levels}
     inproc: dict[tuple, list[float]] = {(e, n, enc): [] for e, n in inproc_cases for enc in (False, True)}
@@ -205,8 +277,12 @@ def main() -> None:
             for key in inproc:
                 inproc[key].append(in_process(sampler, key[0], key[1], key[2], 1.0 * scale + 0.2))
             for ens, n, enc, conc, reqs in levels:
-                body = {"ensemble": ens, "n": n, "encoding": enc}
-                res = asyncio.run(load(url, body, conc, reqs, warmup=max(conc, 20)))
+                floor = ens == FLOOR
+                body = {"ensemble": "fm3x3" if floor else ens, "n": n, "encoding": enc}
+                if client == "wrk":  # about as long as aiohttp takes for the same number of requests
+                    res = load_wrk(urls[floor], body, conc, seconds=max(2.0, 3.0 * scale))
+                else:
+                    res = asyncio.run(load(urls[floor], body, conc, reqs, warmup=max(conc, 20)))
                 http[(ens, n, enc, conc, reqs)].append(res)
                 print(f"repeat {rep + 1}/{repeats}: {ens} n={n} {enc} c={conc}: {res['tps']:.0f} triggers/s, "
                       f"p50 {res['p50']:.1f} ms, p99 {res['p99']:.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
@@ -221,8 +297,8 @@ def main() -> None:
     for (ens, n, enc, conc, reqs), runs in http.items():
         tps, rps = med([r["tps"] for r in runs]), med([r["rps"] for r in runs])
         p50, p99 = med([r["p50"] for r in runs]), med([r["p99"] for r in runs])
-        ref = ip[(ens, n, True)]
-        rows.append([ens, n, enc, conc, reqs, f"{tps:,.0f}", f"{rps:,.0f}", f"{p50:.1f}", f"{p99:.1f}", f"{ref / tps:.1f}x",
+        ref = ip[("fm3x3" if ens == FLOOR else ens, n, True)]
+        rows.append([ens, n, enc, conc, reqs if client == "aiohttp" else f"{med([r['requests'] for r in runs]):,.0f}", f"{tps:,.0f}", f"{rps:,.0f}", f"{p50:.1f}", f"{p99:.1f}", f"{ref / tps:.1f}x",
                      ", ".join(f"{r['tps']:,.0f}" for r in runs)])  # fmt: skip
         if (ens, n, enc) == ("fm3x3", 64, "lists"):
             if conc == 8:
@@ -230,18 +306,23 @@ def main() -> None:
             if conc == 32:
                 checks.append((tps >= TARGETS["tps"], f"throughput at n=64, concurrency 32: {tps:,.0f} triggers/s (target >= 5,000)"))
     top = max(med([r["tps"] for r in runs]) for (e, n, enc, c, _), runs in http.items() if (e, n, enc) == ("fm3x3", 64, "lists"))
+    ceiling = max(med([r["tps"] for r in runs]) for (e, *_), runs in http.items() if e == FLOOR)
     ratio_raw, ratio_enc = ip[("fm3x3", 64, False)] / top, ip[("fm3x3", 64, True)] / top
     checks.append((ratio_raw <= TARGETS["ratio"], f"HTTP within 2x of in-process sample() at n=64: in-process {ip[('fm3x3', 64, False)]:,.0f} "
-                   f"triggers/s is {ratio_raw:.0f}x the best HTTP {top:,.0f} (with JSON encoding in process: {ratio_enc:.0f}x)"))  # fmt: skip
+                   f"triggers/s is {ratio_raw:.1f}x the best HTTP {top:,.0f} (with JSON encoding in process: {ratio_enc:.1f}x). "
+                   f"A Serve replica that only returns a stored n=64 answer ({FLOOR}) reached {ceiling:,.0f}: "
+                   f"{ip[('fm3x3', 64, False)] / ceiling:.1f}x below in-process sample() with no sampling at all"))  # fmt: skip
 
     inrows = [[e, n, f"{ip[(e, n, False)]:,.0f}", f"{ip[(e, n, True)]:,.0f}",
                ", ".join(f"{v:,.0f}" for v in inproc[(e, n, True)])] for e, n in inproc_cases]  # fmt: skip
     b = batching_check(paths["fm3x3"])
     body = "\n".join([
         f"HTTP: `POST /v1/sample` on 127.0.0.1 (Ray Serve, ingress **{ingress}** (`ingress={cfg.ingress}`); replicas {st.autoscaling or 'fixed: 1'}; @serve.batch "
-        f"{st.max_batch_size} / {st.batch_wait_timeout_s * 1e3:g} ms; access log {'on' if st.access_log else 'off'}; aiohttp "
-        f"client on the same machine), median of {repeats} interleaved repeats; Ray + Serve start-up {startup:.1f} s (not timed below). "
+        f"{st.max_batch_size} / {st.batch_wait_timeout_s * 1e3:g} ms; access log {'on' if st.access_log else 'off'}; "
+        f"{CLIENTS[client]} on the same machine), median of {repeats} interleaved repeats; Ray + Serve start-up {startup:.1f} s (not timed below). "
         "`x in-proc` = in-process sample()+JSON triggers/s over HTTP triggers/s for the same ensemble and n. "
+        f"`{FLOOR}`: a Serve app with the same FastAPI ingress and deployment options whose handler returns a stored "
+        "n=64 fm3x3 answer without validating, batching, sampling or encoding (bench/serve.py `floor_app`). "
         f"Machine load (1-min load average) {load_before:.1f} before and {load_after:.1f} after the HTTP runs, on "
         f"{os.cpu_count()} cores: other jobs shared the CPUs, so latencies are upper bounds for an idle machine.",
         "",
