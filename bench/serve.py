@@ -310,7 +310,7 @@ def main() -> None:
     ratio_raw, ratio_enc = ip[("fm3x3", 64, False)] / top, ip[("fm3x3", 64, True)] / top
     checks.append((ratio_raw <= TARGETS["ratio"], f"HTTP within 2x of in-process sample() at n=64: in-process {ip[('fm3x3', 64, False)]:,.0f} "
                    f"triggers/s is {ratio_raw:.1f}x the best HTTP {top:,.0f} (with JSON encoding in process: {ratio_enc:.1f}x). "
-                   f"A Serve replica that only returns a stored n=64 answer ({FLOOR}) reached {ceiling:,.0f}: "
+                   f"A Serve replica that only returns a stored n=64 answer (the {FLOOR} rows) reached {ceiling:,.0f}: "
                    f"{ip[('fm3x3', 64, False)] / ceiling:.1f}x below in-process sample() with no sampling at all"))  # fmt: skip
 
     inrows = [[e, n, f"{ip[(e, n, False)]:,.0f}", f"{ip[(e, n, True)]:,.0f}",
