@@ -245,6 +245,7 @@ def test_scan_against_a_zoo_reference(models, zoo_scanned, tmp_path, capsys):
     ("backdoored", "zoo", ["scan.steps=100"], "scan.steps=150 there, 100 here"),  # another budget: sizes not comparable
     ("backdoored", "/nonexistent", [], "no classes.parquet"),
     ("clean", "zoo", [], "1 other scanned model(s)"),  # both clean copies are this file: only vendor-a is left
+    ("backdoored", "zoo", ["use_ray=true"], "use_ray=true with reference="),
 ])  # fmt: skip
 def test_scan_reference_bad_inputs(model, reference, extra, needle, models, zoo_scanned, tmp_path, capsys):
     ref = zoo_scanned[0] if reference == "zoo" else reference
@@ -283,3 +284,23 @@ def test_interrupted_scan_resumes_its_first_pass(models, tmp_path):
     sizes = lambda p: [r["trigger_size"] for r in pq.read_table(p / "classes.parquet").to_pylist()]  # noqa: E731
     assert sizes(out) == pytest.approx(sizes(whole), rel=1e-4)
     assert not state.exists()  # published: the state is gone
+
+
+def test_scan_on_ray_gives_the_in_process_verdict(models, tmp_path, capsys):
+    """use_ray=true: the first pass's chunks of classes and the flagged class's MESA run as Ray
+    tasks, seeded as in one process: the same verdict, class rows and flagged search."""
+    outs = {}
+    for use_ray in ("false", "true"):
+        outs[use_ray] = tmp_path / use_ray
+        assert main(["scan", f"model={models['backdoored']}", *FAST, "scan.classes_per_pass=4", f"use_ray={use_ray}",
+                     f"out={outs[use_ray]}"]) == 0  # fmt: skip
+    assert "Ray: 3 tasks run, 0 resumed" in capsys.readouterr().err  # 2 chunks of 4 classes, 1 flagged class's MESA
+    local, remote = (pq.read_table(outs[k] / "verdict.parquet").to_pylist()[0] for k in ("false", "true"))
+    assert (remote["backdoored"], remote["target_class"], remote["flagged"]) == (True, 2, [2])
+    assert (local["backdoored"], local["target_class"], local["flagged"]) == (True, 2, [2])
+    assert remote["score"] == pytest.approx(local["score"], abs=1e-2)
+    sizes = lambda p: [r["trigger_size"] for r in pq.read_table(p / "classes.parquet").to_pylist()]  # noqa: E731
+    assert sizes(outs["true"]) == pytest.approx(sizes(outs["false"]), abs=1e-2)
+    detail = {k: json.loads((outs[k] / "scan.json").read_text())["flagged_detail"]["2"] for k in outs}
+    assert detail["true"]["mesa_asr_eval"] == pytest.approx(detail["false"]["mesa_asr_eval"], abs=0.02)
+    assert load_ensemble(outs["true"] / "class-2" / "ensemble").target_class == 2

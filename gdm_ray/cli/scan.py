@@ -16,7 +16,7 @@ from gdm_ray.cli.commands import load_data, model_file, plain, progress_bar, set
 from gdm_ray.core.detect import (ClassSearch, ScanConfig, ScanResult, anomaly_index, plan_scan, reference_anomaly, rescore,
                                  scan_chunks, scan_result, search_class)  # fmt: skip
 from gdm_ray.core.ensemble import save_ensemble
-from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.model_io import LoadedModel, load_model
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
@@ -214,6 +214,49 @@ def scan_model(
     return verdict, classes, samplers
 
 
+def ray_scan(cfg: DictConfig, loaded: LoadedModel, splits, g: torch.Generator, model_id: str,
+             state: ScanState | None) -> tuple[ScanResult, dict[int, ClassSearch], dict[str, Any]]:  # fmt: skip
+    """The first pass's chunks of classes, then each flagged class's full search (window chunks,
+    MESA), as Ray tasks (in-process Ray unless ray.address), with the seeds the in-process scan
+    draws from ``g``: scan_model then gives the same verdict as without Ray. Returns the first
+    pass, the searches and the task log's summary."""
+    import ray
+
+    from gdm_ray.dist.runtime import RayConfig, init_ray
+    from gdm_ray.dist.scan import TaskLog, put_model, run_class_searches, run_first_passes
+
+    scfg = typed(ScanConfig, cfg.scan, "scan")
+    rcfg = typed(RayConfig, cfg.ray, "ray")
+    full = bool(cfg.get("full_search", True)) and scfg.method != "baseline"
+    window = bool(scfg.moving_window) and scfg.method != "baseline"
+    mcfg = typed(MESAConfig, cfg.mesa, "mesa") if full else None
+    progress = bool(cfg.get("progress", True))
+    arch = cfg.arch.name if cfg.get("arch") else None
+    log = TaskLog()
+    started = init_ray(rcfg)
+    try:
+        ref = put_model(model_id, Path(loaded.path), loaded.sha256, arch, splits.shape, splits.eval.num_classes)
+        plan = plan_scan(splits.defense, scfg, g)  # draws from g as first_pass does
+        found, errors = run_first_passes(rcfg, [ref], splits.defense, scfg, plan, state or ScanState(None), log, progress)
+        if errors:
+            raise GdmRayError(f"scan {model_id}: first pass failed on Ray: {errors[model_id]}")
+        result = scan_result(plan, scfg, found[model_id], log.seconds.get(model_id, 0.0))
+        searches: dict[int, ClassSearch] = {}
+        if result.flagged and (full or window):
+            probe = torch.Generator()
+            probe.set_state(g.get_state())
+            base = search_base(probe)  # what scan_model will draw from g next
+            asks = [(ref, k, base + k) for k in result.flagged]
+            done, errors = run_class_searches(rcfg, asks, splits.defense, splits.eval, scfg, mcfg, window, int(cfg.seed), log, progress)
+            if errors:
+                raise GdmRayError(f"scan {model_id}: full search failed on Ray: {errors[model_id]}")
+            searches = {k: v for (_, k), v in done.items()}
+    finally:
+        if started:
+            ray.shutdown()
+    return result, searches, log.summary()
+
+
 def scan(cfg: DictConfig) -> dict[str, Any]:
     """Scan every class of one model; print the verdict table."""
     device = setup(cfg)
@@ -223,6 +266,9 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
     _, H, W = splits.shape
     if scfg.moving_window and scfg.window and (len(scfg.window) != 2 or scfg.window[0] > H or scfg.window[1] > W):
         raise ConfigError(f"scan.window={'x'.join(map(str, scfg.window))} does not fit the image {H}x{W}")
+    if cfg.get("use_ray", False) and cfg.get("reference"):
+        raise ConfigError(f"use_ray=true with reference={cfg.reference}: judging against a zoo runs in one process; "
+                          "drop use_ray (or zoo-scan the model with the zoo)")  # fmt: skip
     arch = cfg.arch.name if cfg.get("arch") else None
     loaded = load_model(model_path, splits.shape, splits.eval.num_classes, arch=arch, device=device)
     g = torch.Generator().manual_seed(int(cfg.seed))
@@ -231,7 +277,14 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
     with RunDir(cfg.get("out"), "scan", store_of(cfg)) as run_dir:
         # with an explicit out=, finished chunks of the first pass wait beside it: run again, it resumes
         state = ScanState(run_dir.state_dir()) if cfg.get("out") else None
-        verdict, classes, _ = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem, state=state)
+        if cfg.get("use_ray", False):
+            result, searches, tasks = ray_scan(cfg, loaded, splits, g, model_path.stem, state)
+            verdict, classes, _ = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem, result=result, searches=searches,
+                                             state=state)  # fmt: skip
+            print(f"Ray: {tasks['tasks_run']} tasks run, {tasks['tasks_resumed']} resumed, on {len(tasks['nodes'])} node(s)",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            verdict, classes, _ = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem, state=state)
         write_rows(run_dir.path("verdict.parquet"), [verdict], VERDICT_SCHEMA)
         write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
     if state is not None:
