@@ -18,7 +18,11 @@ def test_ingress_choice(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
     fake = tmp_path / "haproxy"
     fake.write_text("#!/bin/sh\n")
-    assert ingress_env("auto", str(fake)) == ("haproxy", {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": str(fake)})
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", raising=False)
+    assert ingress_env("auto", str(fake)) == ("haproxy", {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": str(fake),
+                                                          "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"})  # fmt: skip
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")  # the user's setting wins
+    assert ingress_env("auto", str(fake))[1]["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
     assert ingress_env("proxy", str(fake))[0] == "proxy"
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert ingress_env("auto") == ("proxy", {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})

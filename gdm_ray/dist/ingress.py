@@ -23,6 +23,11 @@ from gdm_ray.core.errors import ConfigError
 __all__ = ["INGRESSES", "ingress_env"]
 
 INGRESSES = ("auto", "haproxy", "proxy")
+# A replica behind HAProxy that stops stays reachable this long first, so HAProxy drops it before
+# it closes (late arrivals are refused and HAProxy retries elsewhere). Ray's default, 30 s, is
+# for remote load balancers; here HAProxy runs on the node and reloads in well under a second,
+# and 30 s made every serve.shutdown() take 30 s. $RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S wins.
+DRAIN_S = "2"
 
 
 def ingress_env(mode: str, haproxy: str | None = None) -> tuple[str, dict[str, str]]:
@@ -34,4 +39,6 @@ def ingress_env(mode: str, haproxy: str | None = None) -> tuple[str, dict[str, s
         raise ConfigError("ingress=haproxy: no haproxy binary on PATH (apt-get install haproxy), or use ingress=proxy")
     if mode == "proxy" or not binary:
         return "proxy", {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
-    return "haproxy", {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": binary}
+    drain = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", DRAIN_S)
+    return "haproxy", {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": binary,
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain}  # fmt: skip
