@@ -35,30 +35,28 @@ fashion-mnist:
 	  exit 1; \
 	fi
 
-# HAProxy is optional: `gdm-ray serve` puts Ray Serve's HAProxy ingress in front of
-# its replicas when the binary is installed (ingress=auto), else Serve's Python proxy.
-haproxy:
-	@if command -v haproxy >/dev/null; then :; \
+# Optional Debian tools, installed when apt is usable (as root), else a note and the fallback:
+# $(call apt_optional,COMMAND,WHAT IT IS FOR,FALLBACK)
+define apt_optional
+	@if command -v $(1) >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing haproxy (Debian package; Ray Serve's faster HTTP ingress)"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null) || \
-	  echo "haproxy could not be installed: gdm-ray serve uses Ray Serve's Python proxy"; \
+	  echo "installing $(1) (Debian package; $(2))"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null) || \
+	  echo "$(1) could not be installed: $(3)"; \
 	else \
-	  echo "no haproxy: gdm-ray serve uses Ray Serve's Python proxy (apt-get install haproxy for the faster ingress)"; \
+	  echo "no $(1): $(3) (apt-get install $(1) for $(2))"; \
 	fi
+endef
 
-# wrk is optional: bench/serve.py's load generator when installed (C: leaves the cores to Serve), else aiohttp.
+# HAProxy: `gdm-ray serve` puts Ray Serve's HAProxy ingress in front of its replicas
+# when the binary is installed (ingress=auto), else Serve's Python proxy.
+haproxy:
+	$(call apt_optional,haproxy,Ray Serve's faster HTTP ingress,gdm-ray serve uses Ray Serve's Python proxy)
+
+# wrk: bench/serve.py's load generator when installed (C: leaves the cores to Serve), else aiohttp.
 wrk:
-	@if command -v wrk >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing wrk (Debian package; bench/serve.py's HTTP load generator)"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null) || \
-	  echo "wrk could not be installed: bench/serve.py uses its aiohttp client"; \
-	else \
-	  echo "no wrk: bench/serve.py uses its aiohttp client (apt-get install wrk for the C load generator)"; \
-	fi
+	$(call apt_optional,wrk,bench/serve.py's C load generator,bench/serve.py uses its aiohttp client)
 
 demo: $(STAMP) fashion-mnist haproxy
 	$(BIN)/gdm-ray demo
