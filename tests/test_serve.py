@@ -124,12 +124,19 @@ def test_cli_bad_inputs(ensembles, tmp_path, capsys):
     assert ray.is_initialized() == was_running  # none of them started Ray
 
 
-def test_cli_serves_until_interrupted(ensembles):
-    """`gdm-ray serve` prints its URL and ensembles, answers, and stops cleanly on Ctrl-C (SIGINT)."""
+def _default_sigint() -> None:
+    # a terminal's Ctrl-C, even when this test runs as a background job (which inherits SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_serves_until_interrupted(ensembles, stop):
+    """`gdm-ray serve` prints its URL and ensembles, answers, and stops cleanly on Ctrl-C (SIGINT)
+    and on SIGTERM (kill, systemd, Kubernetes)."""
     port = free_port()
     env = {**os.environ, "GDM_RAY_TOKEN": TOKEN}
     proc = subprocess.Popen([*CLI, f'ensembles=["sq={ensembles["square"]}"]', f"port={port}", "ray.num_cpus=1", "autoscaling=null"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -147,9 +154,9 @@ def test_cli_serves_until_interrupted(ensembles):
         status, _, body = request(port, "POST", "/v1/sample", {"ensemble": "sq", "n": 3})
         assert status == 200 and json.loads(body)["n"] == 3
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0 and "gdm-ray serve: stopping" in err, err
     out = "".join(lines) + out
     assert f"http://127.0.0.1:{port}" in out and "sq" in out and str(ensembles["square"]) in out
 

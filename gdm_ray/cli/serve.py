@@ -8,6 +8,7 @@ on host:port until Ctrl-C.
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import time
@@ -87,6 +88,11 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
                      for d in sampler.describe()])  # fmt: skip
         auth = "bearer token required on /v1/*" if settings.token else "no token (open)"
         print(f"max_n {settings.max_n}, {auth}, ingress {ingress}; Ctrl-C stops", flush=True)
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        # SIGTERM (kill, systemd, Kubernetes) stops as Ctrl-C does: Serve and Ray shut down cleanly
+        signal.signal(signal.SIGTERM, stop)
         try:
             while True:
                 time.sleep(3600)
