@@ -11,6 +11,7 @@ import socket
 import pytest
 
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.dist import ingress
 from gdm_ray.dist.ingress import ingress_env
 
 
@@ -18,12 +19,24 @@ def test_ingress_choice(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
     fake = tmp_path / "haproxy"
     fake.write_text("#!/bin/sh\n")
-    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", raising=False)
-    assert ingress_env("auto", str(fake)) == ("haproxy", {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": str(fake),
-                                                          "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"})  # fmt: skip
+    for key in ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    chosen, env = ingress_env("auto", str(fake))
+    assert chosen == "haproxy" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(fake)
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")  # the user's setting wins
     assert ingress_env("auto", str(fake))[1]["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
     assert ingress_env("proxy", str(fake))[0] == "proxy"
+    # HAProxy's stats and metrics ports: Ray's defaults when free, another free port when taken (another Serve here)
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        monkeypatch.setitem(ingress.SIDE_PORTS, "RAY_SERVE_HAPROXY_STATS_PORT", taken)
+        port = int(ingress_env("auto", str(fake))[1]["RAY_SERVE_HAPROXY_STATS_PORT"])
+        assert port != taken and port > 0
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "9999")
+    assert ingress_env("auto", str(fake))[1]["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9999"
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert ingress_env("auto") == ("proxy", {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})
     with pytest.raises(ConfigError, match="ingress=haproxy: no haproxy binary"):
@@ -57,7 +70,18 @@ def test_haproxy_ingress_serves_real_http(synthetic_splits, tmp_path, monkeypatc
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 4))
     mesa = MESA(MESAConfig(steps=3, batch_size=8, trigger_size=[3, 3], eval_samples=16))
     path = save_ensemble(mesa, mesa.fit(model, synthetic_splits.defense, 1, g), tmp_path / "ens")
-    for key, value in ingress_env("haproxy")[1].items():
+    # another Serve's HAProxy holds the default stats port: this HAProxy must start on another
+    squatter = socket.socket()
+    try:
+        squatter.bind(("0.0.0.0", ingress.SIDE_PORTS["RAY_SERVE_HAPROXY_STATS_PORT"]))
+        squatter.listen()
+    except OSError:
+        pass  # already taken: the same case
+    for key in ingress.SIDE_PORTS:
+        monkeypatch.delenv(key, raising=False)
+    env = ingress_env("haproxy")[1]
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != str(ingress.SIDE_PORTS["RAY_SERVE_HAPROXY_STATS_PORT"])
+    for key, value in env.items():
         monkeypatch.setenv(key, value)  # before Ray starts: its processes read it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,3 +107,4 @@ def test_haproxy_ingress_serves_real_http(synthetic_splits, tmp_path, monkeypatc
         serve.shutdown()
         if started:
             ray.shutdown()
+        squatter.close()

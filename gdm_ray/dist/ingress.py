@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 
 from gdm_ray.core.errors import ConfigError
 
@@ -28,6 +29,20 @@ INGRESSES = ("auto", "haproxy", "proxy")
 # for remote load balancers; here HAProxy runs on the node and reloads in well under a second,
 # and 30 s made every serve.shutdown() take 30 s. $RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S wins.
 DRAIN_S = "2"
+# HAProxy's own listeners on every interface (Ray's defaults); taken by another Serve on this
+# machine, HAProxy would fail to start, so a free port is used instead. A user's setting wins.
+SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
+
+def _free_or_other(port: int) -> int:
+    """``port`` when nothing listens on it, else a free one."""
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+            return port
+        except OSError:
+            s.bind(("0.0.0.0", 0))
+            return s.getsockname()[1]
 
 
 def ingress_env(mode: str, haproxy: str | None = None) -> tuple[str, dict[str, str]]:
@@ -40,5 +55,7 @@ def ingress_env(mode: str, haproxy: str | None = None) -> tuple[str, dict[str, s
     if mode == "proxy" or not binary:
         return "proxy", {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     drain = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", DRAIN_S)
-    return "haproxy", {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": binary,
-                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain}  # fmt: skip
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": binary, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain}
+    for key, port in SIDE_PORTS.items():
+        env[key] = os.environ.get(key) or str(_free_or_other(port))
+    return "haproxy", env
