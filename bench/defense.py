@@ -105,26 +105,21 @@ def defend_one(ds: dict, model: Path, target: int, method: str, out: Path, extra
     return cached(out, "metrics.json", lambda: defend(cfg))
 
 
-def floor_asr(ds: dict, clean: Path, card: dict, target: int, cache: dict) -> float:
+def floor_asr(splits, clean: torch.nn.Module, card: dict, target: int) -> float:
     """The clean model's ASR for the backdoor's trigger, on the eval images and placements that
     `defend seed=0` measures: how often the trigger's pixels alone already give the target,
     a floor no retraining that keeps natural features can be expected to go far below."""
-    if "splits" not in cache:
-        cache["splits"] = load_data(compose_config("defend", ["model=x", "target_class=0", *ds["data"]]))
-        cache["clean"] = load_model(clean, cache["splits"].shape, cache["splits"].eval.num_classes).module
-    splits = cache["splits"]
     c, h, w = splits.shape
     trigger = make_trigger(TriggerSpec(**card["trigger"]), c, (h, w))
-    return attack_success_rate(cache["clean"], splits.eval, trigger, target, torch.Generator().manual_seed(EVAL_SEED_OFFSET))
+    return attack_success_rate(clean, splits.eval, trigger, target, torch.Generator().manual_seed(EVAL_SEED_OFFSET))
 
 
-def overhead(ds: dict, model: Path, target: int, extra: list[str], steps: int, repeats: int) -> list[tuple[float, float]]:
+def overhead(splits, ds: dict, model: Path, target: int, extra: list[str], steps: int, repeats: int) -> list[tuple[float, float]]:
     """(MESA seconds, bare-loop seconds) per repeat, interleaved so drift hits both."""
     mesa_over = [o for o in extra if o.startswith("mesa.")]
     cfg = compose_config("search", [f"model={model}", f"target_class={target}", *ds["data"], *mesa_over])
     mcfg = typed(MESAConfig, cfg.mesa, "mesa")
     mcfg.steps = steps
-    splits = load_data(cfg)
     loaded = load_model(model, splits.shape, splits.eval.num_classes)
     net = loaded.module
     pool = splits.defense.x[splits.defense.y != target]
@@ -159,7 +154,9 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int) -> tu
     clean_dir = (work if quick else ROOT / "bench" / "work" / "attack") / ("fm-clean" if name == "fashion_mnist" else "c10-clean")
     clean = model_for(ds, clean_over, clean_dir)
     print(f"{ds['label']} clean model: {clean['clean_accuracy']:.2%} ({clean_dir})", flush=True)
-    rows, res, cache, versions = [], [], {}, set()
+    rows, res, versions = [], [], set()
+    splits = load_data(compose_config("defend", ["model=x", "target_class=0", *ds["data"]]))  # the floors' and the overhead's
+    clean_net = load_model(clean_dir / "model.pt", splits.shape, splits.eval.num_classes).module
     models = [ds.get("models", {}).get(i, m) for i, m in enumerate(MODELS)]
     for label, trig, target in models[:n_models]:
         tag = f"{name}-{trig[0].split('=')[1]}-t{target}"
@@ -170,7 +167,7 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int) -> tu
         b = defend_one(ds, model, target, "baseline", work / f"{tag}-baseline", extra)
         versions |= {m.get("code_version"), b.get("code_version")}
         before = m["before"]
-        floor = floor_asr(ds, clean_dir / "model.pt", card, target, cache)
+        floor = floor_asr(splits, clean_net, card, target)
         res.append({"before": before["asr"], "mesa": m["after"]["asr"], "base": b["after"]["asr"], "floor": floor,
                     "mesa_drop": 100 * (before["clean_accuracy"] - m["after"]["clean_accuracy"]),
                     "base_drop": 100 * (before["clean_accuracy"] - b["after"]["clean_accuracy"])})  # fmt: skip
@@ -191,7 +188,7 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int) -> tu
     first_label, first_trig, first_target = MODELS[0]
     first = work / f"{name}-{first_trig[0].split('=')[1]}-t{first_target}" / "model.pt"
     steps = 100 if quick else 300
-    runs = overhead(ds, first, first_target, extra, steps, repeats)
+    runs = overhead(splits, ds, first, first_target, extra, steps, repeats)
     ratios = [a / b for a, b in runs]
     summary.update({"overhead_ratio": statistics.median(ratios), "overhead_ratios": ratios,
                     "overhead_steps": steps, "mesa_seconds": statistics.median(a for a, _ in runs),

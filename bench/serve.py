@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,10 +143,6 @@ end
 def load_wrk(url: str, body: dict, concurrency: int, seconds: float) -> dict[str, float]:
     """wrk (C, one thread) for ``seconds`` with ``concurrency`` kept-alive connections, each sending
     its next request when the last answer is in (closed loop, as load()); after a 1 s untimed warm-up."""
-    import json
-    import subprocess
-    import tempfile
-
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
         f.write(WRK_SCRIPT % json.dumps(body))
         f.flush()
@@ -298,7 +297,7 @@ def main() -> None:
         tps, rps = med([r["tps"] for r in runs]), med([r["rps"] for r in runs])
         p50, p99 = med([r["p50"] for r in runs]), med([r["p99"] for r in runs])
         ref = ip[("fm3x3" if ens == FLOOR else ens, n, True)]
-        rows.append([ens, n, enc, conc, reqs if client == "aiohttp" else f"{med([r['requests'] for r in runs]):,.0f}", f"{tps:,.0f}", f"{rps:,.0f}", f"{p50:.1f}", f"{p99:.1f}", f"{ref / tps:.1f}x",
+        rows.append([ens, n, enc, conc, f"{med([r['requests'] for r in runs]):,.0f}", f"{tps:,.0f}", f"{rps:,.0f}", f"{p50:.1f}", f"{p99:.1f}", f"{ref / tps:.1f}x",
                      ", ".join(f"{r['tps']:,.0f}" for r in runs)])  # fmt: skip
         if (ens, n, enc) == ("fm3x3", 64, "lists"):
             if conc == 8:
