@@ -145,3 +145,29 @@ def test_defense_config_rejects_bad_rate():
         DefenseConfig(rate=0)
     with pytest.raises(ConfigError, match="at least one"):
         retrain(torch.nn.Linear(1, 1), None, [], DefenseConfig(), torch.Generator())  # type: ignore[arg-type]
+
+
+def test_several_targets_are_repaired_one_after_another_in_the_given_order(backdoored):
+    """Most anomalous first: a flagged class's phase must not start before the
+    previous one ends (natural triggers repaired first kept bench/detect's
+    irregular backdoor alive), and one progress bar spans the phases."""
+    model, splits, _ = backdoored
+    calls: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def sample(self, n, generator=None, level=None):
+            calls.append(self.name)
+            return torch.rand(n, 1, 3, 3, generator=generator), torch.ones(n, 3, 3)
+
+    seen: list[tuple[int, int]] = []
+    cfg = DefenseConfig(epochs=2, batch_size=256, rate=0.5)
+    retrain(copy.deepcopy(model), splits.defense, [Recorder("a"), Recorder("b")], cfg, torch.Generator().manual_seed(0),
+            lambda step, total, loss: seen.append((step, total)))  # fmt: skip
+    k = calls.index("b")
+    assert calls[:k] == ["a"] * k and calls[k:] == ["b"] * (len(calls) - k), calls
+    steps = -(-len(splits.defense) // 256) * 2  # ceil(n / batch) * epochs, split between the two phases
+    assert abs(k - steps / 2) <= 1, (k, steps)
+    assert [s for s, _ in seen] == list(range(1, steps + 1)) and {t for _, t in seen} == {steps}

@@ -10,6 +10,8 @@ with the baseline's single trigger it is the "point defense".
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -70,32 +72,54 @@ def retrain(
 ) -> list[float]:
     """Retrain ``model`` in place on ``clean`` with sampled triggers, true labels kept.
 
-    Several samplers (one per flagged class) share the triggered images
-    equally, so several backdoors are repaired at once. (Running ``epochs``
-    per sampler, so each class is seen as often as in a one-target repair,
-    was tried on bench/detect's fixed irregular trigger repaired beside two
-    natural ones: its ASR after went from 7.7% to 16.9%, so it was dropped.)
+    Several samplers (one per flagged class, most anomalous first) are
+    repaired one after another, each for an equal share of ``epochs`` at the
+    full ``rate``, in the order given: the class most likely to hold an
+    injected backdoor is repaired while the weights are still the backdoored
+    ones. Measured on bench/detect's fixed irregular trigger (class 2) flagged
+    beside two natural triggers (8, 6), 5 seeds, ASR of the real trigger after:
+    one phase sharing the triggered images between the three 9.3% median (max
+    13%); phases 2, 8, 6 about 2.4% (the same as repairing class 2 alone);
+    phases 6, 8, 2 53-68%: retraining against the natural triggers first made
+    the later class-2 repair remove the found triggers but not the real one.
+    (Each sampler's full ``epochs`` in one shared phase, 9 epochs: 20%.)
+    Returns the mean loss of each epoch of every phase.
     """
     if not samplers:
         raise ConfigError("retrain needs at least one trigger sampler")
-    _, H, W = clean.shape
+    n = len(clean)
+    if n == 0:
+        raise ConfigError("cannot retrain on an empty data set")
+    phase_cfg = dataclasses.replace(cfg.train_config(), epochs=float(cfg.epochs) / len(samplers))
+    # the same step count train_classifier derives, so one progress bar spans the phases
+    steps = max(1, int(round(float(phase_cfg.epochs) * math.ceil(n / min(int(cfg.batch_size), n)))))
+    losses: list[float] = []
+    for i, sampler in enumerate(samplers):
+        report = None
+        if progress is not None:
+            def report(step: int, _total: int, loss: float, done: int = i * steps) -> None:
+                progress(done + step, steps * len(samplers), loss)
+        losses += train_classifier(model, clean, phase_cfg, generator, _trigger_hook(sampler, cfg.rate, clean.shape), report)
+    return losses
+
+
+def _trigger_hook(sampler: TriggerSampler, rate: float, shape: tuple[int, int, int]) -> Callable:
+    """The batch hook of one repair phase: a share ``rate`` of the images get a sample of ``sampler``."""
+    _, H, W = shape
 
     def hook(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = torch.rand(len(x), generator=g) < cfg.rate
-        idx = mask.nonzero().squeeze(1)
+        idx = (torch.rand(len(x), generator=g) < rate).nonzero().squeeze(1)
         if len(idx) == 0:
             return x, y
         x = x.clone()
-        which = torch.randint(0, len(samplers), (len(idx),), generator=g)
-        for k, sampler in enumerate(samplers):
-            sel = idx[which == k]
-            if len(sel) == 0:
-                continue
-            pattern, alpha = sampler.sample(len(sel), generator=g)
-            # a fixed-location trigger distribution keeps its place
-            pos = place(len(sel), tuple(alpha.shape[-2:]), (H, W), getattr(sampler, "position", None), g)
-            dev = x.device
-            x[sel.to(dev)] = apply_trigger(x[sel.to(dev)], pattern.to(dev), alpha.to(dev), pos)
+        # the draw that picked a sampler per image when the phases were one: kept so
+        # that one-target repairs (the common case) repeat their earlier results
+        torch.randint(0, 1, (len(idx),), generator=g)
+        pattern, alpha = sampler.sample(len(idx), generator=g)
+        # a fixed-location trigger distribution keeps its place
+        pos = place(len(idx), tuple(alpha.shape[-2:]), (H, W), getattr(sampler, "position", None), g)
+        dev = x.device
+        x[idx.to(dev)] = apply_trigger(x[idx.to(dev)], pattern.to(dev), alpha.to(dev), pos)
         return x, y  # labels stay true: the trigger must stop meaning "target"
 
-    return train_classifier(model, clean, cfg.train_config(), generator, hook, progress)
+    return hook
