@@ -18,7 +18,8 @@ FAST = [*DATA, "scan.steps=150", "mesa.steps=100", "mesa.eval_samples=128", "sam
 
 def test_scan_flags_the_target_and_writes_contract_tables(models, tmp_path, capsys):
     out = tmp_path / "scan"
-    assert main(["scan", f"model={models['backdoored']}", *FAST, f"out={out}"]) == 0
+    dataset = tmp_path / "dataset"
+    assert main(["scan", f"model={models['backdoored']}", *FAST, f"out={out}", f"dataset={dataset}"]) == 0
     stdout = capsys.readouterr().out
     assert "verdict: BACKDOORED" in stdout and "target class 2" in stdout
     verdict = pq.read_table(out / "verdict.parquet").to_pylist()
@@ -36,6 +37,10 @@ def test_scan_flags_the_target_and_writes_contract_tables(models, tmp_path, caps
     assert (out / "classes.png").is_file() and (out / "class-2" / "samples.png").is_file()
     assert load_ensemble(out / "class-2" / "ensemble").target_class == 2
     assert json.loads((out / "scan.json").read_text())["flagged"] == [2]
+    # the same rows in the dataset, partitioned by run (the out= folder's name) and model
+    for table, want in (("verdicts", verdict), ("classes", rows)):
+        (part,) = (dataset / table / "run=scan" / "model=model").glob("part-*.parquet")
+        assert pq.read_table(part).to_pylist() == want
 
 
 def test_scan_clean_model_verdict_clean(models, tmp_path, capsys):
@@ -120,6 +125,10 @@ def test_defend_auto_repairs_two_targets_at_once(tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert sorted(m["targets"]) == [2, 5]
+    (row,) = pq.read_table(out / "repair.parquet").to_pylist()
+    assert row["targets"] == m["targets"] and row["target_class"] == "auto" and row["model_id"] == "two"
+    assert row["found_asr_after"] == m["after"]["found_asr"] and row["repaired_sha256"] == m["repaired_sha256"]
+    assert row["repaired_model"] == str(out / "model.pt") and row["asr_before"] is None  # no card: the real trigger is unknown
     repaired = load_model(out / "model.pt").module
     after = [attack_success_rate(repaired, splits.eval, a.trigger, a.target) for a in attacks]
     assert max(after) < 0.3, after
@@ -137,7 +146,7 @@ def zoo_scanned(zoo, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("zoo-scan") / "zs"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["zoo-scan", f"zoo.path={zoo}", *FAST, f"out={out}"]) == 0
+        assert main(["zoo-scan", f"zoo.path={zoo}", *FAST, f"out={out}", f"dataset={out.parent / 'dataset'}"]) == 0
     return out, buf.getvalue()
 
 
@@ -200,6 +209,29 @@ def test_zoo_scan_writes_contract_tables_and_reports_broken_models(zoo_scanned):
     assert {r["class"] for r in classes if r["flagged"]} == {2}
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "vendor-a" / "classes.png").is_file() and (out / "vendor-a" / "class-2" / "ensemble").is_dir()
+
+
+def test_zoo_scan_adds_its_rows_to_the_dataset_partitioned_by_run_and_model(zoo_scanned):
+    """dataset= holds the same rows, one partition per model, read back by pyarrow's own
+    Hive partitioning; a query for one model reads only its folder."""
+    import pyarrow.dataset as pads
+
+    from gdm_ray.store import read_dataset
+
+    out, _ = zoo_scanned
+    root = out.parent / "dataset"
+    for table in ("verdicts", "classes"):
+        assert sorted(p.name for p in (root / table / f"run={out.name}").iterdir()) == [
+            f"model={m}" for m in (["broken"] if table == "verdicts" else []) + ["vendor-a", "vendor-b", "vendor-c"]]  # fmt: skip
+        view = pads.dataset(root / table, format="parquet", partitioning="hive").to_table()
+        assert set(view.column("run").to_pylist()) == {out.name}
+        assert view.column("model").to_pylist() == view.column("model_id").to_pylist()
+        key = (lambda r: r["model_id"]) if table == "verdicts" else (lambda r: (r["model_id"], r["class"]))
+        want = sorted(pq.read_table(out / f"{table}.parquet").to_pylist(), key=key)
+        got = sorted(view.drop_columns(["run", "model"]).to_pylist(), key=key)
+        assert got == want
+    only_a = read_dataset(root, "classes", model="vendor-a")
+    assert only_a.num_rows == 8 and set(only_a.column("model_id").to_pylist()) == {"vendor-a"}
 
 
 @pytest.mark.parametrize("make, needle", [("empty", "no model files"), ("missing", "no such folder"), ("dupe", "share the model id")])

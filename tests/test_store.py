@@ -14,7 +14,7 @@ from conftest import SCAN_DATA
 
 from gdm_ray.cli.main import main
 from gdm_ray.core.ensemble import EnsembleError, load_ensemble
-from gdm_ray.store import read_rows, write_rows
+from gdm_ray.store import read_dataset, read_rows, write_rows
 from gdm_ray.store.artifacts import open_ensemble, publish_ensemble
 from gdm_ray.store.parquet import read_results, write_table
 from gdm_ray.store.rundir import RunDir
@@ -59,7 +59,8 @@ def test_zoo_scan_reads_models_from_and_writes_results_to_s3(s3_server, bucket, 
         s3.put_file(f"s3://{bucket}/zoo/{key}", models[name])
     s3.put_bytes(f"s3://{bucket}/zoo/broken.pt", b"PK\x03\x04 not TorchScript")
     out = f"s3://{bucket}/results/zs1"
-    code = main(["zoo-scan", f"zoo.path=s3://{bucket}/zoo", *FAST, "use_ray=false", f"out={out}", *s3_server.overrides()])
+    code = main(["zoo-scan", f"zoo.path=s3://{bucket}/zoo", *FAST, "use_ray=false", f"out={out}", f"dataset=s3://{bucket}/dataset",
+                 *s3_server.overrides()])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert f"wrote {out}" in capsys.readouterr().out
     fs = arrow_fs(s3_server)
@@ -77,6 +78,13 @@ def test_zoo_scan_reads_models_from_and_writes_results_to_s3(s3_server, bucket, 
     assert not any(k.endswith(".tmp") or ".partial" in k for k in keys)
     # the credentials never land in the outputs
     assert s3_server.secret_access_key not in s3.get_bytes(f"{out}/zoo.json").decode()
+    # the dataset, as another tool reads it: pyarrow's S3 client and Hive partitioning
+    import pyarrow.dataset as pads
+
+    view = pads.dataset(f"{bucket}/dataset/verdicts", filesystem=fs, format="parquet", partitioning="hive").to_table()
+    assert sorted(zip(view.column("run").to_pylist(), view.column("model").to_pylist())) == [
+        ("zs1", "broken"), ("zs1", "vendor-a"), ("zs1", "vendor-b")]  # fmt: skip
+    assert read_dataset(f"s3://{bucket}/dataset", "classes", s3_server.store(), model="vendor-a").num_rows == 8
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +169,10 @@ def test_bad_s3_settings_fail_fast_with_one_line(s3_server, bucket, models, caps
     one_line_error(capsys, "rejected the credentials")
     assert main([*base, "out=s3://no-such-bucket-here/x", *s3_server.overrides()]) == 1
     one_line_error(capsys, "no-such-bucket-here", "does not exist")
+    local_out = Path(models["clean"]).parent / "never-written"
+    assert main([*base, f"out={local_out}", "dataset=s3://no-such-dataset-bucket/d", *s3_server.overrides()]) == 1
+    one_line_error(capsys, "no-such-dataset-bucket", "does not exist")
+    assert not local_out.exists() and not list(local_out.parent.glob(".never-written.partial-*"))  # checked before any work
     from s3server import free_port
 
     assert main([*base, f"out=s3://{bucket}/x", *s3_server.overrides(endpoint=f"http://127.0.0.1:{free_port()}")]) == 1

@@ -108,10 +108,12 @@ def test_a_trial_that_cannot_run_is_an_error_row(synthetic_splits):
 
 def test_grid_sweep_writes_table_and_best(model, tmp_path, capsys):
     out = tmp_path / "sweep"
-    code = main(["sweep", f"model={model}", "target_class=1", *FAST, f"out={out}"])
+    code = main(["sweep", f"model={model}", "target_class=1", *FAST, f"out={out}", f"dataset={tmp_path / 'ds'}"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     table = pq.read_table(out / "trials.parquet")
+    (part,) = (tmp_path / "ds" / "trials" / "run=sweep" / f"model={Path(model).stem}").glob("part-*.parquet")
+    assert pq.read_table(part).to_pylist() == table.to_pylist()
     cols = table.column_names
     assert cols[:4] == ["schema_version", "trial_id", "status", "error"] and cols[-2:] == ["config_hash", "code_version"]
     assert set(PARAM_COLUMNS + METRIC_COLUMNS) <= set(cols)

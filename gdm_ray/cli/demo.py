@@ -76,7 +76,8 @@ def _steps(cfg: DictConfig, base: Path, t0: float) -> dict[str, Any]:
         shutil.copy(base / "models" / name / "model.json", zoo / f"{name}.json")  # its card: the real trigger
 
     _step(2, f"zoo-scan the {len(zoo_models)} models on in-process Ray")
-    zcfg = compose_config("zoo-scan", [f"zoo.path={zoo}", f"out={base / 'zoo-scan'}", "use_ray=true", *_common(cfg)])
+    zcfg = compose_config("zoo-scan", [f"zoo.path={zoo}", f"out={base / 'zoo-scan'}", "use_ray=true",
+                                         f"dataset={base / 'dataset'}", *_common(cfg)])  # fmt: skip
     _inherit(zcfg, cfg, "data", "ray", "scan")
     zcfg.full_search = bool(cfg.zoo.full_search)
     zoo_scan(zcfg)
@@ -88,7 +89,7 @@ def _steps(cfg: DictConfig, base: Path, t0: float) -> dict[str, Any]:
         target = int(verdicts[m]["target_class"])
         _step(3, f"repair {m}.pt: model class {target}'s triggers with MESA, retrain against them")
         dcfg = compose_config("defend", [f"model={zoo / f'{m}.pt'}", f"target_class={target}", f"out={base / f'defend-{m}'}",
-                                         *_common(cfg)])  # fmt: skip
+                                         f"dataset={base / 'dataset'}", *_common(cfg)])  # fmt: skip
         _inherit(dcfg, cfg, "data", "mesa", "defense")
         repairs[m] = defend(dcfg)
     if not flagged:
@@ -185,6 +186,7 @@ def _summary(base: Path, models: list[str], cards: dict[str, Any], verdicts: dic
         rows.append(("served", f"{served['url']}/v1/sample: {served['n']} triggers of {'x'.join(map(str, served['shape']))} "
                                f"in {served['ms']:.0f} ms; grid {served['png']}"))  # fmt: skip
     rows += [("tables", f"{base / 'zoo-scan' / 'verdicts.parquet'}, {base / 'zoo-scan' / 'classes.parquet'}"),
+             ("dataset", f"{base / 'dataset'}: verdicts, classes, repairs; partitioned by run and model"),
              ("pictures", f"{base / 'zoo-scan' / 'scores.png'}, {base}/*/samples.png"),
              ("seconds", f"{time.perf_counter() - t0:.0f}"), ("results", str(base))]  # fmt: skip
     print_table(rows)

@@ -20,7 +20,7 @@ from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.model_io import LoadedModel, load_model
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
-from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, read_rows, write_json, write_rows
+from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, read_rows, write_json
 from gdm_ray.store.fetch import localize
 from gdm_ray.store.scanstate import ScanState
 
@@ -274,7 +274,7 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
     g = torch.Generator().manual_seed(int(cfg.seed))
     print(f"gdm-ray scan: {loaded.path}, {splits.eval.num_classes} classes, {len(splits.defense)} clean images", file=sys.stderr)
     t0 = time.perf_counter()
-    with RunDir(cfg.get("out"), "scan", store_of(cfg)) as run_dir:
+    with RunDir(cfg.get("out"), "scan", store_of(cfg), cfg.get("dataset")) as run_dir:
         # with an explicit out=, finished chunks of the first pass wait beside it: run again, it resumes
         state = ScanState(run_dir.state_dir()) if cfg.get("out") else None
         if cfg.get("use_ray", False):
@@ -285,8 +285,8 @@ def scan(cfg: DictConfig) -> dict[str, Any]:
                   file=sys.stderr)  # fmt: skip
         else:
             verdict, classes, _ = scan_model(cfg, loaded, splits, run_dir, g, model_path.stem, state=state)
-        write_rows(run_dir.path("verdict.parquet"), [verdict], VERDICT_SCHEMA)
-        write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
+        run_dir.write_table("verdict.parquet", [verdict], VERDICT_SCHEMA, "verdicts")
+        run_dir.write_table("classes.parquet", classes, CLASS_SCHEMA, "classes")
     if state is not None:
         state.clear()
     width = max(len(c["class_name"]) for c in classes)

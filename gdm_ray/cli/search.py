@@ -22,7 +22,7 @@ from gdm_ray.core.metrics import EVAL_SEED_OFFSET, attack_success_rate, clean_ac
 from gdm_ray.core.model_io import LoadedModel, clone_model, file_sha256, load_model, save_torchscript
 from gdm_ray.core.plots import save_curves, save_level_grid, save_pca_scatter
 from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
-from gdm_ray.store import RunDir, code_version, config_hash, write_json
+from gdm_ray.store import REPAIR_SCHEMA, RunDir, code_version, config_hash, write_json
 from gdm_ray.store.scanstate import ScanState
 
 __all__ = ["search", "defend", "run_search"]
@@ -138,6 +138,22 @@ def _real_trigger(cfg: DictConfig, model_path: Path, splits: Splits) -> tuple[Tr
     return make_trigger(spec, c, (h, w)), target, dataclasses.asdict(spec)
 
 
+def repair_row(metrics: dict[str, Any], model_id: str, model_uri: str) -> dict[str, Any]:
+    """defend's metrics as one row of repair.parquet (gdm_ray.store.tables.REPAIR_SCHEMA)."""
+    before, after = metrics["before"], metrics["after"] or {}
+    return {
+        "model_id": model_id,
+        "model_path": metrics["model"], "model_sha256": metrics["model_sha256"], "method": metrics["method"],
+        "target_class": str(metrics["target_class"]), "targets": [int(t) for t in metrics["targets"]],
+        "asr_before": before["asr"], "asr_after": after.get("asr"),
+        "acc_before": before["clean_accuracy"], "acc_after": after.get("clean_accuracy"),
+        "found_asr_before": before["found_asr"], "found_asr_after": after.get("found_asr"),
+        "search_seconds": float(metrics["search"]["search_seconds"]), "retrain_seconds": float(metrics["retrain_seconds"]),
+        "repaired_model": model_uri if metrics["repaired_sha256"] else None, "repaired_sha256": metrics["repaired_sha256"],
+        "config_hash": metrics["config_hash"], "code_version": metrics["code_version"],
+    }  # fmt: skip
+
+
 def defend(cfg: DictConfig) -> dict[str, Any]:
     """Search (or, with target_class=auto, scan every class), then retrain
     against the found triggers of every target at once; write the repaired
@@ -167,7 +183,7 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
     print(f"gdm-ray defend: {loaded.path}, {what}, {method}; search and retrain on {len(splits.defense)} "
           f"clean images, metrics on {len(splits.eval)} held-out images", file=sys.stderr)  # fmt: skip
     state: ScanState | None = None
-    with RunDir(cfg.get("out"), "defend", store_of(cfg)) as run_dir:
+    with RunDir(cfg.get("out"), "defend", store_of(cfg), cfg.get("dataset")) as run_dir:
         if target is None:
             state = ScanState(run_dir.state_dir()) if cfg.get("out") else None  # resumes the first pass
             verdict, _, samplers = scan_model(cfg, loaded, splits, run_dir, g, Path(loaded.path).stem, state=state)
@@ -185,7 +201,6 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
         }  # fmt: skip
         if not targets:  # the scan found no backdoor: nothing to repair, no model written
             metrics.update(after=None, retrain_seconds=0.0, repaired_sha256=None)
-            write_json(run_dir.path("metrics.json"), metrics)
         else:
             repaired = clone_model(loaded.module)
             update, close = progress_bar(cfg, "retrain")
@@ -199,7 +214,8 @@ def defend(cfg: DictConfig) -> dict[str, Any]:
             save_torchscript(repaired, run_dir.path("model.pt"), splits.shape,
                              {"repaired_from": loaded.sha256, "method": method, "target_classes": targets})  # fmt: skip
             metrics["repaired_sha256"] = file_sha256(run_dir.path("model.pt"))
-            write_json(run_dir.path("metrics.json"), metrics)
+        run_dir.write_table("repair.parquet", [repair_row(metrics, Path(loaded.path).stem, run_dir.join("model.pt"))], REPAIR_SCHEMA, "repairs")
+        write_json(run_dir.path("metrics.json"), metrics)
     if state is not None:
         state.clear()  # published: nothing left to resume
 

@@ -25,7 +25,8 @@ from gdm_ray.core.plots import save_sweep
 from gdm_ray.dist.runtime import RayConfig, init_ray
 from gdm_ray.dist.sweep import (EXPERIMENT, SpaceParam, SweepConfig, TrialContext, apply_params, can_restore, combinations,
                                 param_fields, parse_space, run_tune, trial_rows)  # fmt: skip
-from gdm_ray.store import code_version, config_hash, read_rows, trial_schema, write_json, write_rows
+from gdm_ray.store import PendingDataset, code_version, config_hash, read_rows, trial_schema, write_json, write_rows
+from gdm_ray.store.parquet import read_table
 from gdm_ray.store.fetch import cache_root
 from gdm_ray.store.rundir import default_out, publish
 from gdm_ray.store.s3 import S3, is_s3, join_uri
@@ -37,7 +38,7 @@ REQUEST = "request.json"  # what the sweep in a folder was started with (resume 
 SUMMARY = "sweep.json"  # written last: its presence means the sweep finished
 TABLE = "trials.parquet"
 PLOT = "trials.png"
-_NOT_RESUME_KEYS = ("ray", "out", "progress", "device", "store")  # may change between a run and its resume (where and how, not what)
+_NOT_RESUME_KEYS = ("ray", "out", "progress", "device", "store", "dataset")  # may change between a run and its resume (where and how, not what)
 
 
 def sweep(cfg: DictConfig) -> dict[str, Any]:
@@ -93,6 +94,19 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     else:
         final = (Path(str(out)) if out not in (None, "") else default_out("sweep")).resolve()
     where = s3_uri or str(final)
+    dataset = PendingDataset(cfg.dataset, where.rstrip("/").rsplit("/", 1)[-1], store_of(cfg)) if cfg.get("dataset") else None
+    try:
+        return _sweep(cfg, opts, ray_cfg, params, base, combos, loaded, splits, target, real_spec, real_target, s3_uri, final,
+                      where, dataset, t0)  # fmt: skip
+    finally:
+        if dataset is not None:
+            dataset.discard()
+
+
+def _sweep(cfg: DictConfig, opts: SweepConfig, ray_cfg: RayConfig, params: list[SpaceParam], base: dict[str, Any],
+           combos: list[dict[str, Any]], loaded: Any, splits: Any, target: int, real_spec: dict, real_target: int,
+           s3_uri: str | None, final: Path, where: str, dataset: PendingDataset | None, t0: float) -> dict[str, Any]:  # fmt: skip
+    seed, device = int(cfg.seed), str(cfg.device)
     body = {k: v for k, v in plain(cfg).items() if k not in _NOT_RESUME_KEYS}
     request_hash = config_hash({"config": body, "model_sha256": loaded.sha256})
     experiment = final / EXPERIMENT
@@ -100,7 +114,7 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     if state == "done":
         if s3_uri and not S3(store_of(cfg)).exists(join_uri(s3_uri, SUMMARY)):  # finished here, upload cut short
             _push(final, s3_uri, store_of(cfg))
-        return _report_finished(final, where)
+        return _report_finished(final, where, dataset, Path(loaded.path).stem)
 
     ctx = TrialContext(
         model_bytes=Path(loaded.path).read_bytes(), model_suffix=Path(loaded.path).suffix or ".pt",
@@ -164,6 +178,9 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     write_json(final / SUMMARY, summary)
     if s3_uri:
         _push(final, s3_uri, store_of(cfg))
+    if dataset is not None:
+        dataset.add("trials", rows, trial_schema(fields), model=Path(loaded.path).stem)
+        dataset.publish()
     _print(summary, rows, params)
     print(f"wrote {where}")
     if best is None:
@@ -216,11 +233,14 @@ def _out_state(final: Path, request_hash: str) -> str:
     return "resume" if can_restore(final / EXPERIMENT) else "new"
 
 
-def _report_finished(final: Path, where: str) -> dict[str, Any]:
+def _report_finished(final: Path, where: str, dataset: PendingDataset | None, model_id: str) -> dict[str, Any]:
     import json
 
     summary = json.loads((final / SUMMARY).read_text())
     rows = read_rows(final / TABLE)
+    if dataset is not None:  # a finished sweep run again with dataset=: add its rows
+        dataset.add("trials", rows, read_table(final / TABLE).schema, model=model_id)
+        dataset.publish()
     print(f"gdm-ray sweep: the sweep in {where} has finished ({summary['trials']} trials); nothing to run", file=sys.stderr)
     params = [SpaceParam(k, next(iter(v)), tuple(next(iter(v.values())))) for k, v in summary["space"].items()]
     _print(summary, rows, params)

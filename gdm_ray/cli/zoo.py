@@ -19,7 +19,7 @@ from gdm_ray.core.model_io import file_sha256, load_model
 from gdm_ray.core.plots import save_zoo_scores
 from gdm_ray.dist.runtime import RayConfig, init_ray
 from gdm_ray.dist.scan import TaskLog, put_model, run_class_searches, run_first_passes
-from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json, write_rows
+from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json
 from gdm_ray.store.fetch import localize
 from gdm_ray.store.scanstate import ScanState
 
@@ -86,7 +86,7 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
     ray_log: TaskLog | None = TaskLog() if bool(cfg.get("use_ray", True)) else None
     started = init_ray(rcfg) if ray_log is not None else False
     try:
-        with RunDir(cfg.get("out"), "zoo-scan", store_of(cfg)) as run_dir:
+        with RunDir(cfg.get("out"), "zoo-scan", store_of(cfg), cfg.get("dataset")) as run_dir:
             # finished first-pass chunks, kept beside the output until it is published: a
             # zoo-scan run again with the same out= after an interruption resumes from them
             resume = ScanState(run_dir.state_dir() if cfg.get("out") else None)
@@ -154,8 +154,8 @@ def zoo_scan(cfg: DictConfig) -> dict[str, Any]:
                     f"BACKDOORED -> {verdict['flagged']}" if verdict["backdoored"] else "clean")
                 score = f"{verdict['score']:6.2f}" if verdict["score"] is not None else "     -"
                 print(f"  {mid:<24} score {score}  {state}", file=sys.stderr, flush=True)
-            write_rows(run_dir.path("verdicts.parquet"), verdicts, VERDICT_SCHEMA)
-            write_rows(run_dir.path("classes.parquet"), classes, CLASS_SCHEMA)
+            run_dir.write_table("verdicts.parquet", verdicts, VERDICT_SCHEMA, "verdicts")
+            run_dir.write_table("classes.parquet", classes, CLASS_SCHEMA, "classes")
             save_zoo_scores(run_dir.path("scores.png"), [v["model_id"] for v in verdicts], [v["score"] for v in verdicts],
                             float(scfg.threshold), f"zoo-scan of {folder.name}: anomaly score per model")  # fmt: skip
             write_json(run_dir.path("zoo.json"), {"zoo": str(folder), "models": len(files), "scan": plain(cfg.scan), "reference": reference,

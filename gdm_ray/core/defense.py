@@ -95,12 +95,14 @@ def retrain(
     steps = max(1, int(round(float(phase_cfg.epochs) * math.ceil(n / min(int(cfg.batch_size), n)))))
     losses: list[float] = []
     for i, sampler in enumerate(samplers):
-        report = None
-        if progress is not None:
-            def report(step: int, _total: int, loss: float, done: int = i * steps) -> None:
-                progress(done + step, steps * len(samplers), loss)
+        report = None if progress is None else _shifted(progress, i * steps, steps * len(samplers))
         losses += train_classifier(model, clean, phase_cfg, generator, _trigger_hook(sampler, cfg.rate, clean.shape), report)
     return losses
+
+
+def _shifted(progress: Callable[[int, int, float], None], done: int, total: int) -> Callable[[int, int, float], None]:
+    """One phase's progress as steps of the whole repair."""
+    return lambda step, _total, loss: progress(done + step, total, loss)
 
 
 def _trigger_hook(sampler: TriggerSampler, rate: float, shape: tuple[int, int, int]) -> Callable:

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.store.dataset import PendingDataset
 from gdm_ray.store.s3 import S3, StoreError, is_s3, join_uri
 
 __all__ = ["RunDir", "write_json", "default_out", "publish"]
@@ -70,14 +71,16 @@ class RunDir:
     >>> run.final  # where they landed
     """
 
-    def __init__(self, out: str | Path | None, command: str, store: Any = None) -> None:
+    def __init__(self, out: str | Path | None, command: str, store: Any = None, dataset: str | Path | None = None) -> None:
         self.s3: S3 | None = None
+        self.dataset: PendingDataset | None = None
         if is_s3(str(out or "")):
             self.location = str(out).rstrip("/")
             self.s3 = S3(store)
             self.s3.check_bucket(self.location)  # wrong credentials or no bucket: fail before the work, not after
             self.final = None
             self.stage = Path(tempfile.mkdtemp(prefix=f"gdm-ray-{command}-"))
+            self._open_dataset(dataset, store)
             return
         self.final = Path(out) if out not in (None, "") else default_out(command)
         self.location = str(self.final)
@@ -88,6 +91,26 @@ class RunDir:
             self.stage = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.partial-"))
         except OSError as exc:
             raise ConfigError(f"out={self.final}: cannot write there ({exc.strerror})") from None
+        self._open_dataset(dataset, store)
+
+    def _open_dataset(self, dataset: str | Path | None, store: Any) -> None:
+        if dataset in (None, ""):
+            return
+        run = self.location.rstrip("/").rsplit("/", 1)[-1] if self.s3 is not None else Path(self.location).name
+        try:
+            self.dataset = PendingDataset(dataset, run, store)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write_table(self, name: str, rows: list[dict[str, Any]], schema: Any, table: str, model: str | None = None) -> None:
+        """Write ``rows`` as ``name`` in the run's folder and, with a dataset, as
+        partitions of its ``table`` (one per model: see gdm_ray.store.dataset)."""
+        from gdm_ray.store.parquet import write_rows  # parquet imports publish from here
+
+        write_rows(self.path(name), rows, schema)
+        if self.dataset is not None:
+            self.dataset.add(table, rows, schema, model)
 
     def join(self, name: str) -> str:
         """Where ``name`` will be once published (a path or an s3:// URI), for messages."""
@@ -109,9 +132,15 @@ class RunDir:
         return p
 
     def commit(self) -> str:
+        self._publish_folder()
+        if self.dataset is not None:  # after the folder: the dataset only names published runs
+            self.dataset.publish()
+        return self.location
+
+    def _publish_folder(self) -> None:
         if self.s3 is not None:
             self._upload()
-            return self.location
+            return
         assert self.final is not None
         self.final.mkdir(parents=True, exist_ok=True)
         for src in sorted(self.stage.rglob("*")):
@@ -120,7 +149,6 @@ class RunDir:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dst)
         shutil.rmtree(self.stage, ignore_errors=True)
-        return self.location
 
     def _upload(self) -> None:
         assert self.s3 is not None
@@ -149,6 +177,8 @@ class RunDir:
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
+        if self.dataset is not None:
+            self.dataset.discard()
 
     def __enter__(self) -> "RunDir":
         return self

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["VERDICT_SCHEMA", "CLASS_SCHEMA", "trial_schema"]
+__all__ = ["VERDICT_SCHEMA", "CLASS_SCHEMA", "REPAIR_SCHEMA", "trial_schema"]
 
 
 
@@ -46,6 +46,28 @@ CLASS_SCHEMA = _table(
     pa.field("anomaly", pa.float64()),  # the index the verdict uses (see the verdict's reference)
     pa.field("anomaly_in_model", pa.float64()),  # against the model's other classes (natural triggers show here)
     pa.field("flagged", pa.bool_()),
+)
+
+# One row per repair (``gdm-ray defend``'s repair.parquet). The ASR columns
+# are of the real trigger (null when defend did not know it); the found
+# triggers' ASR is the mean over the repaired classes.
+REPAIR_SCHEMA = _table(
+    pa.field("model_id", pa.string()),
+    pa.field("model_path", pa.string()),
+    pa.field("model_sha256", pa.string()),
+    pa.field("method", pa.string()),  # mesa | baseline
+    pa.field("target_class", pa.string()),  # what was asked: a class index or "auto"
+    pa.field("targets", pa.list_(pa.int64())),  # the classes repaired, in repair order (empty: nothing found)
+    pa.field("asr_before", pa.float64()),
+    pa.field("asr_after", pa.float64()),
+    pa.field("acc_before", pa.float64()),
+    pa.field("acc_after", pa.float64()),
+    pa.field("found_asr_before", pa.float64()),
+    pa.field("found_asr_after", pa.float64()),
+    pa.field("search_seconds", pa.float64()),
+    pa.field("retrain_seconds", pa.float64()),
+    pa.field("repaired_model", pa.string()),  # where the repaired TorchScript model was written (null: none)
+    pa.field("repaired_sha256", pa.string()),
 )
 
 
