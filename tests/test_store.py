@@ -210,6 +210,78 @@ def test_sweep_writes_to_s3_and_a_rerun_elsewhere_reports_it(s3_server, bucket, 
     assert "has finished (2 trials); nothing to run" in capsys.readouterr().err
 
 
+def _finished_on_s3(s3: S3, experiment: str) -> dict[str, dict]:
+    """Trials that the Tune experiment state on S3 records as finished: id -> last result."""
+    states = [u for u in s3.list(experiment) if u.rsplit("/", 1)[-1].startswith("experiment_state-")]
+    if not states:
+        return {}
+    try:
+        state = json.loads(s3.get_bytes(states[-1]))
+    except (StoreError, json.JSONDecodeError):  # being replaced
+        return {}
+    done = {}
+    for trial_json, meta_json in state["trial_data"]:
+        trial = json.loads(trial_json)
+        if trial["status"] == "TERMINATED":
+            done[trial["trial_id"]] = json.loads(meta_json)["last_result"]
+    return done
+
+
+def test_sweep_on_s3_killed_on_one_machine_resumes_on_another(s3_server, bucket, tmp_path, capsys):
+    """Tune keeps the experiment on S3 itself, so a sweep whose machine died
+    (SIGKILL, nothing uploaded at exit) resumes from another machine's empty
+    cache, keeping the trials that had finished."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    attack = tmp_path / "attack"
+    assert main(["attack", "data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1", "attack.target=1",
+                 "attack.rate=0.2", "train.epochs=6", f"out={attack}"]) == 0  # fmt: skip
+    s3 = S3(s3_server.store())
+    s3.put_file(f"s3://{bucket}/models/m.pt", attack / "model.pt")
+    s3.put_file(f"s3://{bucket}/models/m.json", attack / "model.json")
+    out = f"s3://{bucket}/sweeps/killed"
+    args = ["sweep", f"model=s3://{bucket}/models/m.pt", "target_class=1", "data=synthetic", "data.samples=600", "mesa.steps=60",
+            "mesa.eval_samples=64", "defense.epochs=1", "ray.num_cpus=1", "progress=false",
+            "sweep.space={mesa.alpha:{grid:[0.01,0.1,1.0]}}", f"out={out}", *s3_server.overrides()]  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="1", PYTHONPATH=str(repo), GDM_RAY_CACHE=str(tmp_path / "machine-1"))
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "gdm_ray.cli.main", *args], cwd=tmp_path, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 150
+        done: dict[str, dict] = {}
+        while not done and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            done = _finished_on_s3(s3, f"{out}/tune")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert done, log.read_text()[-3000:]
+    assert len(done) < 3, "every trial finished before the kill; nothing left to resume"
+    assert not s3.exists(f"{out}/sweep.json") and s3.exists(f"{out}/request.json")
+
+    os.environ["GDM_RAY_CACHE"] = str(tmp_path / "machine-2")  # another machine: nothing of the first in its cache
+    try:
+        code = main(args)
+    finally:
+        del os.environ["GDM_RAY_CACHE"]
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"resuming {out}" in err
+    rows = pq.read_table(f"{bucket}/sweeps/killed/trials.parquet", filesystem=arrow_fs(s3_server)).to_pylist()
+    assert sorted(r["mesa.alpha"] for r in rows) == [0.01, 0.1, 1.0] and all(r["status"] == "TERMINATED" for r in rows)
+    for r in rows:
+        if r["trial_id"] in done:  # restored from S3, not run again
+            assert r["seconds"] == done[r["trial_id"]]["seconds"] and r["finished_at"] == done[r["trial_id"]]["timestamp"]
+    assert json.loads(s3.get_bytes(f"{out}/sweep.json"))["resumed"] is True
+
+
 def test_ensemble_served_from_s3_over_http(s3_server, searched):
     """Ray Serve loads the ensemble from S3 in its replica; real HTTP requests sample it."""
     import http.client

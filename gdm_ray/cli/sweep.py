@@ -4,12 +4,14 @@ and how a trial is scored; gdm_ray.dist.sweep runs the trials)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import shutil
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,7 @@ from gdm_ray.store import PendingDataset, code_version, config_hash, read_rows, 
 from gdm_ray.store.parquet import read_table
 from gdm_ray.store.fetch import cache_root
 from gdm_ray.store.rundir import default_out, publish
-from gdm_ray.store.s3 import S3, is_s3, join_uri
+from gdm_ray.store.s3 import S3, S3Config, is_s3, join_uri
 
 __all__ = ["sweep", "GROUPS"]
 
@@ -87,10 +89,10 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
                           "(e.g. trigger=bw3x3) or keep the model's card (model.json) beside it")  # fmt: skip
 
     s3_uri = str(out).rstrip("/") if is_s3(str(out or "")) else None
-    if s3_uri:  # Tune runs in a local mirror; the finished sweep is uploaded (see _push)
+    if s3_uri:  # Tune writes its experiment to S3 itself; the request, table and summary are staged in a local mirror
         S3(store_of(cfg)).check_bucket(s3_uri)
         final = cache_root() / "sweeps" / hashlib.sha256(s3_uri.encode()).hexdigest()[:24]
-        _pull_finished(s3_uri, final, store_of(cfg))
+        _pull(s3_uri, final, store_of(cfg))
     else:
         final = (Path(str(out)) if out not in (None, "") else default_out("sweep")).resolve()
     where = s3_uri or str(final)
@@ -109,8 +111,11 @@ def _sweep(cfg: DictConfig, opts: SweepConfig, ray_cfg: RayConfig, params: list[
     seed, device = int(cfg.seed), str(cfg.device)
     body = {k: v for k, v in plain(cfg).items() if k not in _NOT_RESUME_KEYS}
     request_hash = config_hash({"config": body, "model_sha256": loaded.sha256})
-    experiment = final / EXPERIMENT
-    state = _out_state(final, request_hash)
+    experiment: str | Path = final / EXPERIMENT
+    tune_fs = None
+    if s3_uri:
+        experiment, tune_fs = s3_uri.removeprefix("s3://") + "/" + EXPERIMENT, S3Config.from_cfg(store_of(cfg)).arrow_fs()
+    state = _out_state(final, request_hash, lambda: can_restore(experiment, tune_fs))
     if state == "done":
         if s3_uri and not S3(store_of(cfg)).exists(join_uri(s3_uri, SUMMARY)):  # finished here, upload cut short
             _push(final, s3_uri, store_of(cfg))
@@ -130,15 +135,22 @@ def _sweep(cfg: DictConfig, opts: SweepConfig, ray_cfg: RayConfig, params: list[
     created = not final.exists()
     try:
         if state == "new":
-            if experiment.exists():  # a run killed before Tune saved any state: start it over
+            if isinstance(experiment, Path) and experiment.exists():  # a run killed before Tune saved any state: start it over
                 shutil.rmtree(experiment)
             final.mkdir(parents=True, exist_ok=True)
             write_json(final / REQUEST, {"request_hash": request_hash, "model": loaded.path, "model_sha256": loaded.sha256,
                                          "config": plain(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
-        records, resumed = run_tune(experiment, params, opts, ctx, ray_cfg, verbose=1 if cfg.get("progress", True) else 0)
+            if s3_uri:  # so that the same command on another machine can check it and resume
+                S3(store_of(cfg)).put_file(join_uri(s3_uri, REQUEST), final / REQUEST)
+        records, resumed = run_tune(experiment, params, opts, ctx, ray_cfg, verbose=1 if cfg.get("progress", True) else 0,
+                                    filesystem=tune_fs)  # fmt: skip
     except BaseException:
-        if created and not can_restore(experiment):
-            shutil.rmtree(final, ignore_errors=True)
+        if state == "new" and not can_restore(experiment, tune_fs):  # nothing to resume: leave no request behind
+            if created:
+                shutil.rmtree(final, ignore_errors=True)
+            if s3_uri:
+                with contextlib.suppress(GdmRayError):
+                    S3(store_of(cfg)).delete(join_uri(s3_uri, REQUEST))
         raise
     finally:
         if started:
@@ -189,25 +201,29 @@ def _sweep(cfg: DictConfig, opts: SweepConfig, ray_cfg: RayConfig, params: list[
     return {**summary, "out": where}
 
 
-def _pull_finished(uri: str, mirror: Path, store: dict[str, Any] | None) -> None:
-    """A sweep that finished on S3 (its summary is there) is reported, not rerun,
-    on any machine: fetch what _out_state and _report_finished read."""
+def _pull(uri: str, mirror: Path, store: dict[str, Any] | None) -> None:
+    """S3 is the sweep's one source of truth: the mirror is rebuilt from it on
+    every start. A finished sweep (its summary is there) is reported, not rerun,
+    on any machine; an unfinished one brings its request, which _out_state
+    checks before Tune resumes the experiment from S3."""
+    shutil.rmtree(mirror, ignore_errors=True)
     s3 = S3(store)
-    if s3.exists(join_uri(uri, SUMMARY)):
-        for name in (REQUEST, TABLE, SUMMARY):
+    names = (REQUEST, TABLE, SUMMARY) if s3.exists(join_uri(uri, SUMMARY)) else (REQUEST,)
+    for name in names:
+        if s3.exists(join_uri(uri, name)):
             s3.download(join_uri(uri, name), mirror / name)
 
 
 def _push(mirror: Path, uri: str, store: dict[str, Any] | None) -> None:
-    """Upload the finished sweep: Tune's experiment, the table and plot, the summary
-    last (its presence on S3 means the sweep is whole)."""
+    """Upload the finished sweep's request, table and plot (Tune wrote its experiment
+    there itself), the summary last (its presence on S3 means the sweep is whole)."""
     s3 = S3(store)
     files = sorted((p for p in mirror.rglob("*") if p.is_file()), key=lambda p: (p.name == SUMMARY, str(p)))
     for f in files:
         s3.put_file(join_uri(uri, f.relative_to(mirror).as_posix()), f)
 
 
-def _out_state(final: Path, request_hash: str) -> str:
+def _out_state(final: Path, request_hash: str, restorable: Callable[[], bool]) -> str:
     """new | resume | done for the folder out= names; a folder holding
     something else, or a sweep of another config, is an error."""
     if not final.exists():
@@ -230,7 +246,7 @@ def _out_state(final: Path, request_hash: str) -> str:
                           "rerun it with the same model, data, space and settings to resume, or pick a new out=")  # fmt: skip
     if (final / SUMMARY).is_file() and (final / TABLE).is_file():
         return "done"
-    return "resume" if can_restore(final / EXPERIMENT) else "new"
+    return "resume" if restorable() else "new"
 
 
 def _report_finished(final: Path, where: str, dataset: PendingDataset | None, model_id: str) -> dict[str, Any]:

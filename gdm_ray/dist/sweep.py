@@ -364,25 +364,33 @@ def _resources(cfg: RayConfig) -> Any:
     return PlacementGroupFactory([bundle])
 
 
-def can_restore(experiment: Path) -> bool:
+def can_restore(experiment: str | Path, filesystem: Any = None) -> bool:
+    """Whether ``experiment`` (a local folder, or a path on ``filesystem``, a pyarrow
+    filesystem such as S3) holds a Tune experiment to resume."""
     from ray.tune import Tuner
 
-    return experiment.is_dir() and Tuner.can_restore(str(experiment))
+    if filesystem is not None:
+        return Tuner.can_restore(str(experiment), storage_filesystem=filesystem)
+    return Path(experiment).is_dir() and Tuner.can_restore(str(experiment))
 
 
-def run_tune(experiment: Path, params: list[SpaceParam], sweep: SweepConfig, ctx: TrialContext, ray_cfg: RayConfig,
-             verbose: int = 1) -> tuple[list[TrialRecord], bool]:
+def run_tune(experiment: str | Path, params: list[SpaceParam], sweep: SweepConfig, ctx: TrialContext, ray_cfg: RayConfig,
+             verbose: int = 1, filesystem: Any = None) -> tuple[list[TrialRecord], bool]:
     """Run (or, when ``experiment`` holds one, restore and finish) the Tune
-    experiment; Ray must be running. Returns the trials in order and whether
-    the experiment was restored."""
+    experiment; Ray must be running. ``experiment`` is a local folder or, with
+    ``filesystem`` (pyarrow's S3), ``bucket/prefix/name`` there: Tune then keeps
+    its state on S3, and any machine can resume it. Returns the trials in
+    order and whether the experiment was restored."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _resources(ray_cfg))
-    restored = can_restore(experiment)
+    restored = can_restore(experiment, filesystem)
+    parent, name = str(experiment).rstrip("/").rsplit("/", 1)
     if restored:
         # finished trials keep their results; unfinished and crashed ones run again
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=filesystem)  # fmt: skip
     else:
         tuner = tune.Tuner(
             trainable,
@@ -394,8 +402,9 @@ def run_tune(experiment: Path, params: list[SpaceParam], sweep: SweepConfig, ctx
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name=experiment.name,
-                storage_path=str(experiment.parent),
+                name=name,
+                storage_path=parent,
+                storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=int(ray_cfg.max_retries)),
                 verbose=verbose,
             ),

@@ -80,6 +80,22 @@ class S3Config:
     def describe(self) -> str:
         return self.endpoint or "AWS S3"
 
+    def arrow_fs(self) -> Any:
+        """The same place and identity as a pyarrow S3FileSystem (what Ray Tune
+        writes its experiments with); a null key falls back to the AWS environment."""
+        from urllib.parse import urlparse
+
+        from pyarrow import fs
+
+        kw: dict[str, Any] = {"region": self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                              "connect_timeout": float(self.connect_timeout), "request_timeout": float(self.read_timeout)}  # fmt: skip
+        if self.access_key_id and self.secret_access_key:
+            kw.update(access_key=self.access_key_id, secret_key=self.secret_access_key, session_token=self.session_token)
+        if self.endpoint:
+            url = urlparse(self.endpoint)
+            kw.update(endpoint_override=url.netloc or url.path, scheme=url.scheme or "https")
+        return fs.S3FileSystem(**kw)
+
 
 class S3:
     """A boto3 S3 client with errors turned into one line each."""
