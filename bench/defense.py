@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from report import markdown_table, write_result  # noqa: E402
 
+from gdm_ray.store.provenance import code_version  # noqa: E402
 from gdm_ray.cli.commands import attack, load_data, typed  # noqa: E402
 from gdm_ray.cli.main import compose_config  # noqa: E402
 from gdm_ray.cli.search import defend  # noqa: E402
@@ -205,6 +206,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="where models and defenses go")
     ap.add_argument("--fresh", action="store_true", help="ignore finished models and defenses in --work")
     args = ap.parse_args()
+    code_version()  # fixed now: results record the code that ran, not a commit made while the bench runs
     work = args.work or ROOT / "bench" / "work" / ("defense-quick" if args.quick else "defense")
     if args.fresh and work.exists():
         shutil.rmtree(work)

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
+from gdm_ray.store.provenance import code_version  # noqa: E402
 from gdm_ray.cli.main import compose_config  # noqa: E402
 from gdm_ray.cli.search import defend  # noqa: E402
 from gdm_ray.cli.zoo import zoo_scan  # noqa: E402
@@ -168,6 +169,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rescan", action="store_true", help="scan the zoo again even when a finished scan of it exists")
     args = ap.parse_args()
+    code_version()  # fixed now: results record the code that ran, not a commit made while the bench runs
     quick = args.quick
     work = WORK / ("quick" if quick else "full")
     folder = work / "zoo"

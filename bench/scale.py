@@ -40,6 +40,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
+from gdm_ray.store.provenance import code_version  # noqa: E402
 from gdm_ray.cli.main import compose_config  # noqa: E402
 from gdm_ray.cli.sweep import sweep  # noqa: E402
 from gdm_ray.core.data import DataSpec, load_splits  # noqa: E402
@@ -197,6 +198,7 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--fresh-sweep", action="store_true", help="delete a finished sweep of this bench and run it again")
     args = ap.parse_args()
+    code_version()  # fixed now: results record the code that ran, not a commit made while the bench runs
     repeats = args.repeats or (1 if args.quick else 5)
     WORK.mkdir(parents=True, exist_ok=True)
     if args.fresh_sweep:

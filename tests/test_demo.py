@@ -9,7 +9,7 @@ import json
 from conftest import SCAN_DATA
 
 from gdm_ray.cli.main import main
-from gdm_ray.store import read_rows
+from gdm_ray.store import read_dataset, read_rows
 
 
 def test_demo_scans_repairs_and_serves(tmp_path, capsys):
@@ -30,5 +30,11 @@ def test_demo_scans_repairs_and_serves(tmp_path, capsys):
     assert sample["ensemble"] == "backdoored" and sample["n"] == 64 and len(sample["patterns"]) == 64
     assert (out / "serve" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "zoo-scan" / "scores.png").is_file() and (out / "defend-backdoored" / "samples.png").is_file()
+    # one dataset for both runs, partitioned by run and model
+    repairs = read_dataset(out / "dataset", "repairs").to_pylist()
+    assert [(r["run"], r["model"], r["targets"]) for r in repairs] == [("defend-backdoored", "backdoored", [2])]
+    assert repairs[0]["asr_after"] == m["after"]["asr"]
+    models = read_dataset(out / "dataset", "verdicts", run="zoo-scan").column("model").to_pylist()
+    assert sorted(models) == ["backdoored", "clean-1", "clean-2"]
     assert "step 5/5: summary" in stdout and "/v1/sample: 64 triggers" in stdout and str(out) in stdout
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # nothing staged left behind

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         return _error(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})", EXIT_USAGE)
+    from gdm_ray.store.provenance import code_version
+
+    code_version()  # the checkout as it is now, when the code runs: a commit made during a long run is not this code
     show_help = any(a in ("-h", "--help") for a in rest)
     print_cfg = False
     overrides = []

@@ -14,7 +14,7 @@ import gdm_ray
 __all__ = ["config_hash", "code_version"]
 
 # Keys that change where or how visibly a run writes, not what it computes.
-_NOT_HASHED = frozenset({"out", "progress", "device", "threads", "store"})
+_NOT_HASHED = frozenset({"out", "progress", "device", "threads", "store", "dataset"})
 
 
 def config_hash(cfg: Mapping) -> str:
