@@ -92,3 +92,21 @@ def bucket(s3_server, request) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") or "b"
     s3_server.client().create_bucket(Bucket=name)
     return name
+
+
+def finished_trials(read_states) -> dict[str, dict]:
+    """Trials a Tune experiment's newest state file records as finished: id -> last
+    result. ``read_states()`` returns the state files' texts, oldest first ([] if none)."""
+    import json
+
+    try:
+        texts = read_states()
+        state = json.loads(texts[-1]) if texts else None
+    except (OSError, ValueError):  # being replaced (StoreError is an OSError)
+        return {}
+    done = {}
+    for trial_json, meta_json in (state or {}).get("trial_data", []):
+        trial = json.loads(trial_json)
+        if trial["status"] == "TERMINATED":
+            done[trial["trial_id"]] = json.loads(meta_json)["last_result"]
+    return done

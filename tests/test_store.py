@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SCAN_DATA
+from conftest import SCAN_DATA, finished_trials
 
 from gdm_ray.cli.main import main
 from gdm_ray.core.ensemble import EnsembleError, load_ensemble
@@ -212,19 +212,9 @@ def test_sweep_writes_to_s3_and_a_rerun_elsewhere_reports_it(s3_server, bucket, 
 
 def _finished_on_s3(s3: S3, experiment: str) -> dict[str, dict]:
     """Trials that the Tune experiment state on S3 records as finished: id -> last result."""
-    states = [u for u in s3.list(experiment) if u.rsplit("/", 1)[-1].startswith("experiment_state-")]
-    if not states:
-        return {}
-    try:
-        state = json.loads(s3.get_bytes(states[-1]))
-    except (StoreError, json.JSONDecodeError):  # being replaced
-        return {}
-    done = {}
-    for trial_json, meta_json in state["trial_data"]:
-        trial = json.loads(trial_json)
-        if trial["status"] == "TERMINATED":
-            done[trial["trial_id"]] = json.loads(meta_json)["last_result"]
-    return done
+    states = lambda: [s3.get_bytes(u).decode() for u in s3.list(experiment)  # noqa: E731
+                      if u.rsplit("/", 1)[-1].startswith("experiment_state-")][-1:]  # fmt: skip
+    return finished_trials(states)
 
 
 def test_sweep_on_s3_killed_on_one_machine_resumes_on_another(s3_server, bucket, tmp_path, capsys):

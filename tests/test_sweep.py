@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import finished_trials
+
 from gdm_ray.cli.main import main
 from gdm_ray.core.defense import DefenseConfig
 from gdm_ray.core.errors import ConfigError
@@ -141,19 +143,7 @@ def test_grid_sweep_writes_table_and_best(model, tmp_path, capsys):
 
 def _terminated(experiment: Path) -> dict[str, dict]:
     """Trials the experiment state on disk records as finished: id -> last result."""
-    files = sorted(experiment.glob("experiment_state-*.json"))
-    if not files:
-        return {}
-    try:
-        state = json.loads(files[-1].read_text())
-    except (OSError, json.JSONDecodeError):  # being replaced
-        return {}
-    done = {}
-    for trial_json, meta_json in state["trial_data"]:
-        trial = json.loads(trial_json)
-        if trial["status"] == "TERMINATED":
-            done[trial["trial_id"]] = json.loads(meta_json)["last_result"]
-    return done
+    return finished_trials(lambda: [p.read_text() for p in sorted(experiment.glob("experiment_state-*.json"))[-1:]])
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(model, tmp_path, capsys):
