@@ -11,7 +11,6 @@ with the baseline's single trigger it is the "point defense".
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -87,22 +86,14 @@ def retrain(
     """
     if not samplers:
         raise ConfigError("retrain needs at least one trigger sampler")
-    n = len(clean)
-    if n == 0:
-        raise ConfigError("cannot retrain on an empty data set")
-    phase_cfg = dataclasses.replace(cfg.train_config(), epochs=float(cfg.epochs) / len(samplers))
-    # the same step count train_classifier derives, so one progress bar spans the phases
-    steps = max(1, int(round(float(phase_cfg.epochs) * math.ceil(n / min(int(cfg.batch_size), n)))))
+    k = len(samplers)
+    phase_cfg = dataclasses.replace(cfg.train_config(), epochs=float(cfg.epochs) / k)
     losses: list[float] = []
     for i, sampler in enumerate(samplers):
-        report = None if progress is None else _shifted(progress, i * steps, steps * len(samplers))
+        # every phase has the same step count: one progress bar spans them
+        report = None if progress is None else (lambda step, total, loss, i=i: progress(i * total + step, k * total, loss))
         losses += train_classifier(model, clean, phase_cfg, generator, _trigger_hook(sampler, cfg.rate, clean.shape), report)
     return losses
-
-
-def _shifted(progress: Callable[[int, int, float], None], done: int, total: int) -> Callable[[int, int, float], None]:
-    """One phase's progress as steps of the whole repair."""
-    return lambda step, _total, loss: progress(done + step, total, loss)
 
 
 def _trigger_hook(sampler: TriggerSampler, rate: float, shape: tuple[int, int, int]) -> Callable:
