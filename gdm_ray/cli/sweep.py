@@ -27,7 +27,7 @@ from gdm_ray.core.plots import save_sweep
 from gdm_ray.dist.runtime import RayConfig, init_ray
 from gdm_ray.dist.sweep import (EXPERIMENT, SpaceParam, SweepConfig, TrialContext, apply_params, can_restore, combinations,
                                 param_fields, parse_space, run_tune, trial_rows)  # fmt: skip
-from gdm_ray.store import PendingDataset, code_version, config_hash, read_rows, trial_schema, write_json, write_rows
+from gdm_ray.store import PendingDataset, code_version, config_hash, trial_schema, write_json, write_rows
 from gdm_ray.store.parquet import read_table
 from gdm_ray.store.fetch import cache_root
 from gdm_ray.store.rundir import default_out, publish
@@ -96,19 +96,8 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     else:
         final = (Path(str(out)) if out not in (None, "") else default_out("sweep")).resolve()
     where = s3_uri or str(final)
-    dataset = PendingDataset(cfg.dataset, where.rstrip("/").rsplit("/", 1)[-1], store_of(cfg)) if cfg.get("dataset") else None
-    try:
-        return _sweep(cfg, opts, ray_cfg, params, base, combos, loaded, splits, target, real_spec, real_target, s3_uri, final,
-                      where, dataset, t0)  # fmt: skip
-    finally:
-        if dataset is not None:
-            dataset.discard()
-
-
-def _sweep(cfg: DictConfig, opts: SweepConfig, ray_cfg: RayConfig, params: list[SpaceParam], base: dict[str, Any],
-           combos: list[dict[str, Any]], loaded: Any, splits: Any, target: int, real_spec: dict, real_target: int,
-           s3_uri: str | None, final: Path, where: str, dataset: PendingDataset | None, t0: float) -> dict[str, Any]:  # fmt: skip
-    seed, device = int(cfg.seed), str(cfg.device)
+    # checked now (bucket, credentials), written when the sweep has its table
+    dataset = PendingDataset(cfg.dataset, where, store_of(cfg)) if cfg.get("dataset") else None
     body = {k: v for k, v in plain(cfg).items() if k not in _NOT_RESUME_KEYS}
     request_hash = config_hash({"config": body, "model_sha256": loaded.sha256})
     experiment: str | Path = final / EXPERIMENT
@@ -253,9 +242,10 @@ def _report_finished(final: Path, where: str, dataset: PendingDataset | None, mo
     import json
 
     summary = json.loads((final / SUMMARY).read_text())
-    rows = read_rows(final / TABLE)
+    table = read_table(final / TABLE)
+    rows = table.to_pylist()
     if dataset is not None:  # a finished sweep run again with dataset=: add its rows
-        dataset.add("trials", rows, read_table(final / TABLE).schema, model=model_id)
+        dataset.add("trials", rows, table.schema, model=model_id)
         dataset.publish()
     print(f"gdm-ray sweep: the sweep in {where} has finished ({summary['trials']} trials); nothing to run", file=sys.stderr)
     params = [SpaceParam(k, next(iter(v)), tuple(next(iter(v.values())))) for k, v in summary["space"].items()]

@@ -23,8 +23,8 @@ touched, so a reader sees the earlier state.
 
 from __future__ import annotations
 
-import io
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.store.parquet import SCHEMA_VERSION, list_parquet, read_table
 from gdm_ray.store.s3 import S3, StoreError, is_s3, join_uri
 
 __all__ = ["TABLES", "partition_dir", "PendingDataset", "read_dataset"]
@@ -60,26 +61,27 @@ def partition_dir(table: str, run: str, model: str) -> str:
 class PendingDataset:
     """Partitions a run has staged; :meth:`publish` writes them once the run's folder is in place."""
 
-    def __init__(self, root: str | Path, run: str, store: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, root: str | Path, run: str | Path, store: Mapping[str, Any] | None = None) -> None:
+        """``run``: the run's out= folder or prefix; its last path segment names the run."""
         self.root = str(root).rstrip("/") if is_s3(str(root)) else str(Path(root))
-        self.run = run
+        self.run = str(run).rstrip("/").rsplit("/", 1)[-1]
         self.store = store
         self.s3 = S3(store) if is_s3(self.root) else None
         if self.s3 is not None:
             self.s3.check_bucket(self.root)  # wrong credentials or no bucket: fail before the work
         elif Path(self.root).exists() and not Path(self.root).is_dir():
             raise ConfigError(f"dataset={self.root} exists and is not a folder")
-        self.stage = Path(tempfile.mkdtemp(prefix="gdm-ray-dataset-"))
+        self.stage: Path | None = None  # made by the first add
         self.tables: set[str] = set()
         # a fresh file name per publish: new files never overwrite the ones a reader may be reading
         self.part = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
 
     def add(self, table: str, rows: Iterable[dict[str, Any]], schema: pa.Schema, model: str | None = None) -> None:
         """Stage ``rows`` of ``table`` (one file per model: each row's ``model_id``, or ``model`` for all)."""
-        from gdm_ray.store.parquet import SCHEMA_VERSION  # parquet -> rundir -> this module
-
         if table not in TABLES:
             raise ValueError(f"unknown dataset table {table!r}")
+        if self.stage is None:
+            self.stage = Path(tempfile.mkdtemp(prefix="gdm-ray-dataset-"))
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             r = {"schema_version": SCHEMA_VERSION, **r}
@@ -92,42 +94,34 @@ class PendingDataset:
 
     def publish(self) -> None:
         """Write the staged partitions into the dataset, then drop the run's older files of those tables."""
+        if self.stage is None:
+            return
         try:
             files = sorted(p for p in self.stage.rglob("*") if p.is_file())
-            rels = [p.relative_to(self.stage).as_posix() for p in files]
-            prefixes = [f"{t}/run={_value(self.run)}/" for t in sorted(self.tables)]
-            before = set(self._list(prefixes))
-            done: list[str] = []
+            older = self._list([f"{t}/run={_value(self.run)}/" for t in sorted(self.tables)])
+            done: list[str] = []  # new names: none of them is among the older files
             try:
-                for src, rel in zip(files, rels):
+                for src in files:
+                    rel = src.relative_to(self.stage).as_posix()
                     self._put(src, rel)
                     done.append(rel)
             except BaseException as exc:
-                left = [rel for rel in done if rel not in before and not self._remove(rel)]
+                left = [rel for rel in done if not self._remove(rel)]
                 if left and isinstance(exc, StoreError):
                     raise StoreError(f"{exc}; {len(left)} dataset file(s) of this run could not be removed again") from None
                 raise
-            for rel in sorted(before - set(rels)):  # the run's partitions the new run did not write
+            for rel in older:
                 self._remove(rel)
         finally:
             self.discard()
 
     def discard(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.stage, ignore_errors=True)
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.stage = None
 
     def _list(self, prefixes: list[str]) -> list[str]:
-        out: list[str] = []
-        for pre in prefixes:
-            if self.s3 is not None:
-                base = join_uri(self.root, pre)
-                out += [u[len(self.root) + 1 :] for u in self.s3.list(base)]
-            else:
-                base_p = Path(self.root) / pre
-                if base_p.is_dir():
-                    out += [p.relative_to(self.root).as_posix() for p in base_p.rglob("*.parquet") if p.is_file()]
-        return out
+        return [rel for pre in prefixes for rel, _ in list_parquet(self.root, pre, self.store)]
 
     def _put(self, src: Path, rel: str) -> None:
         if self.s3 is not None:
@@ -143,8 +137,7 @@ class PendingDataset:
         except OSError as exc:
             raise StoreError(f"dataset={self.root}: cannot write {rel} ({exc.strerror})") from None
         try:
-            with open(src, "rb") as f_in, open(tmp, "wb") as f_out:
-                f_out.write(f_in.read())
+            shutil.copyfile(src, tmp)
             publish(tmp, dst)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -165,14 +158,8 @@ def read_dataset(root: str | Path, table: str, store: Mapping[str, Any] | None =
                  model: str | None = None) -> pa.Table:  # fmt: skip
     """One table of the dataset under ``root``, every run and model (or only ``run`` /
     ``model``), with ``run`` and ``model`` columns from the partition folders."""
-    base = str(root).rstrip("/") if is_s3(str(root)) else str(Path(root))
     prefix = f"{table}/" + (f"run={_value(run)}/" if run is not None else "")
-    s3 = S3(store) if is_s3(base) else None
-    if s3 is not None:
-        found = [(u[len(base) + 1 :], u) for u in s3.list(join_uri(base, prefix))]
-    else:
-        top = Path(base) / prefix
-        found = [(p.relative_to(base).as_posix(), str(p)) for p in sorted(top.rglob("*.parquet"))] if top.is_dir() else []
+    found = list_parquet(root, prefix, store)
     tables = []
     for rel, where in found:
         parts = rel.split("/")
@@ -181,7 +168,7 @@ def read_dataset(root: str | Path, table: str, store: Mapping[str, Any] | None =
         r, m = unquote(parts[1][4:]), unquote(parts[2][6:])
         if model is not None and m != str(model):
             continue
-        t = pq.read_table(io.BytesIO(s3.get_bytes(where))) if s3 is not None else pq.read_table(where)
+        t = read_table(where, store)
         t = t.append_column("run", pa.array([r] * t.num_rows, pa.string()))
         tables.append(t.append_column("model", pa.array([m] * t.num_rows, pa.string())))
     if not tables:

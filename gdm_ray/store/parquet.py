@@ -16,16 +16,16 @@ import io
 import os
 import tempfile
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gdm_ray.store.rundir import publish
-from gdm_ray.store.s3 import S3, StoreError, is_s3
+from gdm_ray.store.s3 import S3, StoreError, is_s3, join_uri
 
-__all__ = ["SCHEMA_VERSION", "write_rows", "read_rows", "write_table", "read_table", "read_results"]
+__all__ = ["SCHEMA_VERSION", "write_rows", "read_rows", "write_table", "read_table", "read_results", "list_parquet"]
 
 SCHEMA_VERSION = 1
 
@@ -66,17 +66,21 @@ def read_rows(path: str | Path, store: Mapping[str, Any] | None = None) -> list[
     return read_table(path, store).to_pylist()
 
 
+def list_parquet(root: str | Path, under: str = "", store: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """The Parquet files below ``root/under`` (a folder or an s3:// prefix), sorted, as
+    (path relative to root with "/" separators, where to read it)."""
+    if is_s3(str(root)):
+        base = str(root).rstrip("/")
+        return [(u[len(base) + 1 :], u) for u in S3(store).list(join_uri(base, under)) if u.endswith(".parquet")]
+    top = Path(root) / under
+    return [(p.relative_to(root).as_posix(), str(p)) for p in sorted(top.rglob("*.parquet"))] if top.is_dir() else []
+
+
 def read_results(root: str | Path, name: str = "verdicts.parquet", store: Mapping[str, Any] | None = None) -> pa.Table:
     """Every run's ``name`` table under ``root`` (one folder per run), concatenated,
     with a ``run`` column (the run folder's path relative to root)."""
-    if is_s3(str(root)):
-        base = str(root).rstrip("/")
-        found = [u for u in S3(store).list(base) if u.endswith("/" + name)]
-        runs = [(u[len(base) + 1 : -len(name) - 1], u) for u in found]
-    else:
-        base_p = Path(root)
-        runs = [(str(p.parent.relative_to(base_p)), str(p)) for p in sorted(base_p.rglob(name))
-                if not any(part.startswith(".") for part in p.relative_to(base_p).parts)]  # fmt: skip
+    runs = [(str(PurePosixPath(rel).parent), where) for rel, where in list_parquet(root, "", store)
+            if PurePosixPath(rel).name == name and not any(part.startswith(".") for part in rel.split("/"))]  # fmt: skip
     if not runs:
         raise StoreError(f"{root}: no {name} in any run under it")
     tables = []

@@ -21,11 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gdm_ray.core.errors import ConfigError
-from gdm_ray.store.dataset import PendingDataset
 from gdm_ray.store.s3 import S3, StoreError, is_s3, join_uri
+
+if TYPE_CHECKING:
+    from gdm_ray.store.dataset import PendingDataset
 
 __all__ = ["RunDir", "write_json", "default_out", "publish"]
 
@@ -96,9 +98,10 @@ class RunDir:
     def _open_dataset(self, dataset: str | Path | None, store: Any) -> None:
         if dataset in (None, ""):
             return
-        run = self.location.rstrip("/").rsplit("/", 1)[-1] if self.s3 is not None else Path(self.location).name
+        from gdm_ray.store.dataset import PendingDataset  # dataset -> parquet -> this module
+
         try:
-            self.dataset = PendingDataset(dataset, run, store)
+            self.dataset = PendingDataset(dataset, self.location, store)
         except BaseException:
             self.abort()
             raise

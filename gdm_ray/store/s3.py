@@ -77,6 +77,10 @@ class S3Config:
     def endpoint(self) -> str | None:
         return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
+    @property
+    def region_name(self) -> str:
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
     def describe(self) -> str:
         return self.endpoint or "AWS S3"
 
@@ -87,8 +91,8 @@ class S3Config:
 
         from pyarrow import fs
 
-        kw: dict[str, Any] = {"region": self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-                              "connect_timeout": float(self.connect_timeout), "request_timeout": float(self.read_timeout)}  # fmt: skip
+        kw: dict[str, Any] = {"region": self.region_name, "connect_timeout": float(self.connect_timeout),
+                              "request_timeout": float(self.read_timeout)}  # fmt: skip
         if self.access_key_id and self.secret_access_key:
             kw.update(access_key=self.access_key_id, secret_key=self.secret_access_key, session_token=self.session_token)
         if self.endpoint:
@@ -106,11 +110,10 @@ class S3:
 
         self.cfg = cfg if isinstance(cfg, S3Config) else S3Config.from_cfg(cfg)
         c = self.cfg
-        region = c.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=c.endpoint,
-            region_name=region,
+            region_name=c.region_name,
             aws_access_key_id=c.access_key_id,
             aws_secret_access_key=c.secret_access_key,
             aws_session_token=c.session_token,
