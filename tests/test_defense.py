@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gdm_ray.core.attack import BadNets
-from gdm_ray.core.baseline import BaselineConfig, PixelBaseline
+from gdm_ray.core.baseline import BaselineConfig, BaselineResult, PixelBaseline, load_trigger, save_trigger
 from gdm_ray.core.data import DataSpec, load_splits
 from gdm_ray.core.defense import DefenseConfig, retrain
 from gdm_ray.core.ensemble import EnsembleError, load_ensemble, save_ensemble
@@ -57,6 +57,35 @@ def test_baseline_finds_a_working_trigger(backdoored):
     assert sampled_asr(model, splits.eval, base, TARGET, torch.Generator().manual_seed(0)) > 0.8
     p, a = base.sample(5)
     assert p.shape == (5, 1, 3, 3) and torch.equal(p[0], p[4])
+
+
+def test_baseline_trigger_file_round_trip_and_bad_files(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    res = BaselineResult(torch.rand(3, 3, 2, generator=g), torch.rand(3, 2, generator=g), 0.75, [0.5, 0.75], 4)
+    save_trigger(res, tmp_path / "t.safetensors")
+    back = load_trigger(tmp_path / "t.safetensors")
+    assert torch.equal(back.pattern, res.pattern) and torch.equal(back.alpha, res.alpha)
+    assert (back.target, back.asr, back.restart_asr) == (4, 0.75, [0.5, 0.75])
+    p, a = PixelBaseline.from_result(back).sample(3)
+    assert torch.equal(p[2], res.pattern) and torch.equal(a[0], res.alpha)
+    with pytest.raises(ConfigError, match="not target=1"):
+        load_trigger(tmp_path / "t.safetensors", target=1)
+    # a file from before the metadata: the target comes from the caller
+    from safetensors.torch import save_file
+
+    save_file({"pattern": res.pattern, "alpha": res.alpha}, str(tmp_path / "old.safetensors"))
+    assert load_trigger(tmp_path / "old.safetensors", target=4).target == 4
+    with pytest.raises(ConfigError, match="does not name its target"):
+        load_trigger(tmp_path / "old.safetensors")
+    save_file({"pattern": res.pattern, "alpha": torch.ones(2, 2)}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ConfigError, match="expected pattern C x h x w"):
+        load_trigger(tmp_path / "shape.safetensors", target=4)
+    save_file({"pattern": res.pattern * 3, "alpha": res.alpha}, str(tmp_path / "range.safetensors"))
+    with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
+        load_trigger(tmp_path / "range.safetensors", target=4)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(ConfigError, match="not a readable safetensors"):
+        load_trigger(tmp_path / "junk.safetensors", target=4)
 
 
 def test_baseline_with_mask_penalises_mask_size(backdoored):

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from gdm_ray.cli.commands import card_for, load_data, model_file, plain, print_table, progress_bar, setup, store_of, typed
-from gdm_ray.core.baseline import BaselineConfig, PixelBaseline
+from gdm_ray.core.baseline import BaselineConfig, PixelBaseline, save_trigger
 from gdm_ray.core.data import Splits
 from gdm_ray.core.defense import DefenseConfig, TriggerSampler, retrain
 from gdm_ray.core.ensemble import save_ensemble
@@ -88,9 +88,7 @@ def run_search(
     else:
         save_level_grid(run_dir.path("samples.png"), [(bres.pattern[None], bres.alpha[None])],
                         f"{name}: baseline trigger for class {target}", [f"ASR {bres.asr:.0%}"])  # fmt: skip
-        from safetensors.torch import save_file
-
-        save_file({"pattern": bres.pattern.contiguous(), "alpha": bres.alpha.contiguous()}, str(run_dir.path("trigger.safetensors")))
+        save_trigger(bres, run_dir.path("trigger.safetensors"))
         summary = {"method": "baseline", "found_asr_search": bres.asr, "restart_asr": bres.restart_asr}
         sampler = base
     summary.update({"search_seconds": round(seconds, 2), "target_class": target})

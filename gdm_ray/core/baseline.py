@@ -10,8 +10,10 @@ restarts from several random inits keep the best one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.train import frozen, model_device
 from gdm_ray.core.triggers import apply_trigger, random_positions
 
-__all__ = ["BaselineConfig", "BaselineResult", "PixelBaseline"]
+__all__ = ["BaselineConfig", "BaselineResult", "PixelBaseline", "save_trigger", "load_trigger"]
 
 
 @dataclass
@@ -127,6 +129,13 @@ class PixelBaseline:
         self.result = BaselineResult(best[1].cpu(), best[2].cpu(), best[0], restart_asr, int(target))
         return self.result
 
+    @classmethod
+    def from_result(cls, result: BaselineResult) -> PixelBaseline:
+        """A finished search's sampler, e.g. from ``load_trigger``: retrain against it again."""
+        base = cls()
+        base.result = result
+        return base
+
     def sample(
         self, n: int, generator: torch.Generator | None = None, level: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,3 +155,40 @@ def _asr(model: nn.Module, pool: torch.Tensor, pattern: torch.Tensor, alpha: tor
         pos = random_positions(len(x), tuple(alpha.shape), tuple(x.shape[2:]), g)
         hits += int((model(apply_trigger(x, pattern, alpha, pos)).argmax(1) == target).sum())
     return hits / len(pool)
+
+
+def save_trigger(result: BaselineResult, path: str | Path) -> None:
+    """The found trigger as safetensors (pattern C x h x w, alpha h x w); target
+    and search ASR ride in the header's metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"target": str(result.target), "asr": repr(float(result.asr)), "restart_asr": json.dumps(result.restart_asr)}
+    save_file({"pattern": result.pattern.contiguous(), "alpha": result.alpha.contiguous()}, str(path), metadata=meta)
+
+
+def load_trigger(path: str | Path, target: int | None = None) -> BaselineResult:
+    """Read a trigger written by ``save_trigger`` (no pickle), checking shapes and
+    range. ``target`` is needed only for files written before the metadata
+    held it; a value that contradicts the file is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"trigger={path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    pattern, alpha = tensors.get("pattern"), tensors.get("alpha")
+    if pattern is None or alpha is None or pattern.dim() != 3 or tuple(alpha.shape) != tuple(pattern.shape[1:]):
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ConfigError(f"trigger={path}: expected pattern C x h x w and alpha h x w, found {shapes}")
+    if not (pattern.is_floating_point() and alpha.is_floating_point()) or min(pattern.min(), alpha.min()) < 0 or max(pattern.max(), alpha.max()) > 1:
+        raise ConfigError(f"trigger={path}: pattern and alpha must be floats in [0, 1]")
+    stored = int(meta["target"]) if "target" in meta else None
+    if stored is None and target is None:
+        raise ConfigError(f"trigger={path}: the file does not name its target class; pass target")
+    if stored is not None and target is not None and stored != int(target):
+        raise ConfigError(f"trigger={path}: found for class {stored}, not target={target}")
+    asr = float(meta.get("asr", "nan"))
+    restarts = [float(a) for a in json.loads(meta.get("restart_asr", "[]"))]
+    return BaselineResult(pattern.float(), alpha.float(), asr, restarts, stored if stored is not None else int(target))
