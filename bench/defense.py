@@ -1,6 +1,6 @@
 """Defense bench: the paper's comparison, MESA against the pixel-space baseline.
 
-    python bench/defense.py                  # Fashion-MNIST and CIFAR-10 (~50 min on 2 cores)
+    python bench/defense.py                  # Fashion-MNIST and CIFAR-10 (~70 min on 2 cores)
     python bench/defense.py --only fashion_mnist
     python bench/defense.py --quick          # smoke run: 2 small models, short searches (~3 min)
 
@@ -141,7 +141,8 @@ def retrains(ds: dict, splits, card: dict, model: Path, target: int, method: str
     """(ASR, clean accuracy) after each of n retrainings against the triggers the `defend` run
     in ``out`` found: its own (seed 0), then seeds 1..n-1 from its saved ensemble or trigger.
     Cached in out/retrains.json (removed with out when the defense is redone)."""
-    runs = [{"seed": 0, "asr": first["after"]["asr"], "clean_accuracy": first["after"]["clean_accuracy"]}]
+    runs = [{"seed": 0, "asr": first["after"]["asr"], "clean_accuracy": first["after"]["clean_accuracy"],
+             "code_version": first.get("code_version")}]  # fmt: skip
     f = out / "retrains.json"
     done = {r["seed"]: r for r in json.loads(f.read_text())} if f.is_file() else {}
     if all(s in done for s in range(1, n)):
@@ -156,7 +157,7 @@ def retrains(ds: dict, splits, card: dict, model: Path, target: int, method: str
             m = clone_model(net)
             retrain(m, splits.defense, [sampler], dcfg, torch.Generator().manual_seed(s))
             asr = attack_success_rate(m, splits.eval, trigger, target, torch.Generator().manual_seed(s + EVAL_SEED_OFFSET))
-            done[s] = {"seed": s, "asr": asr, "clean_accuracy": clean_accuracy(m, splits.eval)}
+            done[s] = {"seed": s, "asr": asr, "clean_accuracy": clean_accuracy(m, splits.eval), "code_version": code_version()}
             f.write_text(json.dumps(sorted(done.values(), key=lambda r: r["seed"]), indent=1) + "\n")
             print(f"  {out.name} retraining seed {s}: ASR {pct(asr)}, acc {pct(done[s]['clean_accuracy'])}", flush=True)
     return runs + [done[s] for s in range(1, n)]
@@ -208,7 +209,7 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
     clean_dir = (work if quick else ROOT / "bench" / "work" / "attack") / ("fm-clean" if name == "fashion_mnist" else "c10-clean")
     clean = model_for(ds, clean_over, clean_dir)
     print(f"{ds['label']} clean model: {clean['clean_accuracy']:.2%} ({clean_dir})", flush=True)
-    rows, res, versions = [], [], set()
+    rows, res, versions, retrain_versions = [], [], set(), set()
     splits = load_data(compose_config("defend", ["model=x", "target_class=0", *ds["data"]]))  # the floors' and the overhead's
     clean_net = load_model(clean_dir / "model.pt", splits.shape, splits.eval.num_classes).module
     models = [ds.get("models", {}).get(i, m) for i, m in enumerate(MODELS)]
@@ -223,6 +224,7 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
             runs[method] = (d, retrains(ds, splits, card, model, target, method, work / f"{tag}-{method}", extra, d, n_retrains))
         (m, m_runs), (b, b_runs) = runs["mesa"], runs["baseline"]
         versions |= {m.get("code_version"), b.get("code_version")}
+        retrain_versions |= {r.get("code_version") for r in m_runs[1:] + b_runs[1:]}
         before = m["before"]
         floor = floor_asr(splits, clean_net, card, target, n_retrains)
         after = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
@@ -244,6 +246,7 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
         "base_drop_worst": worst("base_drop"), "versions": sorted(str(v) for v in versions),
         "mesa_excess_worst": max(r["mesa"] - r["floor"] for r in res), "base_excess_worst": max(r["base"] - r["floor"] for r in res),
         "mesa_single_worst": worst("mesa_single"), "base_single_worst": worst("base_single"), "retrains": n_retrains,
+        "retrain_versions": sorted(str(v) for v in retrain_versions),
     }  # fmt: skip
     first_label, first_trig, first_target = MODELS[0]
     first = work / f"{name}-{first_trig[0].split('=')[1]}-t{first_target}" / "model.pt"
@@ -323,6 +326,9 @@ def main() -> int:
     )
     body += "\n- Defenses made by code version(s) " + ", ".join(sorted({v for s in sums.values() for v in s["versions"]})) + (
         " (finished defenses are reused from --work; --fresh redoes them)")
+    later = sorted({v for s in sums.values() for v in s["retrain_versions"]})
+    if later:
+        body += "; their retrainings with seeds 1.. by " + ", ".join(later)
     path = write_result("defense-quick" if args.quick else "defense", "Defense: MESA vs the pixel-space baseline", body)
     print(path.read_text())
     return 0 if all(ok is not False for _, ok in checks) else 1
