@@ -3,6 +3,7 @@ with the command, git commit, date and machine that produced them."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -29,13 +30,19 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
+@functools.cache
 def commit() -> str:
+    """The commit the bench started on (fixed at import, like code_version): a
+    commit made while a long bench runs must not be named as the code that ran."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=RESULTS.parent)
         return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
+
+
+commit()  # benches import this module first thing: fix the commit now
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
