@@ -7,7 +7,8 @@
 Scan: the first pass of bench/detect.py's zoo model cnn-clean-0 (built by
 `python bench/detect.py`; this bench builds nothing else), its 10 classes in
 two chunks of 5 (scan.classes_per_pass=5), so two workers have equal halves.
-Four ways, interleaved, each repeated --repeats times, median wall time:
+Four ways, interleaved (every other repeat in reverse order), each repeated
+--repeats times, median wall time:
 - core, 1 thread: `scan_classes` in this process, torch pinned to 1 thread;
 - Ray, 1 worker: the same chunks as Ray tasks (gdm_ray.dist.scan), Ray
   started in-process with num_cpus=1, each task 1 CPU (1 torch thread);
@@ -97,23 +98,28 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
     times: dict[str, list[float]] = {k: [] for k in ("core1", "ray1", "core2", "ray2")}
     sizes: dict[str, list[float]] = {}
     startup: dict[int, float] = {}
+    def ray_run(cpus: int) -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        init_ray(RayConfig(num_cpus=cpus))
+        startup[cpus] = time.perf_counter() - t0
+        try:
+            assert len(set(ray.get([_warm.remote() for _ in range(cpus)]))) == cpus  # every worker started and warm
+            ray_scan(MODEL, sha, splits, ScanConfig(steps=5, classes_per_pass=5))
+            return ray_scan(MODEL, sha, splits, cfg)
+        finally:
+            ray.shutdown()
+
     for rep in range(repeats):
-        for cpus in (1, 2):
-            t, s = core_scan(loaded.module, splits.defense, cfg, cpus)
-            times[f"core{cpus}"].append(t)
-            sizes[f"core{cpus}"] = s
-            t0 = time.perf_counter()
-            init_ray(RayConfig(num_cpus=cpus))
-            startup[cpus] = time.perf_counter() - t0
-            try:
-                assert len(set(ray.get([_warm.remote() for _ in range(cpus)]))) == cpus  # every worker started and warm
-                ray_scan(MODEL, sha, splits, ScanConfig(steps=5, classes_per_pass=5))
-                t, s = ray_scan(MODEL, sha, splits, cfg)
-            finally:
-                ray.shutdown()
-            times[f"ray{cpus}"].append(t)
-            sizes[f"ray{cpus}"] = s
-            print(f"repeat {rep + 1}/{repeats}, {cpus} CPU(s): core {times[f'core{cpus}'][-1]:.1f}s, Ray {t:.1f}s", flush=True)
+        # odd repeats run everything in reverse order (ABBA), so drift within a
+        # repeat (the machine slowing under sustained load) favours no side
+        forward = rep % 2 == 0
+        for cpus in (1, 2) if forward else (2, 1):
+            for kind in ("core", "ray") if forward else ("ray", "core"):
+                t, s = core_scan(loaded.module, splits.defense, cfg, cpus) if kind == "core" else ray_run(cpus)
+                times[f"{kind}{cpus}"].append(t)
+                sizes[f"{kind}{cpus}"] = s
+            print(f"repeat {rep + 1}/{repeats}, {cpus} CPU(s): core {times[f'core{cpus}'][-1]:.1f}s, "
+                  f"Ray {times[f'ray{cpus}'][-1]:.1f}s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     same = all(_close(sizes[k], sizes["core1"]) for k in sizes)
 
@@ -131,7 +137,7 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
     ]  # fmt: skip
     body = "\n\n".join([
         f"Per-class scan (first pass) of `{MODEL.name}`: {splits.eval.num_classes} classes in chunks of "
-        f"{cfg.classes_per_pass}, {cfg.steps} steps, batch {cfg.batch_size} per class; median of {repeats} interleaved repeats.",
+        f"{cfg.classes_per_pass}, {cfg.steps} steps, batch {cfg.batch_size} per class; median of {repeats} interleaved repeats, every other one in reverse order.",
         markdown_table(["run", "CPUs", "median s", "runs (s)", "Ray overhead vs core, same CPUs"], rows),
         "Ratios are medians over the repeats of the ratio within each repeat (runs side by side).",
         f"- speedup, 2 workers vs 1 worker: **{speedup:.2f}x** (per repeat: "
