@@ -126,17 +126,16 @@ def real_trigger(splits, card: dict):
     return make_trigger(TriggerSpec(**card["trigger"]), c, (h, w))
 
 
-def floor_asr(splits, clean: torch.nn.Module, card: dict, target: int, n: int) -> float:
+def floor_asr(splits, clean: torch.nn.Module, trigger, target: int, n: int) -> float:
     """The clean model's ASR for the backdoor's trigger, median over the eval placements of
     seeds 0..n-1 (those the repairs are measured on): how often the trigger's pixels alone
     already give the target, a floor no retraining that keeps natural features can be
     expected to go far below."""
-    trigger = real_trigger(splits, card)
     return statistics.median(attack_success_rate(clean, splits.eval, trigger, target, torch.Generator().manual_seed(s + EVAL_SEED_OFFSET))
                              for s in range(n))  # fmt: skip
 
 
-def retrains(ds: dict, splits, card: dict, model: Path, target: int, method: str, out: Path, extra: list[str],
+def retrains(ds: dict, splits, trigger, model: Path, target: int, method: str, out: Path, extra: list[str],
              first: dict, n: int) -> list[dict]:  # fmt: skip
     """(ASR, clean accuracy) after each of n retrainings against the triggers the `defend` run
     in ``out`` found: its own (seed 0), then seeds 1..n-1 from its saved ensemble or trigger.
@@ -151,7 +150,6 @@ def retrains(ds: dict, splits, card: dict, model: Path, target: int, method: str
     net = load_model(model, splits.shape, splits.eval.num_classes).module
     sampler = load_ensemble(out / "ensemble") if method == "mesa" else PixelBaseline.from_result(
         load_trigger(out / "trigger.safetensors", target))
-    trigger = real_trigger(splits, card)
     for s in range(1, n):
         if s not in done:
             m = clone_model(net)
@@ -218,15 +216,16 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
         backdoor = [o.format(clean=clean_dir / "model.pt") for o in ds["backdoor"]]
         card = model_for(ds, [*backdoor, *trig, f"attack.target={target}"], work / tag)
         model = work / tag / "model.pt"
+        trigger = real_trigger(splits, card)
         runs = {}
         for method in ("mesa", "baseline"):
             d = defend_one(ds, model, target, method, work / f"{tag}-{method}", extra)
-            runs[method] = (d, retrains(ds, splits, card, model, target, method, work / f"{tag}-{method}", extra, d, n_retrains))
+            runs[method] = (d, retrains(ds, splits, trigger, model, target, method, work / f"{tag}-{method}", extra, d, n_retrains))
         (m, m_runs), (b, b_runs) = runs["mesa"], runs["baseline"]
         versions |= {m.get("code_version"), b.get("code_version")}
         retrain_versions |= {r.get("code_version") for r in m_runs[1:] + b_runs[1:]}
         before = m["before"]
-        floor = floor_asr(splits, clean_net, card, target, n_retrains)
+        floor = floor_asr(splits, clean_net, trigger, target, n_retrains)
         after = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         res.append({"before": before["asr"], "mesa": after(m_runs, "asr"), "base": after(b_runs, "asr"), "floor": floor,
                     "mesa_drop": 100 * (before["clean_accuracy"] - after(m_runs, "clean_accuracy")),
