@@ -27,3 +27,38 @@ def test_worker_niceness(niceness, expected, monkeypatch):
     finally:
         ray.shutdown()
         os.environ.pop("RAY_worker_niceness", None)  # init_ray set it for the raylet; monkeypatch restores the rest
+
+
+def test_workers_keep_freed_memory():
+    """A task's pin_threads(cpus, True), as every gdm-ray task calls it with
+    ray.keep_freed_memory, stops its worker refaulting freed tensor memory."""
+    import ray
+
+    from gdm_ray.dist.runtime import init_ray
+
+    @ray.remote(num_cpus=1)
+    def faults(keep: bool) -> int:
+        import resource
+
+        import torch
+
+        from gdm_ray.dist.runtime import pin_threads
+
+        pin_threads(1, keep)
+        for _ in range(3):
+            torch.ones(16 << 20)  # the heap grows and settles
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            torch.ones(16 << 20)  # 64 MiB: glibc's default mmaps and unmaps it each time
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert RayConfig().keep_freed_memory
+    assert init_ray(RayConfig(num_cpus=1))
+    try:
+        off = ray.get(faults.remote(False))  # first: the setting stays for the worker's life
+        on = ray.get(faults.remote(True))
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_worker_niceness", None)
+    assert off > 10 * 16384 * 0.8, off
+    assert on < off / 4, (off, on)  # at most a round or two while the heap settles

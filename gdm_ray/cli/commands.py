@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from gdm_ray.core.allocator import keep_freed_memory
 from gdm_ray.core.attack import BadNets
 from gdm_ray.core.data import DataSpec, Splits, load_splits
 from gdm_ray.core.errors import ConfigError
@@ -79,13 +80,17 @@ def _is_kind(value: Any, kind: type) -> bool:
 
 
 def setup(cfg: DictConfig) -> torch.device:
-    """Seed the global RNGs (entry point only), pin threads, pick the device."""
+    """Seed the global RNGs (entry point only), pin threads, keep freed memory, pick the device."""
     seed = int(cfg.seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    keep = cfg.get("keep_freed_memory", True)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"keep_freed_memory={keep!r} must be true or false")
+    keep_freed_memory(keep)
     dev = str(cfg.get("device", "auto"))
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"

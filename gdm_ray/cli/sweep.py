@@ -115,6 +115,7 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
         arch=cfg.arch.name if cfg.get("arch") else None, defense=splits.defense, eval=splits.eval, target=target,
         real_trigger=real_spec, real_target=real_target, base=base, keys=[p.key for p in params], seed=seed,
         device=device, cpus=float(ray_cfg.task_cpus), gpus=float(ray_cfg.task_gpus),
+        keep_freed_memory=bool(ray_cfg.keep_freed_memory),
     )  # fmt: skip
     what = f"{len(combos)} grid trials" if opts.mode == "grid" else f"{opts.num_samples} random draws"
     print(f"gdm-ray sweep: {loaded.path}, class {target}, {what} over {', '.join(p.key for p in params)}; "

@@ -37,6 +37,9 @@ class RayConfig:
     # in-process Ray only: the workers' nice value. Ray's own default (15) lets any
     # nice-0 process take a busy CPU from a search; None keeps Ray's default.
     worker_niceness: int | None = 0
+    # workers keep freed tensor memory for reuse (gdm_ray.core.allocator): no
+    # page faults per step; the driver's own process follows the top-level key
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         if not float(self.task_cpus) > 0:
@@ -104,10 +107,14 @@ def task_options(cfg: RayConfig) -> dict[str, Any]:
     return opts
 
 
-def pin_threads(cpus: float) -> int:
-    """Inside a task: torch uses as many threads as the task has CPUs (>= 1)."""
+def pin_threads(cpus: float, keep_freed_memory: bool = False) -> int:
+    """Inside a task: torch uses as many threads as the task has CPUs (>= 1);
+    with ``keep_freed_memory`` the worker's malloc also keeps freed memory."""
     import torch
 
+    from gdm_ray.core.allocator import keep_freed_memory as keep
+
+    keep(keep_freed_memory)
     n = max(1, int(cpus))
     torch.set_num_threads(n)
     return n

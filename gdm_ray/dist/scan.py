@@ -81,30 +81,31 @@ def _device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
-def _task_model(blob: bytes, m: ModelRef, cpus: float) -> torch.nn.Module:
-    """Inside a task: torch threads pinned to the task's CPUs, the model loaded from its bytes."""
-    pin_threads(cpus)
+def _task_model(blob: bytes, m: ModelRef, cpus: float, keep: bool) -> torch.nn.Module:
+    """Inside a task: torch threads pinned to the task's CPUs (and freed memory
+    kept, with ray.keep_freed_memory), the model loaded from its bytes."""
+    pin_threads(cpus, keep)
     return load_model_bytes(blob, m.path, m.shape, m.num_classes, m.arch, _device()).module
 
 
 @ray.remote
-def _first_pass_task(blob: bytes, m: ModelRef, data: ImageSet, cfg: ScanConfig, plan: ScanPlan, chunk: int, cpus: float):
+def _first_pass_task(blob: bytes, m: ModelRef, data: ImageSet, cfg: ScanConfig, plan: ScanPlan, chunk: int, cpus: float, keep: bool):
     t0 = time.perf_counter()
-    model = _task_model(blob, m, cpus)
+    model = _task_model(blob, m, cpus, keep)
     return scan_chunks(model, data, cfg, plan, [chunk]), _node(), time.perf_counter() - t0
 
 
 @ray.remote
-def _window_task(blob: bytes, m: ModelRef, data: ImageSet, cfg: ScanConfig, plan: WindowPlan, chunk: int, cpus: float):
+def _window_task(blob: bytes, m: ModelRef, data: ImageSet, cfg: ScanConfig, plan: WindowPlan, chunk: int, cpus: float, keep: bool):
     t0 = time.perf_counter()
-    model = _task_model(blob, m, cpus)
+    model = _task_model(blob, m, cpus, keep)
     return search_windows(model, data, cfg, plan, [chunk]), _node(), time.perf_counter() - t0
 
 
 @ray.remote
 def _mesa_task(blob: bytes, m: ModelRef, data: ImageSet, eval_data: ImageSet, k: int, mesa_cfg: MESAConfig,
-               heat: HeatMap | None, seed: int, eval_seed: int, cpus: float):  # fmt: skip
-    model = _task_model(blob, m, cpus)
+               heat: HeatMap | None, seed: int, eval_seed: int, cpus: float, keep: bool):  # fmt: skip
+    model = _task_model(blob, m, cpus, keep)
     return class_mesa(model, data, eval_data, k, mesa_cfg, heat, seed, eval_seed), _node()
 
 
@@ -168,7 +169,8 @@ def run_first_passes(
                 found[m.model_id][i] = cached
                 log.resumed += 1
                 continue
-            ref = _first_pass_task.options(**opts).remote(m.blob, m, data_ref, cfg, plan, i, float(rcfg.task_cpus))
+            ref = _first_pass_task.options(**opts).remote(m.blob, m, data_ref, cfg, plan, i, float(rcfg.task_cpus),
+                                                         bool(rcfg.keep_freed_memory))
             pending[ref] = (m.model_id, i, key)
 
     def done(key: tuple[str, int, str], value: tuple[list[ClassTrigger], str, float]) -> None:
@@ -212,7 +214,7 @@ def run_class_searches(
         return {}, {}
     data_ref, eval_ref = ray.put(data), ray.put(eval_data)
     opts = task_options(rcfg)
-    cpus = float(rcfg.task_cpus)
+    cpus, keep = float(rcfg.task_cpus), bool(rcfg.keep_freed_memory)
     errors: dict[str, str] = {}
     heats: dict[tuple[str, int], HeatMap | None] = {(m.model_id, k): None for m, k, _ in requests}
 
@@ -227,7 +229,7 @@ def run_class_searches(
         finds: dict[tuple[str, int], dict[int, Any]] = {key: {} for key in plans}
         seconds: Counter = Counter()
         pending = {
-            _window_task.options(**opts).remote(m.blob, m, data_ref, cfg, plans[(m.model_id, k)], i, cpus): (m.model_id, k)
+            _window_task.options(**opts).remote(m.blob, m, data_ref, cfg, plans[(m.model_id, k)], i, cpus, keep): (m.model_id, k)
             for m, k, _ in requests for i in range(len(plans[(m.model_id, k)].chunks))
         }  # fmt: skip
 
@@ -250,7 +252,7 @@ def run_class_searches(
         return out, errors
     pending = {
         _mesa_task.options(**opts).remote(m.blob, m, data_ref, eval_ref, k, mesa_cfg, heats[(m.model_id, k)], mesa_seed(seed),
-                                          eval_seed, cpus): (m.model_id, k)
+                                          eval_seed, cpus, keep): (m.model_id, k)
         for m, k, seed in requests if m.model_id not in errors
     }  # fmt: skip
 

@@ -252,6 +252,7 @@ class TrialContext:
     device: str  # auto | cpu | cuda[:k]
     cpus: float
     gpus: float
+    keep_freed_memory: bool = True  # ray.keep_freed_memory: the trial's worker keeps freed tensor memory
 
 
 def _one_line(exc: BaseException) -> str:
@@ -273,7 +274,7 @@ def evaluate_trial(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, An
     from gdm_ray.store.provenance import code_version
 
     t0 = time.perf_counter()
-    pin_threads(ctx.cpus)
+    pin_threads(ctx.cpus, ctx.keep_freed_memory)
     random.seed(ctx.seed)
     np.random.seed(ctx.seed % 2**32)
     torch.manual_seed(ctx.seed)
