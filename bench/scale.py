@@ -16,7 +16,9 @@ Four ways, interleaved (every other repeat in reverse order), each repeated
 - Ray, 2 workers: num_cpus=2, two 1-CPU tasks at once.
 Speedup = Ray 1 worker / Ray 2 workers. Overhead = Ray / core at the same
 CPUs (Ray started and every worker warm beforehand, as on a cluster that
-has run before; Ray's start-up is reported apart). Every run must find the same trigger sizes (checked).
+has run before; Ray's start-up is reported apart). Both sides keep freed
+tensor memory, as gdm-ray's commands and tasks do by default
+(keep_freed_memory, ray.keep_freed_memory; gdm_ray/core/allocator.py). Every run must find the same trigger sizes (checked).
 
 Sweep: `gdm-ray sweep` on bench/attack.py's fm-bw3x3 model (3x3 b/w trigger,
 target 0), 8 trials: alpha {0.01, 0.1, 1, 10} x MESA trigger size {3x3, 5x5},
@@ -27,6 +29,7 @@ trigger size. Writes bench/results/scale.md (scale-quick.md with --quick).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -44,6 +47,7 @@ from report import markdown_table, write_result  # noqa: E402
 from gdm_ray.store.provenance import code_version  # noqa: E402
 from gdm_ray.cli.main import compose_config  # noqa: E402
 from gdm_ray.cli.sweep import sweep  # noqa: E402
+from gdm_ray.core.allocator import keep_freed_memory  # noqa: E402
 from gdm_ray.core.data import DataSpec, load_splits  # noqa: E402
 from gdm_ray.core.detect import ScanConfig, plan_scan, scan_classes, scan_result  # noqa: E402
 from gdm_ray.core.model_io import file_sha256, load_model  # noqa: E402
@@ -69,6 +73,7 @@ def _warm() -> int:
 
 def core_scan(model, data, cfg: ScanConfig, threads: int) -> tuple[float, list[float]]:
     torch.set_num_threads(threads)
+    scan_classes(model, data, dataclasses.replace(cfg, steps=5), torch.Generator().manual_seed(0))  # warm, like the Ray side
     t0 = time.perf_counter()
     res = scan_classes(model, data, cfg, torch.Generator().manual_seed(0))
     return time.perf_counter() - t0, [c.size for c in res.classes]
@@ -94,6 +99,7 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
     splits = load_splits(DataSpec(name="fashion_mnist"))
     loaded = load_model(MODEL, splits.shape, splits.eval.num_classes)
     sha = file_sha256(MODEL)
+    kept = keep_freed_memory()  # what `gdm-ray scan` does at start (keep_freed_memory: true); Ray tasks do it too
     cfg = ScanConfig(steps=60 if quick else 200, classes_per_pass=5)
     times: dict[str, list[float]] = {k: [] for k in ("core1", "ray1", "core2", "ray2")}
     sizes: dict[str, list[float]] = {}
@@ -145,6 +151,7 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
         f"- Ray start-up (in-process `ray.init`, not in the times above): {startup[1]:.1f}s at 1 CPU, {startup[2]:.1f}s at 2 CPUs",
         f"- Ray workers' nice value: {RayConfig().worker_niceness} (`ray.worker_niceness`; Ray's own default is 15)",
         f"- every run found the same trigger sizes: {'yes' if same else 'NO'}",
+        f"- freed tensor memory kept (keep_freed_memory, core and Ray workers alike): {'yes' if kept else 'no (not glibc)'}",
     ])  # fmt: skip
     checks = [
         (speedup >= 1.8, f"speedup with 2 workers >= 1.8x ({speedup:.2f}x)"),
