@@ -4,10 +4,11 @@ On glibc, a buffer above the mmap threshold (128 KiB, adapting up to 32 MiB)
 is mmapped on allocation and unmapped on free. A search step's activations
 are such buffers, so every step faulted in and zeroed hundreds of MB again:
 a 1-thread scan chunk took 0.2-1.1 million minor page faults per 60 steps,
-ran 13% slower than with the memory kept, and its time varied by +-10% from
-process to process with the allocator's history (bench/scale.md's Ray-vs-core
-noise). With mmap off and trimming only above 1 GiB, freed buffers are reused
-from the heap: no faults after the first step, for about 7% more peak memory.
+ran 13-17% slower than with the memory kept (16% at 2 threads), and its time
+varied by +-10% from process to process with the allocator's history (the
+noise in bench/scale.md's Ray-vs-core figures). With mmap off and trimming
+only above 1 GiB, freed buffers are reused from the heap: no faults once the
+heap has grown, for up to about 7% more peak memory.
 """
 
 from __future__ import annotations
