@@ -8,7 +8,8 @@ ran 13-17% slower than with the memory kept (16% at 2 threads), and its time
 varied by +-10% from process to process with the allocator's history (the
 noise in bench/scale.md's Ray-vs-core figures). With mmap off and trimming
 only above 1 GiB, freed buffers are reused from the heap: no faults once the
-heap has grown, for up to about 7% more peak memory.
+heap has grown, for up to about 7% more peak memory. bench/allocator.py
+measures it (bench/results/allocator.md).
 """
 
 from __future__ import annotations
