@@ -8,7 +8,7 @@ networks batched and makes ONE classifier forward+backward over the
 concatenated N x batch triggered images. "Separate" trains each level on its
 own (N runs of a one-level MESA with that level's beta), N classifier passes
 of one batch each per step. Same steps, same batch per level, same
-threads; runs interleaved, median of --repeats. Uses the backdoored models
+threads, freed memory kept as the commands keep it; runs interleaved, median of --repeats. Uses the backdoored models
 of bench/attack.py (fm-bw3x3, c10-bw3x3). Writes bench/results/mesa_batching.md.
 """
 
@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from report import markdown_table, write_result  # noqa: E402
 
+from gdm_ray.core.allocator import keep_freed_memory  # noqa: E402
 from gdm_ray.core.attack import BadNets  # noqa: E402
 from gdm_ray.core.data import DataSpec, ImageSet, load_splits  # noqa: E402
 from gdm_ray.core.mesa import MESA, MESAConfig  # noqa: E402
@@ -64,6 +65,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--levels", type=int, nargs="+", default=[3, 5])
     args = ap.parse_args()
+    kept = keep_freed_memory()  # as every gdm-ray command does (keep_freed_memory: true)
     rows = []
     for label, model, data in cases(args.quick):
         for n in args.levels:
@@ -83,7 +85,7 @@ def main() -> int:
             rows.append([label, str(n), f"{1000 * t / args.steps:.1f}", f"{1000 * s / args.steps:.1f}", f"{s / t:.2f}x"])
     header = ["model", "levels N", "together: ms/step", "separate: ms/step (N runs)", "speedup of together"]
     body = markdown_table(header, rows) + (
-        f"\n\n- {args.steps} steps, batch 32 per level, 3x3 trigger, torch threads {torch.get_num_threads()};"
+        f"\n\n- {args.steps} steps, batch 32 per level, 3x3 trigger, torch threads {torch.get_num_threads()}; freed memory kept (keep_freed_memory): {'yes' if kept else 'no'};"
         f" median of {args.repeats} interleaved repeats. ms/step counts all N levels (the separate runs summed)."
     )
     path = write_result("mesa_batching-quick" if args.quick else "mesa_batching", "MESA: levels trained together vs separately", body)

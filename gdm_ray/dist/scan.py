@@ -4,7 +4,7 @@ and every flagged class's MESA search is one task.
 
 Why tasks over classes and models, and not one actor per staircase level:
 the N levels of a MESA search already share one classifier forward/backward
-per step, which bench/results/mesa_batching.md measured 1.11-1.16x faster
+per step, which bench/results/mesa_batching.md measures faster (1.1-1.4x)
 than N separate loops on the same CPUs; so a search stays batched in one
 task and the parallelism is across classes, windows and models.
 
