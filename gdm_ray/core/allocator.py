@@ -2,7 +2,7 @@
 
 On glibc, a buffer above the mmap threshold (128 KiB, adapting up to 32 MiB)
 is mmapped on allocation and unmapped on free. A search step's activations
-are such buffers, so every step faulted in and zeroed hundreds of MB again:
+are such buffers, so every step faulted in and zeroed tens of MB again:
 a 1-thread scan chunk took 0.2-1.1 million minor page faults per 60 steps,
 ran 13-17% slower than with the memory kept (16% at 2 threads), and its time
 varied by +-10% from process to process with the allocator's history (the
