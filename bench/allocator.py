@@ -39,7 +39,7 @@ def child(steps: int, threads: int, keep: bool) -> None:
 
     from gdm_ray.core.allocator import keep_freed_memory
     from gdm_ray.core.data import DataSpec, load_splits
-    from gdm_ray.core.detect import ScanConfig, plan_scan, scan_chunks
+    from gdm_ray.core.first_pass import ScanConfig, plan_scan, scan_chunks
     from gdm_ray.core.model_io import load_model
 
     torch.set_num_threads(threads)

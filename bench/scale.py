@@ -10,7 +10,7 @@ two chunks of 5 (scan.classes_per_pass=5), so two workers have equal halves.
 Four ways, interleaved (every other repeat in reverse order), each repeated
 --repeats times, median wall time:
 - core, 1 thread: `scan_classes` in this process, torch pinned to 1 thread;
-- Ray, 1 worker: the same chunks as Ray tasks (gdm_ray.dist.scan), Ray
+- Ray, 1 worker: the same chunks as Ray tasks (gdm_ray.distributed.scan), Ray
   started in-process with num_cpus=1, each task 1 CPU (1 torch thread);
 - core, 2 threads: `scan_classes` with torch on 2 threads;
 - Ray, 2 workers: num_cpus=2, two 1-CPU tasks at once.
@@ -49,10 +49,10 @@ from gdm_ray.cli.main import compose_config  # noqa: E402
 from gdm_ray.cli.sweep import sweep  # noqa: E402
 from gdm_ray.core.allocator import keep_freed_memory  # noqa: E402
 from gdm_ray.core.data import DataSpec, load_splits  # noqa: E402
-from gdm_ray.core.detect import ScanConfig, plan_scan, scan_classes, scan_result  # noqa: E402
+from gdm_ray.core.first_pass import ScanConfig, plan_scan, scan_classes, scan_result  # noqa: E402
 from gdm_ray.core.model_io import file_sha256, load_model  # noqa: E402
-from gdm_ray.dist.runtime import RayConfig, init_ray  # noqa: E402
-from gdm_ray.dist.scan import ScanState, TaskLog, put_model, run_first_passes  # noqa: E402
+from gdm_ray.distributed.runtime import RayConfig, init_ray  # noqa: E402
+from gdm_ray.distributed.scan import ScanState, TaskLog, put_model, run_first_passes  # noqa: E402
 
 MODEL = ROOT / "bench" / "work" / "detect" / "full" / "zoo" / "cnn-clean-0.pt"
 SWEEP_MODEL = ROOT / "bench" / "work" / "attack" / "fm-bw3x3" / "model.pt"
@@ -65,7 +65,7 @@ def _warm() -> int:
     timed run then meets warm workers, as on a cluster that has run before."""
     import os
 
-    import gdm_ray.dist.scan  # noqa: F401
+    import gdm_ray.distributed.scan  # noqa: F401
 
     time.sleep(1.0)
     return os.getpid()

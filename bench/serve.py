@@ -13,7 +13,7 @@ bench/detect's fixed irregular trigger (4x the floats per trigger).
 HTTP: Ray started in this process with num_cpus=2, Serve on 127.0.0.1 with
 the app of `gdm-ray serve` (configs/serve.yaml defaults: @serve.batch of 16,
 no wait; 1-2 replicas, 1 torch thread each; ingress auto: HAProxy when
-installed, else Serve's Python proxy, see gdm_ray/dist/ingress.py). The load generator
+installed, else Serve's Python proxy, see gdm_ray/distributed/ingress.py). The load generator
 (--client) is wrk when installed (`make wrk`; C, one thread, far less CPU per request than
 a Python client, which shares the 2 cores with Serve), else an aiohttp client in this
 process. Either way C connections each send their next request when the last answer is in
@@ -63,7 +63,7 @@ from gdm_ray.core.data import ImageSet  # noqa: E402
 from gdm_ray.core.ensemble import load_ensemble, save_ensemble  # noqa: E402
 from gdm_ray.core.generator import _split_output  # noqa: E402
 from gdm_ray.core.mesa import MESA, MESAConfig  # noqa: E402
-from gdm_ray.dist.serve import Job, Sampler, ServeSettings, encode_json  # noqa: E402
+from gdm_ray.distributed.serve import Job, Sampler, ServeSettings, encode_json  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "serve"
 FLOOR = "(no-op floor)"
@@ -252,12 +252,12 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from gdm_ray.dist.serve import build_app
+    from gdm_ray.distributed.serve import build_app
 
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     from gdm_ray.cli.serve import start_ingress
-    from gdm_ray.dist.runtime import RayConfig
+    from gdm_ray.distributed.runtime import RayConfig
 
     ingress = start_ingress(str(cfg.ingress), RayConfig())  # before Ray starts: its processes read it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="gdm-ray-bench")

@@ -394,7 +394,7 @@ def test_serve_config_parses_as_ray_serve_schema():
         ports = {p["containerPort"] for _, c in containers(doc) for p in c.get("ports", [])}
         assert schema.http_options.port in ports, f"{where}: the Serve port must be a container port"
         for app in schema.applications:
-            assert app.import_path == "gdm_ray.dist.serve:build_app", where
+            assert app.import_path == "gdm_ray.distributed.serve:build_app", where
             assert app.route_prefix == "/"
             assert all(d.health_check_period_s and d.health_check_timeout_s for d in app.deployments), where
 
@@ -541,7 +541,7 @@ def test_dockerignore_keeps_the_context_small():
     for rel in (".venv/bin/python", ".git/HEAD", "gdm-ray-runs/demo/attack/model.pt", "bench/work/zoo/m.pt",
                 "tests/test_cli.py", "cluster/base/raycluster.yaml", "gdm_ray/__pycache__/x.pyc", "model.pt"):  # fmt: skip
         assert _docker_ignored(rel, patterns), f"{rel} would be sent to the Docker daemon"
-    for rel in ("pyproject.toml", "README.md", "gdm_ray/cli/main.py", "gdm_ray/dist/serve.py", "configs/sweep.yaml"):
+    for rel in ("pyproject.toml", "README.md", "gdm_ray/cli/main.py", "gdm_ray/distributed/serve.py", "configs/sweep.yaml"):
         assert not _docker_ignored(rel, patterns), f"{rel} is needed by the Dockerfile but ignored"
 
 

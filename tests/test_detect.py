@@ -9,7 +9,8 @@ import torch
 
 from gdm_ray.core.attack import BadNets
 from gdm_ray.core.data import DataSpec, load_splits
-from gdm_ray.core.detect import ScanConfig, anomaly_index, default_window, scan_classes, window_heatmap
+from gdm_ray.core.first_pass import ScanConfig, anomaly_index, scan_classes
+from gdm_ray.core.moving_window import default_window, window_heatmap
 from gdm_ray.core.defense import DefenseConfig, retrain
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig
@@ -164,7 +165,7 @@ def test_mesa_position_must_fit(splits, fixed_backdoor):
 
 
 def test_reference_anomaly_ignores_natural_triggers_and_finds_the_injected_one():
-    from gdm_ray.core.detect import reference_anomaly
+    from gdm_ray.core.first_pass import reference_anomaly
 
     # class 3 is naturally easy in every model; model 4 has an injected backdoor in class 1;
     # model 2 is an architecture whose triggers are all 3x larger

@@ -1,4 +1,4 @@
-"""Serve's HTTP ingress: the choice (gdm_ray.dist.ingress) and the HAProxy
+"""Serve's HTTP ingress: the choice (gdm_ray.distributed.ingress) and the HAProxy
 ingress answering real HTTP requests (skipped, saying so, without haproxy)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import socket
 import pytest
 
 from gdm_ray.core.errors import ConfigError
-from gdm_ray.dist import ingress
-from gdm_ray.dist.ingress import ingress_env
+from gdm_ray.distributed import ingress
+from gdm_ray.distributed.ingress import ingress_env
 
 
 def test_ingress_choice(tmp_path, monkeypatch):
@@ -63,8 +63,8 @@ def test_haproxy_ingress_serves_real_http(synthetic_splits, tmp_path, monkeypatc
 
     from gdm_ray.core.ensemble import load_ensemble, save_ensemble
     from gdm_ray.core.mesa import MESA, MESAConfig
-    from gdm_ray.dist.runtime import RayConfig, init_ray
-    from gdm_ray.dist.serve import build_app
+    from gdm_ray.distributed.runtime import RayConfig, init_ray
+    from gdm_ray.distributed.serve import build_app
 
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 4))

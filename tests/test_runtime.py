@@ -1,4 +1,4 @@
-"""In-process Ray as gdm_ray.dist.runtime starts it (not in test_dist.py: its
+"""In-process Ray as gdm_ray.distributed.runtime starts it (not in test_dist.py: its
 two-node cluster would be joined instead while that module runs)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from gdm_ray.core.errors import ConfigError
-from gdm_ray.dist.runtime import RayConfig
+from gdm_ray.distributed.runtime import RayConfig
 
 
 @pytest.mark.parametrize("niceness, expected", [(0, 0), (None, 15)])
@@ -16,7 +16,7 @@ def test_worker_niceness(niceness, expected, monkeypatch):
     """In-process Ray's workers run at ray.worker_niceness (0 by default), not Ray's 15."""
     import ray
 
-    from gdm_ray.dist.runtime import init_ray
+    from gdm_ray.distributed.runtime import init_ray
 
     monkeypatch.delenv("RAY_worker_niceness", raising=False)
     with pytest.raises(ConfigError, match="ray.worker_niceness=-1"):
@@ -34,7 +34,7 @@ def test_workers_keep_freed_memory():
     ray.keep_freed_memory, stops its worker refaulting freed tensor memory."""
     import ray
 
-    from gdm_ray.dist.runtime import init_ray
+    from gdm_ray.distributed.runtime import init_ray
 
     @ray.remote(num_cpus=1)
     def faults(keep: bool) -> int:
@@ -42,7 +42,7 @@ def test_workers_keep_freed_memory():
 
         import torch
 
-        from gdm_ray.dist.runtime import pin_threads
+        from gdm_ray.distributed.runtime import pin_threads
 
         pin_threads(1, keep)
         for _ in range(3):

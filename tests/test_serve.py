@@ -1,4 +1,4 @@
-"""The trigger-sampling endpoint (gdm_ray.dist.serve) over real HTTP on 127.0.0.1.
+"""The trigger-sampling endpoint (gdm_ray.distributed.serve) over real HTTP on 127.0.0.1.
 
 One Ray Serve app for the module (Serve's start-up is the slow part); the
 `gdm-ray serve` command runs once in a subprocess, before it (one Ray at a time).
@@ -28,7 +28,7 @@ from gdm_ray.core.data import ImageSet
 from gdm_ray.core.ensemble import load_ensemble, save_ensemble
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig
-from gdm_ray.dist.serve import ServeSettings, ensemble_id, parse_ensembles
+from gdm_ray.distributed.serve import ServeSettings, ensemble_id, parse_ensembles
 
 TOKEN = "test-token-123"
 MAX_N = 512
@@ -169,8 +169,8 @@ def server(ensembles):
     import ray
     from ray import serve
 
-    from gdm_ray.dist.runtime import RayConfig, init_ray
-    from gdm_ray.dist.serve import build_app
+    from gdm_ray.distributed.runtime import RayConfig, init_ray
+    from gdm_ray.distributed.serve import build_app
 
     port = free_port()
     started = init_ray(RayConfig(num_cpus=2))

@@ -281,8 +281,8 @@ def test_ensemble_served_from_s3_over_http(s3_server, searched):
     from ray import serve
     from s3server import free_port
 
-    from gdm_ray.dist.runtime import RayConfig, init_ray
-    from gdm_ray.dist.serve import build_app
+    from gdm_ray.distributed.runtime import RayConfig, init_ray
+    from gdm_ray.distributed.serve import build_app
 
     uri = f"{searched}/ensemble"
     port = free_port()

@@ -21,7 +21,7 @@ from gdm_ray.cli.main import main
 from gdm_ray.core.defense import DefenseConfig
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESAConfig
-from gdm_ray.dist.sweep import combinations, parse_space
+from gdm_ray.distributed.sweep import combinations, parse_space
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1"]
@@ -86,7 +86,7 @@ def test_bad_spaces_name_the_value(space, mode, needle):
 
 
 def test_a_trial_that_cannot_run_is_an_error_row(synthetic_splits):
-    from gdm_ray.dist.sweep import TrialContext, TrialRecord, evaluate_trial, param_fields, trial_rows
+    from gdm_ray.distributed.sweep import TrialContext, TrialRecord, evaluate_trial, param_fields, trial_rows
 
     params = parse_space({"mesa.alpha": {"grid": [0.1]}}, "grid", GROUPS)
     ctx = TrialContext(model_bytes=b"not a model", model_suffix=".pt", arch=None, defense=synthetic_splits.defense,

@@ -129,8 +129,8 @@ def _serve_and_fetch(cfg: DictConfig, ensemble: Path, out: Path, name: str) -> d
 
     from gdm_ray.cli.commands import typed
     from gdm_ray.cli.serve import app_args, start_ingress
-    from gdm_ray.dist.runtime import RayConfig, init_ray
-    from gdm_ray.dist.serve import build_app
+    from gdm_ray.distributed.runtime import RayConfig, init_ray
+    from gdm_ray.distributed.serve import build_app
 
     port = _free_port()
     scfg = compose_config("serve", [f'ensembles=["{name}={ensemble}"]', f"port={port}", "token=null"])

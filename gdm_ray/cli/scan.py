@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig
 
 from gdm_ray.cli.commands import load_data, model_file, plain, progress_bar, setup, store_of, typed
-from gdm_ray.core.detect import (ClassSearch, ScanConfig, ScanResult, anomaly_index, plan_scan, reference_anomaly, rescore,
-                                 scan_chunks, scan_result, search_class)  # fmt: skip
+from gdm_ray.core.class_search import ClassSearch, search_class
+from gdm_ray.core.first_pass import ScanConfig, ScanResult, anomaly_index, plan_scan, reference_anomaly, rescore, scan_chunks, scan_result
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.mesa import MESA, MESAConfig
@@ -141,7 +141,7 @@ def scan_model(
     Files go under ``prefix`` in the run folder. ``scan.method=baseline`` is
     the first pass alone (plain Neural Cleanse, no moving window, no MESA).
     ``searches`` brings the flagged classes' full searches when they ran
-    elsewhere (gdm_ray.dist: as Ray tasks); they are run here otherwise.
+    elsewhere (gdm_ray.distributed: as Ray tasks); they are run here otherwise.
     ``state`` keeps (and resumes from) the first pass's finished chunks."""
     scfg = typed(ScanConfig, cfg.scan, "scan")
     baseline_only = scfg.method == "baseline"
@@ -222,8 +222,8 @@ def ray_scan(cfg: DictConfig, loaded: LoadedModel, splits, g: torch.Generator, m
     pass, the searches and the task log's summary."""
     import ray
 
-    from gdm_ray.dist.runtime import RayConfig, init_ray
-    from gdm_ray.dist.scan import TaskLog, put_model, run_class_searches, run_first_passes
+    from gdm_ray.distributed.runtime import RayConfig, init_ray
+    from gdm_ray.distributed.scan import TaskLog, put_model, run_class_searches, run_first_passes
 
     scfg = typed(ScanConfig, cfg.scan, "scan")
     rcfg = typed(RayConfig, cfg.ray, "ray")

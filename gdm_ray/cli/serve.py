@@ -1,4 +1,4 @@
-"""``gdm-ray serve``: the trigger-sampling endpoint (gdm_ray.dist.serve) on this machine.
+"""``gdm-ray serve``: the trigger-sampling endpoint (gdm_ray.distributed.serve) on this machine.
 
 Every ensemble is opened (and its hash checked) here first, so a missing
 path, a bad S3 prefix or an id collision is one line and a non-zero exit
@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gdm_ray.cli.commands import print_table, store_of, typed
 from gdm_ray.core.errors import ConfigError
-from gdm_ray.dist.runtime import RayConfig, init_ray
+from gdm_ray.distributed.runtime import RayConfig, init_ray
 
 __all__ = ["serve", "app_args", "start_ingress"]
 
@@ -47,11 +47,11 @@ def _check_port(host: str, port: Any) -> int:
 
 
 def start_ingress(mode: str, ray_cfg: RayConfig) -> str:
-    """Set the environment that picks Serve's HTTP ingress (gdm_ray.dist.ingress) for
+    """Set the environment that picks Serve's HTTP ingress (gdm_ray.distributed.ingress) for
     the Ray this process is about to start; a joined cluster keeps its own."""
     import os
 
-    from gdm_ray.dist.ingress import ingress_env
+    from gdm_ray.distributed.ingress import ingress_env
 
     chosen, env = ingress_env(mode)
     if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
@@ -61,7 +61,7 @@ def start_ingress(mode: str, ray_cfg: RayConfig) -> str:
 
 
 def serve(cfg: DictConfig) -> dict[str, Any]:
-    from gdm_ray.dist.serve import Sampler, ServeSettings, build_app
+    from gdm_ray.distributed.serve import Sampler, ServeSettings, build_app
 
     host = str(cfg.host)
     args = app_args(cfg)

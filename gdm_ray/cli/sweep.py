@@ -1,6 +1,6 @@
 """`gdm-ray sweep`: a Ray Tune sweep of MESA (and defense) settings, each
 trial scored by the defense it gives (configs/sweep.yaml says what is swept
-and how a trial is scored; gdm_ray.dist.sweep runs the trials)."""
+and how a trial is scored; gdm_ray.distributed.sweep runs the trials)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from gdm_ray.core.defense import DefenseConfig
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.mesa import MESAConfig
 from gdm_ray.core.plots import save_sweep
-from gdm_ray.dist.runtime import RayConfig, init_ray
-from gdm_ray.dist.sweep import (EXPERIMENT, SpaceParam, SweepConfig, TrialContext, apply_params, can_restore, combinations,
+from gdm_ray.distributed.runtime import RayConfig, init_ray
+from gdm_ray.distributed.sweep import (EXPERIMENT, SpaceParam, SweepConfig, TrialContext, apply_params, can_restore, combinations,
                                 param_fields, parse_space, run_tune, trial_rows)  # fmt: skip
 from gdm_ray.store import PendingDataset, code_version, config_hash, trial_schema, write_json, write_rows
 from gdm_ray.store.parquet import read_table

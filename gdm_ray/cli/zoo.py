@@ -12,13 +12,14 @@ from omegaconf import DictConfig
 
 from gdm_ray.cli.commands import load_data, plain, setup, store_of, typed
 from gdm_ray.cli.scan import first_pass, scan_model, search_base
-from gdm_ray.core.detect import ClassSearch, ScanConfig, ScanResult, plan_scan, reference_anomaly, rescore, scan_result
+from gdm_ray.core.class_search import ClassSearch
+from gdm_ray.core.first_pass import ScanConfig, ScanResult, plan_scan, reference_anomaly, rescore, scan_result
 from gdm_ray.core.mesa import MESAConfig
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.model_io import file_sha256, load_model
 from gdm_ray.core.plots import save_zoo_scores
-from gdm_ray.dist.runtime import RayConfig, init_ray
-from gdm_ray.dist.scan import TaskLog, put_model, run_class_searches, run_first_passes
+from gdm_ray.distributed.runtime import RayConfig, init_ray
+from gdm_ray.distributed.scan import TaskLog, put_model, run_class_searches, run_first_passes
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json
 from gdm_ray.store.fetch import localize
 from gdm_ray.store.scanstate import ScanState

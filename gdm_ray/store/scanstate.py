@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gdm_ray.core.detect import ClassTrigger, ScanConfig, ScanPlan
+from gdm_ray.core.first_pass import ClassTrigger, ScanConfig, ScanPlan
 
 __all__ = ["ScanState"]
 

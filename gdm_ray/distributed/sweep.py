@@ -36,7 +36,7 @@ import pyarrow as pa
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.metrics import EVAL_SEED_OFFSET
-from gdm_ray.dist.runtime import RayConfig, pin_threads
+from gdm_ray.distributed.runtime import RayConfig, pin_threads
 
 __all__ = ["SweepConfig", "SpaceParam", "TrialContext", "TrialRecord", "SPEC_KINDS", "MODES", "METRICS", "parse_space",
            "combinations", "apply_params", "param_fields", "evaluate_trial", "run_trial", "run_tune"]  # fmt: skip

@@ -32,11 +32,12 @@ import ray
 import torch
 
 from gdm_ray.core.data import ImageSet
-from gdm_ray.core.detect import (ClassSearch, ClassTrigger, HeatMap, ScanConfig, ScanPlan, WindowPlan, class_mesa, mesa_seed,
-                                 plan_windows, scan_chunks, search_windows, window_result, window_seed)  # fmt: skip
+from gdm_ray.core.class_search import ClassSearch, class_mesa, mesa_seed, window_seed
+from gdm_ray.core.first_pass import ClassTrigger, ScanConfig, ScanPlan, scan_chunks
+from gdm_ray.core.moving_window import HeatMap, WindowPlan, plan_windows, search_windows, window_result
 from gdm_ray.core.mesa import MESAConfig
 from gdm_ray.core.model_io import load_model_bytes
-from gdm_ray.dist.runtime import RayConfig, pin_threads, task_options
+from gdm_ray.distributed.runtime import RayConfig, pin_threads, task_options
 from gdm_ray.store.scanstate import ScanState
 
 __all__ = ["ModelRef", "TaskLog", "put_model", "run_first_passes", "run_class_searches"]

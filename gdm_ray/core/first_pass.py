@@ -40,18 +40,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import cross_entropy
 
 from gdm_ray.core.baseline import BaselineConfig, PixelBaseline
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
-from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
-from gdm_ray.core.metrics import sampled_asr
 from gdm_ray.core.train import frozen, model_device
 
-__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "ScanPlan", "scan_classes", "plan_scan", "scan_chunks", "scan_result", "anomaly_index", "reference_anomaly", "rescore", "HeatMap", "window_heatmap", "ClassSearch", "search_class", "WindowPlan", "plan_windows", "search_windows", "window_result", "class_mesa", "window_seed", "mesa_seed",
-           "default_window"]  # fmt: skip
+__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "ScanPlan", "scan_classes", "plan_scan", "scan_chunks", "scan_result",
+           "anomaly_index", "reference_anomaly", "rescore", "search_chunk", "split_images", "mask_asr", "MAD_FLOOR"]  # fmt: skip
 
 
 @dataclass
@@ -134,7 +132,7 @@ class ScanPlan:
     """How a first pass splits its work: which images search and which
     measure, the chunks of classes searched together, and a seed per chunk.
     A chunk's result depends only on the plan, so chunks can run in any
-    order, in any process (gdm_ray.dist runs them as Ray tasks)."""
+    order, in any process (gdm_ray.distributed runs them as Ray tasks)."""
 
     classes: list[int]
     chunks: list[list[int]]
@@ -162,13 +160,13 @@ def plan_scan(
         raise ConfigError(f"scan: classes {bad} are not classes of the data (0..{num_classes - 1})")
     if len(data) < 2:
         raise DataError(f"scan: needs clean images, got {len(data)}")
-    eval_idx, search_idx = _split(data, cfg, g)
+    eval_idx, search_idx = split_images(data, cfg, g)
     per = 1 if cfg.method == "baseline" else int(cfg.classes_per_pass)
     seed = int(torch.randint(0, 2**62, (1,), generator=g))
     return ScanPlan(ks, [ks[i : i + per] for i in range(0, len(ks), per)], eval_idx, search_idx, seed)
 
 
-def _split(data: ImageSet, cfg: ScanConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def split_images(data: ImageSet, cfg: ScanConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded: the first ``eval_images`` (at most a fifth) measure, the rest search."""
     perm = torch.randperm(len(data), generator=g)
     n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
@@ -200,9 +198,9 @@ def scan_chunks(
             if cfg.method == "baseline":
                 triggers = [_baseline_one(model, search_set, chunk[0], cfg, g, progress, done, total)]
             else:
-                triggers = _search_chunk(model, x_tr, y_tr, chunk, None, cfg, g, progress, done, total)
+                triggers = search_chunk(model, x_tr, y_tr, chunk, None, cfg, g, progress, done, total)
             for k, (pattern, mask) in zip(chunk, triggers):
-                asr = _asr(model, x_ev, y_ev, k, pattern, mask)
+                asr = mask_asr(model, x_ev, y_ev, k, pattern, mask)
                 valid = asr >= float(cfg.valid_asr)
                 size = float(mask.sum()) if valid else float(mask.numel())
                 found.append(ClassTrigger(k, pattern.cpu(), mask.cpu(), size, asr, valid))
@@ -279,7 +277,7 @@ def reference_anomaly(sizes: list[list[float]]) -> list[list[float]]:
     return (-d / scale).tolist()
 
 
-def _search_chunk(
+def search_chunk(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -317,7 +315,7 @@ def _search_chunk(
         alpha = alpha[:, None, None]  # m x 1 x 1 x H x W
         after = (1 - alpha) * imgs + alpha * torch.sigmoid(p_logit)[:, None]
         logits = model(after.flatten(0, 1))
-        ce = F.cross_entropy(logits, target.repeat_interleave(bs), reduction="none").view(m, bs)
+        ce = cross_entropy(logits, target.repeat_interleave(bs), reduction="none").view(m, bs)
         ce = (ce * use).sum(1) / use.sum(1).clamp_min(1)
         size = alpha.flatten(1).sum(1)
         loss = (ce + lam * size).sum()
@@ -368,7 +366,7 @@ def _baseline_one(
 
 
 @torch.no_grad()
-def _asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, pattern: torch.Tensor, mask: torch.Tensor) -> float:
+def mask_asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, pattern: torch.Tensor, mask: torch.Tensor) -> float:
     keep = y != k
     if not bool(keep.any()):
         return 0.0
@@ -379,246 +377,3 @@ def _asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, pattern: to
         hits += int((model((1 - mask) * b + mask * pattern).argmax(1) == k).sum())
     return hits / len(xs)
 
-
-# --- moving-window detection ---------------------------------------------------
-
-
-def default_window(image_hw: tuple[int, int]) -> tuple[int, int]:
-    """The CSAW HackML window, 15x15 on 55x47 faces, scaled to the image."""
-    H, W = image_hw
-    return max(1, min(H, round(15 * H / 55))), max(1, min(W, round(15 * W / 47)))
-
-
-@dataclass
-class HeatMap:
-    """Where a fixed-location trigger for ``target`` lives.
-
-    ``strength[j]`` is window j's found-trigger strength (held-out ASR of its
-    smallest working mask times the share of the window it leaves untouched,
-    so a small mask that flips everything scores near 1); ``heat`` averages
-    the strengths of the windows covering each pixel; ``box`` (row, col, h, w)
-    bounds the pixels at >= half the peak heat, the size and location
-    indicator for the complete search.
-    """
-
-    target: int
-    heat: torch.Tensor  # H x W
-    windows: list[tuple[int, int]]  # top-left corners
-    window: tuple[int, int]
-    strength: list[float]
-    asr: list[float]
-    size: list[float]
-    peak: tuple[int, int]
-    box: tuple[int, int, int, int]
-    patterns: torch.Tensor  # windows x C x H x W
-    masks: torch.Tensor  # windows x H x W
-    seconds: float
-    passes: int
-
-
-@dataclass
-class WindowPlan:
-    """How a moving-window search splits its work (like ``ScanPlan``): the
-    window's corners, searched ``classes_per_pass`` at a time, chunk i with
-    seed + i, so chunks can run anywhere (gdm_ray.dist: as Ray tasks)."""
-
-    target: int
-    window: tuple[int, int]
-    image: tuple[int, int]
-    corners: list[tuple[int, int]]
-    chunks: list[list[int]]  # indices into corners
-    eval_idx: torch.Tensor
-    search_idx: torch.Tensor
-    seed: int
-
-    def regions(self, which: list[int] | None = None) -> torch.Tensor:
-        """One {0,1} mask per corner (``which``: indices; default all)."""
-        (H, W), (wh, ww) = self.image, self.window
-        idx = range(len(self.corners)) if which is None else which
-        out = torch.zeros(len(idx), H, W)
-        for j, i in enumerate(idx):
-            r, c = self.corners[i]
-            out[j, r : r + wh, c : c + ww] = 1
-        return out
-
-
-def plan_windows(
-    data: ImageSet,
-    target: int,
-    cfg: ScanConfig | None = None,
-    window: tuple[int, int] | None = None,
-    stride: tuple[int, int] | None = None,
-    generator: torch.Generator | None = None,
-) -> WindowPlan:
-    """Place the windows of a moving-window search (see ``window_heatmap``)."""
-    cfg = cfg or ScanConfig()
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    _, H, W = data.shape
-    wh, ww = window if window is not None else default_window((H, W))
-    if wh > H or ww > W or min(wh, ww) < 1:
-        raise ConfigError(f"scan.window={wh}x{ww} does not fit the image {H}x{W}")
-    sh, sw = stride if stride is not None else (max(1, wh // 2), max(1, ww // 2))
-    if min(sh, sw) < 1:
-        raise ConfigError(f"scan.stride={sh}x{sw} must be positive")
-    if not 0 <= int(target) < data.num_classes:
-        raise ConfigError(f"target_class={target} is not a class of the data (0..{data.num_classes - 1})")
-    rows = sorted(set(list(range(0, H - wh + 1, sh)) + [H - wh]))
-    cols = sorted(set(list(range(0, W - ww + 1, sw)) + [W - ww]))
-    corners = [(r, c) for r in rows for c in cols]
-    eval_idx, search_idx = _split(data, cfg, g)
-    per = int(cfg.classes_per_pass)
-    chunks = [list(range(i, min(i + per, len(corners)))) for i in range(0, len(corners), per)]
-    seed = int(torch.randint(0, 2**62, (1,), generator=g))
-    return WindowPlan(int(target), (wh, ww), (H, W), corners, chunks, eval_idx, search_idx, seed)
-
-
-WindowFind = tuple[torch.Tensor, torch.Tensor, float, float]  # pattern, mask, held-out ASR, mask size
-
-
-def search_windows(
-    model: nn.Module,
-    data: ImageSet,
-    cfg: ScanConfig,
-    plan: WindowPlan,
-    which: list[int] | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
-) -> dict[int, WindowFind]:
-    """Search the chunks ``which`` of a window plan; corner index -> what it found."""
-    which = list(range(len(plan.chunks))) if which is None else list(which)
-    device = model_device(model)
-    x_tr, y_tr = data.x[plan.search_idx].to(device), data.y[plan.search_idx].to(device)
-    x_ev, y_ev = data.x[plan.eval_idx].to(device), data.y[plan.eval_idx].to(device)
-    total = len(which) * int(cfg.steps)
-    out: dict[int, WindowFind] = {}
-    with frozen(model):
-        for n, i in enumerate(which):
-            idx = plan.chunks[i]
-            g = torch.Generator().manual_seed(plan.seed + i)
-            found = _search_chunk(model, x_tr, y_tr, [plan.target] * len(idx), plan.regions(idx).to(device), cfg, g, progress,
-                                  n * int(cfg.steps), total)  # fmt: skip
-            for j, (p, m) in zip(idx, found):
-                out[j] = (p.cpu(), m.cpu(), _asr(model, x_ev, y_ev, plan.target, p, m), float(m.sum()))
-    return out
-
-
-def window_result(plan: WindowPlan, found: dict[int, WindowFind], cfg: ScanConfig, seconds: float) -> HeatMap:
-    """The heat map from every window's find: each pixel averages the
-    strengths of the windows covering it; the hot box bounds >= half the peak."""
-    if sorted(found) != list(range(len(plan.corners))):
-        raise ValueError(f"window_result: finds for {len(found)} of {len(plan.corners)} windows")
-    (H, W), (wh, ww) = plan.image, plan.window
-    pats, masks, asr, size = ([found[j][f] for j in range(len(plan.corners))] for f in range(4))
-    area = float(wh * ww)
-    strength = [a * max(0.0, 1.0 - s / area) for a, s in zip(asr, size)]
-    regions = plan.regions()
-    cover = regions.sum(0).clamp_min(1)
-    heat = (regions * torch.tensor(strength)[:, None, None]).sum(0) / cover
-    flat = int(heat.flatten().argmax())
-    peak = (flat // W, flat % W)
-    hot = (heat >= 0.5 * heat.max()).nonzero() if float(heat.max()) > 0 else torch.tensor([[peak[0], peak[1]]])
-    r0, c0 = (int(v) for v in hot.min(0).values)
-    r1, c1 = (int(v) for v in hot.max(0).values)
-    return HeatMap(plan.target, heat, plan.corners, (wh, ww), strength, asr, size, peak, (r0, c0, r1 - r0 + 1, c1 - c0 + 1),
-                   torch.stack(pats), torch.stack(masks), seconds, len(plan.chunks) * int(cfg.steps))  # fmt: skip
-
-
-def window_heatmap(
-    model: nn.Module,
-    data: ImageSet,
-    target: int,
-    cfg: ScanConfig | None = None,
-    window: tuple[int, int] | None = None,
-    stride: tuple[int, int] | None = None,
-    generator: torch.Generator | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
-) -> HeatMap:
-    """Search a trigger for ``target`` confined to a window at a grid of places.
-
-    Windows train ``cfg.classes_per_pass`` at a time, one classifier pass per
-    step (the same batched Neural Cleanse as the class scan, each slot's mask
-    confined to its window).
-    """
-    cfg = cfg or ScanConfig()
-    t0 = time.perf_counter()
-    plan = plan_windows(data, target, cfg, window, stride, generator)
-    return window_result(plan, search_windows(model, data, cfg, plan, progress=progress), cfg, time.perf_counter() - t0)
-
-
-@dataclass
-class ClassSearch:
-    """What the full search of one flagged class found: where its trigger
-    lives (moving window) and the distribution of its triggers (MESA)."""
-
-    heat: HeatMap | None
-    mesa: MESA | None
-    result: MESAResult | None
-    asr_eval: float | None  # the ensemble's samples on held-out images
-
-
-Bar = Callable[[str], tuple[Callable[[int, int, float], None] | None, Callable[[], None]]]
-
-
-def class_mesa(
-    model: nn.Module,
-    data: ImageSet,
-    eval_data: ImageSet,
-    k: int,
-    mesa_cfg: MESAConfig,
-    heat: HeatMap | None,
-    seed: int,
-    eval_seed: int = 0,
-    progress: Callable[[int, int, float], None] | None = None,
-) -> tuple[MESA, MESAResult, float]:
-    """MESA on flagged class k, placed and sized by the heat map when there is
-    one; returns the fitted MESA, its result and its samples' held-out ASR."""
-    if heat is not None:  # the heat map sizes and places the complete search
-        r0, c0, h, w = heat.box
-        mesa_cfg = dataclasses.replace(mesa_cfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
-    mesa = MESA(mesa_cfg)
-    res = mesa.fit(model, data, k, torch.Generator().manual_seed(seed), progress)
-    return mesa, res, sampled_asr(model, eval_data, mesa, k, torch.Generator().manual_seed(eval_seed))
-
-
-def window_seed(seed: int) -> int:
-    """A class search's seed for its windows (MESA: ``mesa_seed``)."""
-    return 2 * seed % 2**63
-
-
-def mesa_seed(seed: int) -> int:
-    return (2 * seed + 1) % 2**63
-
-
-def search_class(
-    model: nn.Module,
-    data: ImageSet,
-    eval_data: ImageSet,
-    k: int,
-    cfg: ScanConfig,
-    mesa_cfg: MESAConfig | None,
-    seed: int,
-    window: bool,
-    eval_seed: int = 0,
-    bar: Bar | None = None,
-) -> ClassSearch:
-    """The complete search of flagged class k: the moving window (``window``),
-    then MESA (unless ``mesa_cfg`` is None), placed and sized by the heat map
-    when there is one. Seeded by ``seed`` alone, so it gives the same answer
-    wherever it runs. ``bar(desc)`` makes a progress callback and its closer."""
-    bar = bar or (lambda desc: (None, lambda: None))
-    heat: HeatMap | None = None
-    if window:
-        update, close = bar(f"moving window, class {k}")
-        try:
-            heat = window_heatmap(model, data, k, cfg, tuple(cfg.window) if cfg.window else None,
-                                  tuple(cfg.stride) if cfg.stride else None, torch.Generator().manual_seed(window_seed(seed)),
-                                  update)  # fmt: skip
-        finally:
-            close()
-    if mesa_cfg is None:
-        return ClassSearch(heat, None, None, None)
-    update, close = bar(f"MESA, class {k}")
-    try:
-        mesa, res, asr = class_mesa(model, data, eval_data, k, mesa_cfg, heat, mesa_seed(seed), eval_seed, update)
-    finally:
-        close()
-    return ClassSearch(heat, mesa, res, asr)

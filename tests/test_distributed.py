@@ -20,7 +20,7 @@ import pytest
 from conftest import SCAN_DATA
 from gdm_ray.cli.main import main
 from gdm_ray.core.errors import ConfigError
-from gdm_ray.dist.runtime import RayConfig, task_options
+from gdm_ray.distributed.runtime import RayConfig, task_options
 
 RAY = str(Path(sys.executable).parent / "ray")
 # 4 chunks of 2 classes per model: enough tasks to keep both nodes busy

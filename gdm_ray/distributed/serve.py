@@ -6,7 +6,7 @@
     GET  /docs, /openapi.json   FastAPI's OpenAPI docs (never need the token: they hold no data)
 
 ``build_app(args)`` is the application builder, so a Serve config (KubeRay's
-serveConfigV2, ``serve run``) names ``gdm_ray.dist.serve:build_app`` with
+serveConfigV2, ``serve run``) names ``gdm_ray.distributed.serve:build_app`` with
 plain YAML args; ``gdm-ray serve`` builds the same args from configs/serve.yaml.
 
 Ensemble ids: an entry of ``ensembles`` is ``URI`` or ``ID=URI``. Without an
@@ -371,7 +371,7 @@ class TriggerService:
     """One replica: every configured ensemble in memory, torch on ``replica_cpus`` threads."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from gdm_ray.dist.runtime import pin_threads
+        from gdm_ray.distributed.runtime import pin_threads
 
         self.settings = ServeSettings.from_args(args)
         pin_threads(self.settings.replica_cpus)
@@ -405,7 +405,7 @@ class TriggerService:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The application builder (``gdm_ray.dist.serve:build_app``): args as in configs/serve.yaml
+    """The application builder (``gdm_ray.distributed.serve:build_app``): args as in configs/serve.yaml
     (ensembles, token, token_env, max_n, max_png_n, batching, autoscaling, max_ongoing_requests,
     replica_cpus, access_log, store). Checked here, so a bad config fails at deploy time, not in a replica."""
     settings = ServeSettings.from_args(args)
