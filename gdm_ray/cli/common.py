@@ -1,0 +1,118 @@
+"""What several commands share: start-up of a run, model and data loading,
+progress bars, example pictures and printed tables. Typed settings in, no
+DictConfig."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gdm_ray.cli.settings import RunSettings
+from gdm_ray.core.allocator import keep_freed_memory
+from gdm_ray.core.data import DataSpec, Splits, load_splits
+from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.metrics import predict
+from gdm_ray.core.plots import save_examples
+from gdm_ray.core.triggers import Trigger
+from gdm_ray.store.s3 import S3Config
+
+__all__ = ["setup", "model_file", "load_data", "progress_bar", "write_examples", "print_table", "card_for", "Progress"]
+
+Progress = Callable[[int, int, float], None]
+
+
+def setup(run: RunSettings) -> torch.device:
+    """Seed the global RNGs (entry point only), pin threads, keep freed memory, pick the device."""
+    random.seed(run.seed)
+    np.random.seed(run.seed % 2**32)
+    torch.manual_seed(run.seed)
+    if run.threads:
+        torch.set_num_threads(int(run.threads))
+    keep_freed_memory(run.keep_freed_memory)
+    dev = run.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={dev}: CUDA is not available on this machine")
+    return torch.device(dev)
+
+
+def model_file(uri: str, store: S3Config, key: str = "model") -> Path:
+    """A model location as a local file: an s3:// object is fetched (with its
+    card, the same name with .json, when one is beside it); a missing file
+    fails before the slow data load."""
+    from gdm_ray.store.fetch import localize
+    from gdm_ray.store.s3 import S3, is_s3
+
+    if is_s3(uri):
+        path = localize(uri, store, what=key)
+        card = uri.rsplit(".", 1)[0] + ".json" if "." in uri.rsplit("/", 1)[-1] else uri + ".json"
+        if path.is_file() and S3(store).exists(card):
+            localize(card, store, what=key)
+        else:
+            path.with_suffix(".json").unlink(missing_ok=True)
+    else:
+        path = Path(uri)
+    if not path.is_file():
+        raise ConfigError(f"{key}={uri}: no such file")
+    return path
+
+
+def load_data(spec: DataSpec) -> Splits:
+    return load_splits(spec)
+
+
+def progress_bar(enabled: bool, desc: str) -> tuple[Progress | None, Callable[[], None]]:
+    """A train-loop progress callback backed by tqdm on stderr; returns (callback, close)."""
+    if not enabled:
+        return None, lambda: None
+    bar = tqdm(total=0, desc=desc, unit="step", file=sys.stderr, mininterval=1.0, leave=False, dynamic_ncols=True)
+
+    def update(step: int, total: int, loss: float) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.refresh() if step == total else bar.update(0)
+
+    return update, bar.close
+
+
+def sample_images(splits: Splits, k: int, seed: int) -> torch.Tensor:
+    rng = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(splits.eval), generator=rng)[:k]
+    return splits.eval.x[idx]
+
+
+def write_examples(path: Path, model: torch.nn.Module, splits: Splits, trigger: Trigger, title: str, seed: int) -> None:
+    clean = sample_images(splits, 6, seed)
+    triggered = trigger.apply(clean, torch.Generator().manual_seed(seed))
+    names = splits.classes
+    cp = [names[int(i)] for i in predict(model, clean)]
+    tp = [names[int(i)] for i in predict(model, triggered)]
+    save_examples(path, clean, triggered, cp, tp, trigger.pattern, trigger.alpha, title)
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")
+
+
+def card_for(model_path: Path) -> dict[str, Any]:
+    """The model card (model.json beside the model), or {} when there is none."""
+    card = model_path.with_suffix(".json")
+    if card.is_file():
+        try:
+            return json.loads(card.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise ConfigError(f"model card {card} is not valid JSON") from None
+    return {}
