@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
 from gdm_ray.store.provenance import code_version  # noqa: E402
-from gdm_ray.cli.main import compose_config  # noqa: E402
+from gdm_ray.cli.compose import compose_config  # noqa: E402
 from gdm_ray.cli.search import defend  # noqa: E402
 from gdm_ray.cli.zoo import zoo_scan  # noqa: E402
 from gdm_ray.core.attack import BadNets  # noqa: E402

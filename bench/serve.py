@@ -57,7 +57,7 @@ import torch  # noqa: E402
 from fastapi import FastAPI, Request, Response  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
-from gdm_ray.cli.main import compose_config  # noqa: E402
+from gdm_ray.cli.compose import compose_config  # noqa: E402
 from gdm_ray.cli.serve import app_args  # noqa: E402
 from gdm_ray.core.data import ImageSet  # noqa: E402
 from gdm_ray.core.ensemble import load_ensemble, save_ensemble  # noqa: E402

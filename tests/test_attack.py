@@ -159,12 +159,12 @@ def test_rate_out_of_range(trigger, rate):
 
 
 def test_target_out_of_range(trigger, synthetic_splits):
-    with pytest.raises(ConfigError, match="attack.target=-1"):
+    with pytest.raises(ConfigError, match="attack.target_class=-1"):
         BadNets(trigger, -1)
     attack = BadNets(trigger, 4, rate=0.1)  # classes are 0..3
     model = _fresh_model(0)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ConfigError, match="attack.target=4"):
+    with pytest.raises(ConfigError, match="attack.target_class=4"):
         attack.fit(model, synthetic_splits.train, synthetic_splits.eval, CFG, torch.Generator().manual_seed(0))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), "nothing trained before the error"
