@@ -252,7 +252,7 @@ class MESA:
             if len(cfg.position) != 2 or r < 0 or c < 0 or r + h > H or c + w > W:
                 raise ConfigError(f"mesa.position={list(cfg.position)} does not fit a {h}x{w} trigger in the image {H}x{W}")
         if target < 0 or (data.num_classes > 0 and target >= data.num_classes):
-            raise ConfigError(f"mesa.target={target} but the data has {data.num_classes} classes (0..{data.num_classes - 1})")
+            raise ConfigError(f"target_class={target} but the data has {data.num_classes} classes (0..{data.num_classes - 1})")
         pool = data.x[data.y != target]
         if len(pool) == 0:
             raise DataError(f"no clean images outside the target class {target} to test triggers on")
@@ -355,7 +355,7 @@ class MESA:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per level: mean F (target probability), mean hinge, and ASR of the batch."""
         if logits.dim() != 2 or logits.shape[1] <= target:
-            raise ConfigError(f"mesa.target={target} but the model outputs {list(logits.shape)} logits")
+            raise ConfigError(f"target_class={target} but the model outputs {list(logits.shape)} logits")
         logp = log_softmax(logits.float(), dim=1)[:, target].view(n_lv, bs, k)
         log_f = torch.logsumexp(logp, dim=2) - math.log(k)  # log of F = mean p over the k images
         b = betas[:, None]
