@@ -53,7 +53,7 @@ def join_uri(base: str, *parts: str) -> str:
 
 @dataclass
 class S3Config:
-    """Where and as whom to talk S3 (configs/store/default.yaml); None = AWS environment."""
+    """Where and as whom to talk S3 (the store config group); None = AWS environment."""
 
     endpoint_url: str | None = None
     region: str | None = None
