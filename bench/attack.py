@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from report import markdown_table, write_result  # noqa: E402
 
-from gdm_ray.cli.commands import attack  # noqa: E402
-from gdm_ray.cli.compose import compose_config  # noqa: E402
+from gdm_ray.cli.attack import attack  # noqa: E402
+from gdm_ray.cli.compose import compose_settings  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpg.tar.gz"
 
@@ -42,7 +42,7 @@ CIFAR_TRIGGERS = [
 
 
 def run(overrides: list[str], out: Path) -> dict:
-    cfg = compose_config("attack", [*overrides, f"out={out}", "progress=false"])
+    cfg = compose_settings("attack", [*overrides, f"out={out}", "progress=false"])
     return attack(cfg)
 
 
