@@ -22,10 +22,10 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import random
-import tempfile
 import time
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ from gdm_ray.core.metrics import EVAL_SEED_OFFSET
 from gdm_ray.distributed.runtime import RayConfig, pin_threads
 
 __all__ = ["SweepConfig", "SpaceParam", "TrialContext", "TrialRecord", "SPEC_KINDS", "MODES", "METRICS", "parse_space",
-           "combinations", "apply_params", "param_fields", "evaluate_trial", "run_trial", "run_tune"]  # fmt: skip
+           "combinations", "apply_params", "param_fields", "evaluate_trial", "run_trial", "run_tune", "can_restore"]  # fmt: skip
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 MODES = ("grid", "random")
@@ -56,7 +56,7 @@ class SweepConfig:
     num_samples: int = 1
     metric: str = "objective"
     max_concurrent: int | None = None
-    space: dict | None = None
+    space: Any = None  # Any, not dict | None: Hydra cannot merge a dict override into a typed null node
     default_space: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,9 +118,13 @@ def _spec_text(spec: Any) -> str:
 
 
 def _field_kind(cls: type, name: str) -> str:
-    """The config field's annotation text without '| None' (e.g. 'float', 'list[int]')."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    return str(f.type).replace(" | None", "").replace("Optional[", "").strip()
+    """The config field's type, optional or not, as a name: 'float', 'int', 'list[int]', ..."""
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return f"list[{typing.get_args(hint)[0].__name__}]"
+    return getattr(hint, "__name__", str(hint))
 
 
 def parse_space(space: Mapping | None, mode: str, groups: Mapping[str, type]) -> list[SpaceParam]:
@@ -215,22 +219,6 @@ def param_fields(params: list[SpaceParam], groups: Mapping[str, type]) -> list[p
     return [pa.field(p.key, types.get(_field_kind(groups[p.group], p.name), pa.string())) for p in params]
 
 
-def _cell(value: Any, typ: pa.DataType) -> Any:
-    if value is None:
-        return None
-    if typ == pa.float64():
-        return float(value)
-    if typ == pa.int64():
-        return int(value)
-    if typ == pa.list_(pa.float64()):
-        return [float(v) for v in value]
-    if typ == pa.list_(pa.int64()):
-        return [int(v) for v in value]
-    if typ == pa.string() and not isinstance(value, str):
-        return json.dumps(value, default=str)
-    return value
-
-
 # --- one trial ------------------------------------------------------------------------
 
 
@@ -261,15 +249,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 def evaluate_trial(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
-    """Search, defend, measure: one trial's metrics (an input problem gives a
-    row with ``error`` set and null metrics, not an exception)."""
+    """One trial: the core repair workflow (search, retrain, measure) with the
+    trial's settings; an input problem gives a row with ``error`` set and
+    null metrics, not an exception."""
     import numpy as np
     import torch
 
-    from gdm_ray.core.defense import DefenseConfig, retrain
-    from gdm_ray.core.mesa import MESA, MESAConfig
-    from gdm_ray.core.metrics import attack_success_rate, clean_accuracy, sampled_asr
-    from gdm_ray.core.model_io import clone_model, load_model
+    from gdm_ray.core.defense import DefenseConfig
+    from gdm_ray.core.mesa import MESAConfig
+    from gdm_ray.core.model_io import load_model_bytes
+    from gdm_ray.core.repair import repair, search_triggers
     from gdm_ray.core.triggers import TriggerSpec, make_trigger
     from gdm_ray.store.provenance import code_version
 
@@ -279,52 +268,37 @@ def evaluate_trial(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, An
     np.random.seed(ctx.seed % 2**32)
     torch.manual_seed(ctx.seed)
     out: dict[str, Any] = {"error": "", "code_version": code_version(), "seed": ctx.seed}
-    tmp = None
     try:
         groups = apply_params(ctx.base, params)
         mesa_cfg, defense_cfg = MESAConfig(**groups["mesa"]), DefenseConfig(**groups["defense"])
-        dev = ctx.device
-        if dev == "auto":
-            dev = "cuda" if ctx.gpus > 0 and torch.cuda.is_available() else "cpu"
-        device = torch.device(dev)
-        fd, tmp = tempfile.mkstemp(suffix=ctx.model_suffix, prefix="gdm-ray-sweep-model-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(ctx.model_bytes)
+        device = _trial_device(ctx)
         c, h, w = ctx.eval.shape
-        model = load_model(tmp, (c, h, w), ctx.eval.num_classes, arch=ctx.arch, device=device).module
+        model = load_model_bytes(ctx.model_bytes, f"model{ctx.model_suffix}", (c, h, w), ctx.eval.num_classes, ctx.arch, device).module
         real = make_trigger(TriggerSpec(**ctx.real_trigger), c, (h, w))
-        eval_seed = ctx.seed + EVAL_SEED_OFFSET
-        g = torch.Generator().manual_seed(ctx.seed)
-
-        t_search = time.perf_counter()
-        mesa = MESA(mesa_cfg)
-        mesa.fit(model, ctx.defense, ctx.target, g)
-        search_s = time.perf_counter() - t_search
-
-        def measure(m: torch.nn.Module) -> tuple[float, float, float]:
-            acc = clean_accuracy(m, ctx.eval)
-            asr = attack_success_rate(m, ctx.eval, real, ctx.real_target, torch.Generator().manual_seed(eval_seed))
-            found = sampled_asr(m, ctx.eval, mesa, ctx.target, torch.Generator().manual_seed(eval_seed))
-            return acc, asr, found
-
-        acc_before, asr_before, found_before = measure(model)
-        repaired = clone_model(model)
-        t_retrain = time.perf_counter()
-        retrain(repaired, ctx.defense, [mesa], defense_cfg, g)
-        retrain_s = time.perf_counter() - t_retrain
-        acc_after, asr_after, found_after = measure(repaired)
-        acc_drop = (acc_before - acc_after) * 100.0
-        out.update(objective=asr_after + acc_drop / 100.0, asr_after=asr_after, acc_drop=acc_drop,
-                   found_asr_after=found_after, asr_before=asr_before, acc_before=acc_before, acc_after=acc_after,
-                   found_asr_before=found_before, search_seconds=search_s, retrain_seconds=retrain_s,
-                   device=str(device))  # fmt: skip
+        rng = torch.Generator().manual_seed(ctx.seed)
+        found = search_triggers("mesa", model, ctx.defense, ctx.target, mesa_cfg, None, rng)
+        fixed = repair(model, ctx.defense, ctx.eval, {ctx.target: found.sampler}, defense_cfg, rng, ctx.seed + EVAL_SEED_OFFSET,
+                       real, ctx.real_target)  # fmt: skip
+        before, after = fixed.before, fixed.after
+        acc_drop = (before.clean_accuracy - after.clean_accuracy) * 100.0
+        out.update(objective=after.asr + acc_drop / 100.0, asr_after=after.asr, acc_drop=acc_drop,
+                   found_asr_after=after.found_asr, asr_before=before.asr, acc_before=before.clean_accuracy,
+                   acc_after=after.clean_accuracy, found_asr_before=before.found_asr, search_seconds=found.seconds,
+                   retrain_seconds=fixed.retrain_seconds, device=str(device))  # fmt: skip
     except GdmRayError as exc:
         out.update(error=_one_line(exc), objective=float("nan"))
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _trial_device(ctx: TrialContext) -> Any:
+    """auto: the GPU Ray gave the trial (ray.task_gpus > 0) when the node has one."""
+    import torch
+
+    dev = ctx.device
+    if dev == "auto":
+        dev = "cuda" if ctx.gpus > 0 and torch.cuda.is_available() else "cpu"
+    return torch.device(dev)
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -426,26 +400,3 @@ def run_tune(experiment: str | Path, params: list[SpaceParam], sweep: SweepConfi
         ))  # fmt: skip
     records.sort(key=lambda r: (r.index, r.trial_id))
     return records, restored
-
-
-def trial_rows(records: list[TrialRecord], fields: list[pa.Field], hashes: list[str], code: str) -> list[dict[str, Any]]:
-    """trials.parquet rows (see gdm_ray.store.tables.trial_schema)."""
-    names = ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after",
-             "found_asr_before", "seconds", "search_seconds", "retrain_seconds")  # fmt: skip
-    rows = []
-    for rec, h in zip(records, hashes):
-        m = rec.metrics
-        ok = rec.error is None
-        row: dict[str, Any] = {"trial_id": rec.trial_id, "status": "TERMINATED" if ok else "ERROR", "error": rec.error}
-        row.update({f.name: _cell(rec.params.get(f.name), f.type) for f in fields})
-        for n in names:
-            v = m.get(n)
-            row[n] = float(v) if ok and isinstance(v, (int, float)) and math.isfinite(v) else None
-        row["seconds"] = float(m["seconds"]) if isinstance(m.get("seconds"), (int, float)) else None
-        row["finished_at"] = float(m["timestamp"]) if isinstance(m.get("timestamp"), (int, float)) else None
-        row["node_ip"] = m.get("node_ip")
-        row["seed"] = int(m["seed"]) if isinstance(m.get("seed"), int) else None
-        row["config_hash"] = h
-        row["code_version"] = m.get("code_version") or code
-        rows.append(row)
-    return rows

@@ -1,0 +1,146 @@
+"""The repair workflow: search the triggers, retrain against them, measure
+before and after. One function for ``gdm-ray defend``, every sweep trial and
+bench/defense.py, so the three cannot drift apart.
+
+Random draws: one generator ``rng`` drives the search and then the
+retraining (in that order; a caller that draws from it in between, such as
+defend's sample pictures, does so between ``search_triggers`` and
+``repair``). Every measurement draws from a fresh generator seeded
+``eval_seed`` (the run's seed + ``metrics.EVAL_SEED_OFFSET``), so before and
+after see the same trigger placements.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gdm_ray.core.baseline import BaselineConfig, BaselineResult, PixelBaseline
+from gdm_ray.core.data import ImageSet
+from gdm_ray.core.defense import DefenseConfig, TriggerSampler, retrain
+from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
+from gdm_ray.core.metrics import attack_success_rate, clean_accuracy, sampled_asr
+from gdm_ray.core.model_io import clone_model
+from gdm_ray.core.triggers import Trigger
+
+__all__ = ["METHODS", "Search", "search_triggers", "Measurement", "measure", "RepairResult", "repair"]
+
+METHODS = ("mesa", "baseline")
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass
+class Search:
+    """What a trigger search found for one class: the sampler a repair draws
+    from, and the method's own result (MESA's staircase or the baseline's trigger)."""
+
+    method: str
+    target_class: int
+    sampler: TriggerSampler
+    seconds: float
+    mesa: MESAResult | None = None
+    baseline: BaselineResult | None = None
+
+
+def search_triggers(
+    method: str,
+    model: nn.Module,
+    data: ImageSet,
+    target_class: int,
+    mesa_cfg: MESAConfig | None,
+    baseline_cfg: BaselineConfig | None,
+    rng: torch.Generator,
+    progress: Progress | None = None,
+) -> Search:
+    """MESA (the distribution of valid triggers) or the baseline (one trigger) for ``target_class`` on ``data``."""
+    t0 = time.perf_counter()
+    if method == "mesa":
+        mesa = MESA(mesa_cfg)
+        found = mesa.fit(model, data, target_class, rng, progress)
+        return Search(method, target_class, mesa, time.perf_counter() - t0, mesa=found)
+    if method == "baseline":
+        base = PixelBaseline(baseline_cfg)
+        trigger = base.fit(model, data, target_class, rng, progress)
+        return Search(method, target_class, base, time.perf_counter() - t0, baseline=trigger)
+    raise ConfigError(f"method={method!r} must be one of {', '.join(METHODS)}")
+
+
+@dataclass
+class Measurement:
+    """A model on the held-out split: clean accuracy, the real trigger's ASR
+    (None when it is not known) and the found triggers' ASR per class."""
+
+    clean_accuracy: float
+    asr: float | None
+    found_asr_by_class: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def found_asr(self) -> float | None:
+        v = list(self.found_asr_by_class.values())
+        return sum(v) / len(v) if v else None
+
+    def as_dict(self) -> dict:
+        """As metrics.json writes it (class keys as strings)."""
+        return {"clean_accuracy": self.clean_accuracy, "asr": self.asr, "found_asr": self.found_asr,
+                "found_asr_by_class": {str(k): v for k, v in self.found_asr_by_class.items()}}  # fmt: skip
+
+
+def measure(
+    model: nn.Module,
+    data: ImageSet,
+    samplers: dict[int, TriggerSampler],
+    eval_seed: int,
+    real: Trigger | None = None,
+    real_target: int | None = None,
+) -> Measurement:
+    """``model`` on ``data``: every draw from a fresh generator seeded ``eval_seed``."""
+    acc = clean_accuracy(model, data)
+    asr = None
+    if real is not None and real_target is not None:
+        asr = attack_success_rate(model, data, real, real_target, torch.Generator().manual_seed(eval_seed))
+    found = {k: sampled_asr(model, data, s, k, torch.Generator().manual_seed(eval_seed)) for k, s in samplers.items()}
+    return Measurement(acc, asr, found)
+
+
+@dataclass
+class RepairResult:
+    """A repair: the model before and after retraining against the found triggers."""
+
+    targets: list[int]
+    before: Measurement | None
+    after: Measurement
+    repaired: nn.Module
+    retrain_seconds: float
+    losses: list[float]
+
+
+def repair(
+    model: nn.Module,
+    clean: ImageSet,
+    eval_data: ImageSet,
+    samplers: dict[int, TriggerSampler],
+    cfg: DefenseConfig,
+    rng: torch.Generator,
+    eval_seed: int,
+    real: Trigger | None = None,
+    real_target: int | None = None,
+    progress: Progress | None = None,
+    measure_before: bool = True,
+) -> RepairResult:
+    """Measure ``model``, retrain a copy on ``clean`` against ``samplers`` (one
+    per flagged class, most anomalous first; see ``defense.retrain``), measure
+    the copy. ``model`` itself is left untouched."""
+    if not samplers:
+        raise ConfigError("repair needs the found triggers of at least one class")
+    before = measure(model, eval_data, samplers, eval_seed, real, real_target) if measure_before else None
+    repaired = clone_model(model)
+    t0 = time.perf_counter()
+    losses = retrain(repaired, clean, list(samplers.values()), cfg, rng, progress)
+    seconds = time.perf_counter() - t0
+    after = measure(repaired, eval_data, samplers, eval_seed, real, real_target)
+    return RepairResult(list(samplers), before, after, repaired, seconds, losses)
