@@ -58,6 +58,10 @@ class ModelContext:
         self.device = str(device)
         self._last: tuple[tuple[str, str], nn.Module] | None = None
 
+    def hold(self, model_id: str, module: nn.Module) -> None:
+        """A model the caller already loaded on ``device``: jobs use it instead of loading it again."""
+        self._last = ((model_id, self.device), module)
+
     def model(self, model_id: str) -> nn.Module:
         key = (model_id, self.device)
         if self._last is not None and self._last[0] == key:

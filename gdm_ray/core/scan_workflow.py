@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from gdm_ray.core.class_search import ClassSearch, class_mesa, mesa_seed, window_seed
 from gdm_ray.core.data import ImageSet
@@ -296,15 +297,23 @@ def run_zoo_scan(
     device: str = "cpu",
     state: ResumeState | None = None,
     progress: Progress | None = None,
+    loaded: nn.Module | None = None,
 ) -> ZooScan:
     """Run ``plan`` on ``models`` (one ``ModelBlob`` per planned id) through
     ``executor``: the first pass (chunks resumed from / kept in ``state``),
     the reference, then each flagged class's windows and MESA. A model whose
-    job fails gets that error and no later stage; the others go on."""
+    job fails gets that error and no later stage; the others go on.
+    ``loaded``: the one planned model, already loaded on ``device`` (the
+    in-process executor then does not load it again)."""
     given = {m.model_id for m in models}
     if given != set(plan.models):
         raise ConfigError(f"scan: models {sorted(given ^ set(plan.models))} are not both planned and given")
-    run = _Run(plan, ScanContext(models, data, eval_data, plan, device), executor, state, progress)
+    ctx = ScanContext(models, data, eval_data, plan, device)
+    if loaded is not None:
+        if len(plan.models) != 1:
+            raise ConfigError(f"scan: a loaded model is for a one-model plan, not {len(plan.models)} models")
+        ctx.hold(plan.models[0], loaded)
+    run = _Run(plan, ctx, executor, state, progress)
     run.first_pass()
     reference = run.judge()
     heats = run.windows() if plan.window else {}
