@@ -52,7 +52,12 @@ def typed_settings(cls: type[T], s: Any, command: str) -> T:
         return s
     from omegaconf import OmegaConf
 
-    return build(cls, OmegaConf.to_container(s, resolve=True), command)
+    from gdm_ray.store.s3 import S3Config
+
+    values = OmegaConf.to_container(s, resolve=True)
+    store = values.pop("store", None)  # S3Config is frozen: OmegaConf cannot merge into it
+    typed = build(cls, values, command)
+    return dataclasses.replace(typed, store=S3Config.from_cfg(store)) if store is not None else typed
 
 
 def executor_for(use_ray: bool, ray: RayConfig) -> contextlib.AbstractContextManager:
@@ -171,6 +176,9 @@ def reference_sizes(folder: Path, names: list[str], scfg: ScanConfig, exclude_sh
     return sizes
 
 
+ScanRows = tuple[dict[str, Any], list[dict[str, Any]], dict[int, MESA]]  # verdict row, class rows, MESA per flagged class
+
+
 def _reference(s: ScanSettings, names: list[str], sha256: str) -> tuple[Path | None, list[list[float]] | None]:
     if not s.reference:
         return None, None
@@ -187,7 +195,7 @@ def scan_one_model(
     executor: Executor | None = None,
     provenance: Provenance | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, MESA]]:
+) -> ScanRows:
     """Scan every class of ``loaded`` (``s.model`` is not read; the model id
     is the file's stem), then search each flagged class (moving window with
     scan.moving_window, MESA with full_search); with ``s.reference`` the
@@ -218,7 +226,7 @@ def scan_one_model(
 
 
 def scan_model(cfg: Any, loaded: LoadedModel, splits: Splits, run_dir: RunDir, g: torch.Generator | None = None,
-               model_id: str | None = None, state: ScanState | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, MESA]]:  # fmt: skip
+               model_id: str | None = None, state: ScanState | None = None) -> ScanRows:  # fmt: skip
     """Transitional, for ``defend`` until it calls ``scan_one_model``: the scan
     keys of its composed config as ScanSettings (``g`` and ``model_id`` are
     unused: the plan seeds from ``seed``, the id is the file's stem)."""
@@ -226,7 +234,7 @@ def scan_model(cfg: Any, loaded: LoadedModel, splits: Splits, run_dir: RunDir, g
 
     values = OmegaConf.to_container(cfg, resolve=True)
     keys = {f.name for f in dataclasses.fields(ScanSettings)} - {"use_ray", "full_search"}
-    s = build(ScanSettings, {**{k: v for k, v in values.items() if k in keys}, "model": loaded.path}, "scan")
+    s = typed_settings(ScanSettings, OmegaConf.create({**{k: v for k, v in values.items() if k in keys}, "model": loaded.path}), "scan")
     masked = {**values, "store": plain(s)["store"]} if "store" in values else values
     return scan_one_model(s, loaded, splits, run_dir, state, provenance=Provenance(config_hash(masked), code_version()))
 

@@ -79,9 +79,10 @@ def _rows(run_dir: RunDir, files: list[Path], done: ZooScan | None, plan: ZooSca
             if scan.error is None:
                 extra = write_model_files(run_dir, f"{p.stem}/", scan, splits.defense, plan, s.samples_per_level)
                 rows = class_rows(scan, splits.classes, prov)
+                detail = {str(k): v for k, v in extra.items()}
                 write_json(run_dir.path(f"{p.stem}/scan.json"), {**verdict, "classes": rows, "scan": dataclasses.asdict(s.scan),
-                                                                 "flagged_detail": {str(k): v for k, v in extra.items()},
-                                                                 "reference_path": None, "reference_models": 0, "resumed_chunks": 0})  # fmt: skip
+                                                                 "flagged_detail": detail, "reference_path": None,
+                                                                 "reference_models": 0, "resumed_chunks": 0})  # fmt: skip
                 classes.extend(rows)
         verdicts.append(verdict)
         state = ("ERROR: " + verdict["error"]) if verdict["error"] else (

@@ -28,8 +28,17 @@ from gdm_ray.core.class_search import ClassSearch, class_mesa, mesa_seed, window
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.executor import Executor, JobResult, ModelBlob, ModelContext
-from gdm_ray.core.first_pass import (ClassTrigger, ScanConfig, ScanPlan, ScanResult, plan_scan,
-                                     reference_anomaly, rescore, scan_chunks, scan_result)  # fmt: skip
+from gdm_ray.core.first_pass import (
+    ClassTrigger,
+    ScanConfig,
+    ScanPlan,
+    ScanResult,
+    plan_scan,
+    reference_anomaly,  # fmt: skip
+    rescore,
+    scan_chunks,
+    scan_result,
+)
 from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
 from gdm_ray.core.moving_window import HeatMap, WindowFind, WindowPlan, plan_windows, search_windows, window_result
 
