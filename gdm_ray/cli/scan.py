@@ -36,8 +36,8 @@ from gdm_ray.store.fetch import localize
 from gdm_ray.store.rows import Provenance, class_rows, verdict_row
 from gdm_ray.store.scanstate import ScanState
 
-__all__ = ["scan", "scan_one_model", "scan_model", "reference_sizes", "write_model_files", "executor_for", "stage_progress",
-           "typed_settings", "check_window"]  # fmt: skip
+__all__ = ["scan", "scan_one_model", "scan_settings_from", "scan_model", "reference_sizes", "write_model_files", "executor_for",
+           "stage_progress", "typed_settings", "check_window"]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -225,18 +225,36 @@ def scan_one_model(
     return verdict, classes, {k: f.mesa for k, f in scan.searches.items() if f.mesa is not None}
 
 
-def scan_model(cfg: Any, loaded: LoadedModel, splits: Splits, run_dir: RunDir, g: torch.Generator | None = None,
-               model_id: str | None = None, state: ScanState | None = None) -> ScanRows:  # fmt: skip
-    """Transitional, for ``defend`` until it calls ``scan_one_model``: the scan
-    keys of its composed config as ScanSettings (``g`` and ``model_id`` are
-    unused: the plan seeds from ``seed``, the id is the file's stem)."""
+def scan_settings_from(s: Any, model: str) -> ScanSettings:
+    """ScanSettings from another command's settings (defend's DefendSettings,
+    or a composed config): the keys they share; full_search stays on (a
+    repair models every flagged class), in one process."""
+    skip = {"model", "use_ray", "full_search"}
+    if dataclasses.is_dataclass(s):
+        shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(ScanSettings) if f.name not in skip and hasattr(s, f.name)}
+        return ScanSettings(model=model, **shared)
     from omegaconf import OmegaConf
 
-    values = OmegaConf.to_container(cfg, resolve=True)
-    keys = {f.name for f in dataclasses.fields(ScanSettings)} - {"use_ray", "full_search"}
-    s = typed_settings(ScanSettings, OmegaConf.create({**{k: v for k, v in values.items() if k in keys}, "model": loaded.path}), "scan")
-    masked = {**values, "store": plain(s)["store"]} if "store" in values else values
-    return scan_one_model(s, loaded, splits, run_dir, state, provenance=Provenance(config_hash(masked), code_version()))
+    values = OmegaConf.to_container(s, resolve=True)
+    keys = {f.name for f in dataclasses.fields(ScanSettings)} - skip
+    return typed_settings(ScanSettings, OmegaConf.create({**{k: v for k, v in values.items() if k in keys}, "model": model}), "scan")
+
+
+def scan_model(cfg: Any, loaded: LoadedModel, splits: Splits, run_dir: RunDir, g: torch.Generator | None = None,
+               model_id: str | None = None, state: ScanState | None = None) -> ScanRows:  # fmt: skip
+    """Transitional, for ``defend`` until it calls ``scan_one_model`` itself:
+    ``cfg`` (its settings or composed config) as ScanSettings, provenance from
+    all of ``cfg``. ``g`` and ``model_id`` are unused: the plan seeds from
+    ``seed``, the id is the file's stem."""
+    s = scan_settings_from(cfg, loaded.path)
+    if dataclasses.is_dataclass(cfg):
+        values = plain(cfg)
+    else:
+        from omegaconf import OmegaConf
+
+        values = OmegaConf.to_container(cfg, resolve=True)
+        values = {**values, "store": plain(s)["store"]} if "store" in values else values  # credentials masked
+    return scan_one_model(s, loaded, splits, run_dir, state, provenance=Provenance(config_hash(values), code_version()))
 
 
 def _print_result(verdict: dict[str, Any], classes: list[dict[str, Any]], seconds: float) -> None:
