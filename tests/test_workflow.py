@@ -15,6 +15,7 @@ from gdm_ray.core.first_pass import ScanConfig
 from gdm_ray.core.mesa import MESAConfig
 from gdm_ray.core.model_io import file_sha256
 from gdm_ray.core.scan_workflow import ZooScan, plan_model_scan, plan_zoo_scan, run_zoo_scan
+from gdm_ray.store.rows import Provenance, class_rows, verdict_row
 from gdm_ray.store.scanstate import ScanState
 
 SCAN = ScanConfig(steps=150)
@@ -79,6 +80,15 @@ def test_one_plan_same_answer_in_process_and_on_ray(zoo, splits, one_thread):
     assert ray_ex.summary()["tasks_run"] == 3 + 1 and ray_ex.summary()["tasks_failed"] == 1
     assert local_ex.summary()["tasks_run"] == 3 + 1 and local_ex.summary()["tasks_failed"] == 1
     assert local.models["broken"].result is None and local.models["broken"].searches == {}
+    # the Parquet rows shaped in the store: the same class rows; verdicts equal but for the seconds
+    prov = Provenance("h", "v")
+    for m in ("vendor-a", "vendor-b", "vendor-c"):
+        assert class_rows(local.models[m], splits.classes, prov) == class_rows(remote.models[m], splits.classes, prov)
+        v, w = (verdict_row(x.models[m], "batched", x.reference, prov, seconds=1.0) for x in (local, remote))
+        assert v == w and v["reference"] == "zoo" and v["config_hash"] == "h"
+    broken = verdict_row(local.models["broken"], "batched", "zoo", prov)
+    assert broken["error"] == a["broken"] and broken["backdoored"] is None and broken["model_sha256"] == local.models["broken"].sha256
+    assert class_rows(local.models["broken"], splits.classes, prov) == []
 
 
 def test_single_model_plan_keeps_the_scan_commands_seeds(models, splits):
