@@ -14,12 +14,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from gdm_ray.cli.common import load_data, model_file, setup
-from gdm_ray.cli.settings import ScanSettings, build, plain
+from gdm_ray.cli.settings import ScanSettings, plain
 from gdm_ray.core.data import ImageSet, Splits
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError, GdmRayError
@@ -37,27 +37,11 @@ from gdm_ray.store.rows import Provenance, class_rows, verdict_row
 from gdm_ray.store.scanstate import ScanState
 
 __all__ = ["scan", "scan_one_model", "scan_settings_from", "scan_model", "reference_sizes", "write_model_files", "executor_for",
-           "stage_progress", "typed_settings", "check_window"]  # fmt: skip
-
-T = TypeVar("T")
+           "stage_progress", "check_window"]  # fmt: skip
 
 # the first-pass settings that decide a trigger's size: sizes found with
 # other settings are not comparable
 _SIZE_KEYS = ("method", "steps", "batch_size", "lr", "init_cost", "cost_step", "patience", "asr_goal")
-
-
-def typed_settings(cls: type[T], s: Any, command: str) -> T:
-    """``s`` as ``cls``; a composed DictConfig (a dispatcher that still passes one) is typed here."""
-    if isinstance(s, cls):
-        return s
-    from omegaconf import OmegaConf
-
-    from gdm_ray.store.s3 import S3Config
-
-    values = OmegaConf.to_container(s, resolve=True)
-    store = values.pop("store", None)  # S3Config is frozen: OmegaConf cannot merge into it
-    typed = build(cls, values, command)
-    return dataclasses.replace(typed, store=S3Config.from_cfg(store)) if store is not None else typed
 
 
 def executor_for(use_ray: bool, ray: RayConfig) -> contextlib.AbstractContextManager:
@@ -226,35 +210,21 @@ def scan_one_model(
 
 
 def scan_settings_from(s: Any, model: str) -> ScanSettings:
-    """ScanSettings from another command's settings (defend's DefendSettings,
-    or a composed config): the keys they share; full_search stays on (a
-    repair models every flagged class), in one process."""
+    """ScanSettings from another command's settings (defend's DefendSettings):
+    the keys they share; full_search stays on (a repair models every flagged
+    class), in one process."""
     skip = {"model", "use_ray", "full_search"}
-    if dataclasses.is_dataclass(s):
-        shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(ScanSettings) if f.name not in skip and hasattr(s, f.name)}
-        return ScanSettings(model=model, **shared)
-    from omegaconf import OmegaConf
-
-    values = OmegaConf.to_container(s, resolve=True)
-    keys = {f.name for f in dataclasses.fields(ScanSettings)} - skip
-    return typed_settings(ScanSettings, OmegaConf.create({**{k: v for k, v in values.items() if k in keys}, "model": model}), "scan")
+    shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(ScanSettings) if f.name not in skip and hasattr(s, f.name)}
+    return ScanSettings(model=model, **shared)
 
 
-def scan_model(cfg: Any, loaded: LoadedModel, splits: Splits, run_dir: RunDir, g: torch.Generator | None = None,
+def scan_model(s: Any, loaded: LoadedModel, splits: Splits, run_dir: RunDir, g: torch.Generator | None = None,
                model_id: str | None = None, state: ScanState | None = None) -> ScanRows:  # fmt: skip
     """Transitional, for ``defend`` until it calls ``scan_one_model`` itself:
-    ``cfg`` (its settings or composed config) as ScanSettings, provenance from
-    all of ``cfg``. ``g`` and ``model_id`` are unused: the plan seeds from
-    ``seed``, the id is the file's stem."""
-    s = scan_settings_from(cfg, loaded.path)
-    if dataclasses.is_dataclass(cfg):
-        values = plain(cfg)
-    else:
-        from omegaconf import OmegaConf
-
-        values = OmegaConf.to_container(cfg, resolve=True)
-        values = {**values, "store": plain(s)["store"]} if "store" in values else values  # credentials masked
-    return scan_one_model(s, loaded, splits, run_dir, state, provenance=Provenance(config_hash(values), code_version()))
+    its settings as ScanSettings, provenance from all of them. ``g`` and
+    ``model_id`` are unused: the plan seeds from ``seed``, the id is the file's stem."""
+    prov = Provenance(config_hash(plain(s)), code_version())
+    return scan_one_model(scan_settings_from(s, loaded.path), loaded, splits, run_dir, state, provenance=prov)
 
 
 def _print_result(verdict: dict[str, Any], classes: list[dict[str, Any]], seconds: float) -> None:
@@ -271,7 +241,6 @@ def _print_result(verdict: dict[str, Any], classes: list[dict[str, Any]], second
 
 def scan(s: ScanSettings) -> dict[str, Any]:
     """Scan every class of one model; print the verdict table."""
-    s = typed_settings(ScanSettings, s, "scan")
     device = setup(s)
     path = model_file(s.model, s.store)
     splits = load_data(s.data)
@@ -295,4 +264,3 @@ def scan(s: ScanSettings) -> dict[str, Any]:
     _print_result(verdict, classes, time.perf_counter() - t0)
     print(f"wrote {run_dir.location}")
     return {**verdict, "out": run_dir.location}
-

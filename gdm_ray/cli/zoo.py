@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gdm_ray.cli.common import load_data, setup
-from gdm_ray.cli.scan import check_window, executor_for, stage_progress, typed_settings, write_model_files
+from gdm_ray.cli.scan import check_window, executor_for, stage_progress, write_model_files
 from gdm_ray.cli.settings import ZooScanSettings, plain
 from gdm_ray.core.data import Splits
 from gdm_ray.core.errors import ConfigError
@@ -121,7 +121,6 @@ def _run(s: ZooScanSettings, blobs: list[ModelBlob], splits: Splits, device: str
 
 def zoo_scan(s: ZooScanSettings) -> dict[str, Any]:
     """Scan each model in zoo.path; a model that fails to load or scan gets a row with its error."""
-    s = typed_settings(ZooScanSettings, s, "zoo-scan")
     device = setup(s)
     folder = localize(str(s.zoo.path), s.store, "zoo.path")
     files = list_models(folder, str(s.zoo.glob or "*"))

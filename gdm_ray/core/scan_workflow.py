@@ -333,4 +333,3 @@ def run_zoo_scan(
         if s.error is not None:
             s.result, s.within, s.searches = None, None, {}
     return ZooScan(run.out, reference, run.resumed)
-
