@@ -14,7 +14,8 @@ like with like. Every number written to metrics.json, search.json, model.json
 and the Parquet tables is compared exactly; run-specific values (seconds,
 paths, hashes of configs and code, times) are left out. The command keys that
 a checkout renamed (attack.target -> attack.target_class, evaluate's target
--> target_class) are given in each checkout's spelling.
+-> target_class) are given in each checkout's spelling, and a file's key
+``target`` is compared as ``target_class``.
 Writes bench/results/equivalence.md.
 """
 
@@ -40,6 +41,8 @@ DATA = ["data=synthetic", "data.num_classes=8", "data.samples=3000", "progress=f
 SCAN = ["scan.steps=150", "scan.classes_per_pass=4", "mesa.steps=100", "mesa.eval_samples=128", "samples_per_level=4"]
 DEFEND = ["mesa.steps=100", "mesa.eval_samples=128", "defense.epochs=1", "samples_per_level=4"]
 # values that differ from run to run, or name where and when, not what
+# keys a checkout renamed: compared under the new name
+RENAMED = {"target": "target_class"}
 SKIP = re.compile(r"seconds|hash|code_version|path|created|^out$|^model$|uri|sha256|node|timestamp|finished_at|trial_id|"
                   r"^location$|^experiment|^source|^init$|^zoo$|^repaired_model$|^run$|^date")  # fmt: skip
 
@@ -85,8 +88,10 @@ def jobs(tree: Path, work: Path, models: Path, quick: bool) -> list[tuple[str, l
          ["verdicts.parquet", "classes.parquet"]),
         ("defend auto", ["defend", f"model={bd}", "target_class=auto", *DATA, *SCAN, "defense.epochs=1", f"out={work / 'defend-auto'}"],
          ["metrics.json"]),
-        ("sweep", ["sweep", f"model={bd}", "target_class=2", *DATA, "mesa.steps=60", "mesa.eval_samples=64", "defense.epochs=1",
-                   "ray.num_cpus=2", "sweep.space={mesa.alpha:{grid:[0.01,0.1]}}", "progress=false", f"out={work / 'sweep'}"],
+        # sweep had no threads key before the run keys were shared; its trials pin their own threads
+        ("sweep", ["sweep", f"model={bd}", "target_class=2", *(d for d in DATA if not d.startswith("threads=")), "mesa.steps=60",
+                   "mesa.eval_samples=64", "defense.epochs=1", "ray.num_cpus=2", "sweep.space={mesa.alpha:{grid:[0.01,0.1]}}",
+                   f"out={work / 'sweep'}"],
          ["trials.parquet"]),  # fmt: skip
     ]
 
@@ -116,6 +121,7 @@ def figures(path: Path) -> Any:
 
 def _strip(v: Any) -> Any:
     if isinstance(v, dict):
+        v = {RENAMED.get(k, k): x for k, x in v.items() if not (k in RENAMED and RENAMED[k] in v)}  # a card with both: the new one
         return {k: _strip(x) for k, x in sorted(v.items()) if not SKIP.search(str(k))}
     if isinstance(v, list):
         return [_strip(x) for x in v]

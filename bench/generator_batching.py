@@ -36,8 +36,8 @@ STEPS, BATCH, NOISE = 200, 32, 10
 def _step_ms(n: int, batched: bool, with_stats: bool) -> float:
     rng = torch.Generator().manual_seed(0)
     if batched:
-        gens = StaircaseGenerators(n, 1, (3, 3), NOISE, 64, 2, False, "normal", generator=rng)
-        stats = StaircaseStatistics(n, NOISE, gens.out_dim, 128, 2, generator=rng)
+        gens = StaircaseGenerators(n, 1, (3, 3), NOISE, 64, 2, False, "normal", rng=rng)
+        stats = StaircaseStatistics(n, NOISE, gens.out_dim, 128, 2, rng=rng)
         params = list(gens.parameters()) + list(stats.parameters())
 
         def step() -> torch.Tensor:
@@ -46,8 +46,8 @@ def _step_ms(n: int, batched: bool, with_stats: bool) -> float:
             out = pattern.flatten(2).sum()
             return out + stats(z, pattern.flatten(2)).sum() if with_stats else out
     else:
-        gens_l = [TriggerGenerator(1, (3, 3), NOISE, 64, 2, False, "normal", generator=rng) for _ in range(n)]
-        stats_l = [StatisticsNetwork(NOISE, gens_l[0].out_dim, 128, 2, generator=rng) for _ in range(n)]
+        gens_l = [TriggerGenerator(1, (3, 3), NOISE, 64, 2, False, "normal", rng=rng) for _ in range(n)]
+        stats_l = [StatisticsNetwork(NOISE, gens_l[0].out_dim, 128, 2, rng=rng) for _ in range(n)]
         params = [p for m in gens_l + stats_l for p in m.parameters()]
 
         def step() -> torch.Tensor:

@@ -72,7 +72,7 @@ CLIENTS = {"wrk": "wrk client (C, 1 thread, fixed duration per level)",
 TARGETS = {"tps": 5000.0, "p99_ms": 50.0, "ratio": 2.0}
 
 
-def make_ensemble(path: Path, trigger: tuple[int, int], with_alpha: bool) -> Path:
+def make_ensemble(path: Path, trigger: tuple[int, int], with_mask: bool) -> Path:
     if (path / "manifest.json").is_file():
         return path
     g = torch.Generator().manual_seed(0)
@@ -80,7 +80,7 @@ def make_ensemble(path: Path, trigger: tuple[int, int], with_alpha: bool) -> Pat
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
-    mesa = MESA(MESAConfig(steps=3, batch_size=8, trigger_size=list(trigger), with_alpha=with_alpha, eval_samples=16))
+    mesa = MESA(MESAConfig(steps=3, batch_size=8, trigger_size=list(trigger), with_mask=with_mask, eval_samples=16))
     return save_ensemble(mesa, mesa.fit(model, data, 7, g), path)
 
 
@@ -173,7 +173,7 @@ def batching_check(ens_path: Path, k: int = 32, n: int = 64, reps: int = 200) ->
         z = torch.cat(zs)
         with torch.no_grad():
             pat, alp = _split_output(torch.sigmoid(gens.mlp(z.unsqueeze(0).expand(gens.levels, -1, -1).contiguous())),
-                                     gens.channels, gens.trigger_size, gens.with_alpha)  # fmt: skip
+                                     gens.channels, gens.trigger_size, gens.with_mask)  # fmt: skip
         lv, pick = torch.cat(levels), torch.arange(k * n)
         return list(pat[lv, pick].split(n))
 

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from gdm_ray.cli.compose import compose_settings
-from gdm_ray.core.errors import ConfigError
 
 # One 64 MiB buffer allocated, touched and freed 10 times, before and after
 # keep_freed_memory(): glibc mmaps a buffer this big (above its 32 MiB cap)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gdm_ray.cli.compose import compose_config, compose_settings, config_dir
+from gdm_ray.cli.compose import compose_settings, config_dir
 from gdm_ray.cli.main import COMMANDS, main
 from gdm_ray.cli.settings import GROUP_DEFAULTS, SCHEMAS
 from gdm_ray.core.data import DataSpec

@@ -49,7 +49,7 @@ def test_baseline_finds_a_working_trigger(backdoored):
     model, splits, _ = backdoored
     base = PixelBaseline(BaselineConfig(steps=150, restarts=2))
     res = base.fit(model, splits.defense, TARGET, torch.Generator().manual_seed(0))
-    assert res.pattern.shape == (1, 3, 3) and res.alpha.shape == (3, 3)
+    assert res.pattern.shape == (1, 3, 3) and res.mask.shape == (3, 3)
     assert 0 <= float(res.pattern.min()) and float(res.pattern.max()) <= 1
     assert len(res.restart_asr) == 2 and res.asr == max(res.restart_asr)
     assert res.asr > 0.8
@@ -64,23 +64,23 @@ def test_baseline_trigger_file_round_trip_and_bad_files(tmp_path):
     res = BaselineResult(torch.rand(3, 3, 2, generator=g), torch.rand(3, 2, generator=g), 0.75, [0.5, 0.75], 4)
     save_trigger(res, tmp_path / "t.safetensors")
     back = load_trigger(tmp_path / "t.safetensors")
-    assert torch.equal(back.pattern, res.pattern) and torch.equal(back.alpha, res.alpha)
+    assert torch.equal(back.pattern, res.pattern) and torch.equal(back.mask, res.mask)
     assert (back.target, back.asr, back.restart_asr) == (4, 0.75, [0.5, 0.75])
     p, a = PixelBaseline.from_result(back).sample(3)
-    assert torch.equal(p[2], res.pattern) and torch.equal(a[0], res.alpha)
+    assert torch.equal(p[2], res.pattern) and torch.equal(a[0], res.mask)
     with pytest.raises(ConfigError, match="not target=1"):
         load_trigger(tmp_path / "t.safetensors", target=1)
     # a file from before the metadata: the target comes from the caller
     from safetensors.torch import save_file
 
-    save_file({"pattern": res.pattern, "alpha": res.alpha}, str(tmp_path / "old.safetensors"))
+    save_file({"pattern": res.pattern, "alpha": res.mask}, str(tmp_path / "old.safetensors"))
     assert load_trigger(tmp_path / "old.safetensors", target=4).target == 4
     with pytest.raises(ConfigError, match="does not name its target"):
         load_trigger(tmp_path / "old.safetensors")
     save_file({"pattern": res.pattern, "alpha": torch.ones(2, 2)}, str(tmp_path / "shape.safetensors"))
     with pytest.raises(ConfigError, match="expected pattern C x h x w"):
         load_trigger(tmp_path / "shape.safetensors", target=4)
-    save_file({"pattern": res.pattern * 3, "alpha": res.alpha}, str(tmp_path / "range.safetensors"))
+    save_file({"pattern": res.pattern * 3, "alpha": res.mask}, str(tmp_path / "range.safetensors"))
     with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
         load_trigger(tmp_path / "range.safetensors", target=4)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
@@ -96,7 +96,7 @@ def test_baseline_with_mask_penalises_mask_size(backdoored):
     loose = PixelBaseline(BaselineConfig(steps=150, restarts=1, with_mask=True, mask_l1=0.0)).fit(
         model, splits.defense, TARGET, torch.Generator().manual_seed(0)
     )
-    assert float(small.alpha.sum()) < float(loose.alpha.sum())
+    assert float(small.mask.sum()) < float(loose.mask.sum())
 
 
 def test_baseline_bad_config():
@@ -120,10 +120,10 @@ def test_ensemble_round_trip_and_same_seed_same_samples(fitted, tmp_path):
         assert key in manifest
     assert manifest["trigger_shape"] == [1, 3, 3] and manifest["target_class"] == TARGET
     loaded = load_ensemble(path)
-    p1, a1 = loaded.sample(64, generator=torch.Generator().manual_seed(5))
-    p2, a2 = mesa.sample(64, generator=torch.Generator().manual_seed(5))
+    p1, a1 = loaded.sample(64, rng=torch.Generator().manual_seed(5))
+    p2, a2 = mesa.sample(64, rng=torch.Generator().manual_seed(5))
     assert torch.equal(p1, p2) and torch.equal(a1, a2)
-    p3, _ = loaded.sample(64, generator=torch.Generator().manual_seed(5))
+    p3, _ = loaded.sample(64, rng=torch.Generator().manual_seed(5))
     assert torch.equal(p1, p3)
     assert [p.name for p in tmp_path.iterdir()] == ["ens"]  # no staging leftovers
     assert loaded.position is None  # random placement, as searched
@@ -187,9 +187,9 @@ def test_several_targets_are_repaired_one_after_another_in_the_given_order(backd
         def __init__(self, name: str) -> None:
             self.name = name
 
-        def sample(self, n, generator=None, level=None):
+        def sample(self, n, rng=None, level=None):
             calls.append(self.name)
-            return torch.rand(n, 1, 3, 3, generator=generator), torch.ones(n, 3, 3)
+            return torch.rand(n, 1, 3, 3, generator=rng), torch.ones(n, 3, 3)
 
     seen: list[tuple[int, int]] = []
     cfg = DefenseConfig(epochs=2, batch_size=256, rate=0.5)

@@ -109,14 +109,14 @@ IRREGULAR = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]
 @pytest.fixture(scope="module")
 def fixed_backdoor(splits):
     pattern = torch.tensor([[[1.0, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]])
-    trig = Trigger(pattern=pattern, alpha=IRREGULAR, placement="fixed", row=10, col=9)
+    trig = Trigger(pattern=pattern, mask=IRREGULAR, placement="fixed", row=10, col=9)
     return _train(splits, [BadNets(trig, 2, 0.2)]), trig
 
 
 @pytest.fixture(scope="module")
 def fixed_heat(splits, fixed_backdoor):
     model, _ = fixed_backdoor
-    return window_heatmap(model, splits.defense, 2, ScanConfig(steps=150), stride=(2, 2), generator=torch.Generator().manual_seed(0))
+    return window_heatmap(model, splits.defense, 2, ScanConfig(steps=150), stride=(2, 2), rng=torch.Generator().manual_seed(0))
 
 
 def test_moving_window_finds_a_fixed_irregular_trigger(splits, fixed_heat, tmp_path):
@@ -147,7 +147,7 @@ def test_window_larger_than_image_is_an_error(splits):
 def test_heat_box_drives_a_fixed_position_mesa_and_defense(splits, fixed_backdoor, fixed_heat):
     model, trig = fixed_backdoor
     r0, c0, h, w = fixed_heat.box
-    mesa = MESA(MESAConfig(steps=250, trigger_size=[h, w], position=[r0, c0], with_alpha=True, log_every=50))
+    mesa = MESA(MESAConfig(steps=250, trigger_size=[h, w], position=[r0, c0], with_mask=True, log_every=50))
     res = mesa.fit(model, splits.defense, 2, torch.Generator().manual_seed(0))
     assert mesa.position == (r0, c0)
     assert res.asr[-1] > 0.5, res.asr

@@ -68,16 +68,16 @@ def test_each_level_reaches_its_beta(fits, backdoored, synthetic_splits, alpha):
     mesa, result = fits[alpha]
     assert result.betas == pytest.approx([0.0, 1 / 3, 2 / 3])
     for level, beta in enumerate(result.betas):
-        patterns, alphas = mesa.sample(400, generator=torch.Generator().manual_seed(3), level=level)
+        patterns, alphas = mesa.sample(400, rng=torch.Generator().manual_seed(3), level=level)
         assert patterns.shape == (400, 1, 3, 3) and alphas.shape == (400, 3, 3)
         assert float(patterns.min()) >= 0 and float(patterns.max()) <= 1
-        assert torch.equal(alphas, torch.ones_like(alphas))  # with_alpha=False: square patches
+        assert torch.equal(alphas, torch.ones_like(alphas))  # with_mask=False: square patches
         # measured on the held-out eval split, not the defense split the search used
         held_out = _asr(backdoored, synthetic_splits.eval, patterns, alphas)
         assert held_out > beta - 0.05, (level, beta, held_out)
         assert result.asr[level] > beta - 0.05, (level, beta, result.asr)
     top = len(result.betas) - 1
-    patterns, alphas = mesa.sample(400, generator=torch.Generator().manual_seed(4), level=top)
+    patterns, alphas = mesa.sample(400, rng=torch.Generator().manual_seed(4), level=top)
     assert _asr(backdoored, synthetic_splits.eval, patterns, alphas) > 0.5
     assert result.asr[top] > 0.5
 
@@ -87,8 +87,8 @@ def test_larger_alpha_gives_more_entropy_and_diversity(fits):
     # level 0 (beta 0) has no constraint, so both alphas just maximise entropy there
     for level in (1, 2):
         assert r_big.entropy[level] > r_small.entropy[level] + 0.3, (r_big.entropy, r_small.entropy)
-        d_big = _diversity(big.sample(300, generator=torch.Generator().manual_seed(1), level=level)[0])
-        d_small = _diversity(small.sample(300, generator=torch.Generator().manual_seed(1), level=level)[0])
+        d_big = _diversity(big.sample(300, rng=torch.Generator().manual_seed(1), level=level)[0])
+        d_small = _diversity(small.sample(300, rng=torch.Generator().manual_seed(1), level=level)[0])
         assert d_big > 2 * d_small, (level, d_big, d_small)
     # a higher beta leaves less room: the entropy falls along the staircase
     assert r_big.entropy[0] > r_big.entropy[2]
@@ -115,7 +115,7 @@ def test_ensemble_sample_draws_a_level_per_sample(fits):
     saved = mesa.weights.clone()
     try:
         mesa.weights = torch.tensor([0.0, 0.0, 1.0])
-        patterns, alphas = mesa.sample(64, generator=torch.Generator().manual_seed(9))
+        patterns, alphas = mesa.sample(64, rng=torch.Generator().manual_seed(9))
         # sampling draws the levels first, then the noise, from the same generator
         g = torch.Generator().manual_seed(9)
         torch.multinomial(mesa.weights, 64, replacement=True, generator=g)
@@ -125,9 +125,9 @@ def test_ensemble_sample_draws_a_level_per_sample(fits):
         assert not torch.allclose(patterns, mesa.generators.level(0)(z)[0], atol=1e-3)
     finally:
         mesa.weights = saved
-    assert mesa.sample(0, generator=torch.Generator().manual_seed(0))[0].shape == (0, 1, 3, 3)
+    assert mesa.sample(0, rng=torch.Generator().manual_seed(0))[0].shape == (0, 1, 3, 3)
     with pytest.raises(ConfigError, match="level=3"):
-        mesa.sample(4, generator=torch.Generator().manual_seed(0), level=3)
+        mesa.sample(4, rng=torch.Generator().manual_seed(0), level=3)
     with pytest.raises(RuntimeError, match="fit"):
         MESA().sample(4)
 
@@ -136,7 +136,7 @@ def test_same_seed_same_samples(backdoored, synthetic_splits):
     def run(seed: int) -> tuple[torch.Tensor, list]:
         mesa = MESA(MESAConfig(steps=20, log_every=10))
         result = mesa.fit(backdoored, synthetic_splits.defense, TARGET, torch.Generator().manual_seed(seed))
-        return mesa.sample(50, generator=torch.Generator().manual_seed(7))[0], result.history
+        return mesa.sample(50, rng=torch.Generator().manual_seed(7))[0], result.history
 
     (a, ha), (b, hb), (c, _) = run(11), run(11), run(12)
     assert torch.equal(a, b)
@@ -166,12 +166,12 @@ def test_model_is_frozen_and_restored(backdoored, synthetic_splits):
         assert torch.equal(v, before[k]), k  # BatchNorm statistics included
 
 
-def test_ce_testing_function_with_alpha_mask(backdoored, synthetic_splits):
-    cfg = MESAConfig(levels=2, betas=[0.0, 0.5], steps=150, testing="ce", with_alpha=True, noise="uniform")
+def test_ce_testing_function_with_mask_mask(backdoored, synthetic_splits):
+    cfg = MESAConfig(levels=2, betas=[0.0, 0.5], steps=150, testing="ce", with_mask=True, noise="uniform")
     mesa = MESA(cfg)
     result = mesa.fit(backdoored, synthetic_splits.defense, TARGET, torch.Generator().manual_seed(0))
     assert result.betas == [0.0, 0.5]
-    patterns, alphas = mesa.sample(200, generator=torch.Generator().manual_seed(1), level=1)
+    patterns, alphas = mesa.sample(200, rng=torch.Generator().manual_seed(1), level=1)
     assert alphas.shape == (200, 3, 3) and float(alphas.min()) >= 0 and float(alphas.max()) <= 1
     assert not torch.equal(alphas, torch.ones_like(alphas))  # the mask is learned
     assert _asr(backdoored, synthetic_splits.eval, patterns, alphas) > 0.5
@@ -216,10 +216,10 @@ def test_fit_errors(backdoored, synthetic_splits):
 # --- generators ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("with_alpha", [False, True])
-def test_staircase_generators_match_single_generators(with_alpha):
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_staircase_generators_match_single_generators(with_mask):
     g = torch.Generator().manual_seed(0)
-    stair = StaircaseGenerators(4, 3, (2, 5), noise_dim=6, hidden=16, with_alpha=with_alpha, generator=g)
+    stair = StaircaseGenerators(4, 3, (2, 5), noise_dim=6, hidden=16, with_mask=with_mask, rng=g)
     z = stair.sample_noise(8, g)
     assert z.shape == (4, 8, 6)
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_staircase_generators_match_single_generators(with_alpha):
     assert pattern.shape == (4, 8, 3, 2, 5) and alpha.shape == (4, 8, 2, 5)
     assert float(pattern.min()) >= 0 and float(pattern.max()) <= 1
     assert float(alpha.min()) >= 0 and float(alpha.max()) <= 1
-    assert torch.equal(alpha, torch.ones_like(alpha)) != with_alpha
+    assert torch.equal(alpha, torch.ones_like(alpha)) != with_mask
     singles = [stair.level(i) for i in range(4)]
     for i, single in enumerate(singles):
         p_i, a_i = single(z[i])
@@ -237,12 +237,12 @@ def test_staircase_generators_match_single_generators(with_alpha):
     restacked = StaircaseGenerators.from_generators(singles)
     assert torch.allclose(restacked(z)[0], pattern, atol=1e-6)
     with pytest.raises(ConfigError, match="different architecture"):
-        StaircaseGenerators.from_generators([singles[0], TriggerGenerator(1, (2, 5), noise_dim=6, hidden=16, with_alpha=with_alpha)])
+        StaircaseGenerators.from_generators([singles[0], TriggerGenerator(1, (2, 5), noise_dim=6, hidden=16, with_mask=with_mask)])
 
 
 def test_generator_noise_and_seeding():
-    a = TriggerGenerator(1, noise="uniform", generator=torch.Generator().manual_seed(0))
-    b = TriggerGenerator(1, noise="uniform", generator=torch.Generator().manual_seed(0))
+    a = TriggerGenerator(1, noise="uniform", rng=torch.Generator().manual_seed(0))
+    b = TriggerGenerator(1, noise="uniform", rng=torch.Generator().manual_seed(0))
     z = a.sample_noise(500, torch.Generator().manual_seed(1))
     assert float(z.min()) >= 0 and float(z.max()) <= 1 and z.shape == (500, 10)
     assert torch.equal(a(z)[0], b(z)[0])
@@ -258,7 +258,7 @@ def test_generator_noise_and_seeding():
 def test_mine_separates_dependent_from_independent():
     """Level 0: x = z + 0.5 * noise in 2-D (true MI = ln 5 = 1.61 nats); level 1: x independent of z."""
     g = torch.Generator().manual_seed(0)
-    mine = MINE(StaircaseStatistics(2, 2, 2, hidden=64, generator=g), ma_rate=0.01, levels=(2,))
+    mine = MINE(StaircaseStatistics(2, 2, 2, hidden=64, rng=g), ma_rate=0.01, levels=(2,))
     opt = torch.optim.Adam(mine.parameters(), lr=3e-3)
 
     def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,12 +266,12 @@ def test_mine_separates_dependent_from_independent():
         return z, torch.stack([z[0] + 0.5 * torch.randn(b, 2, generator=g), torch.randn(b, 2, generator=g)])
 
     for _ in range(400):
-        mi = mine(*batch(256), generator=g)
+        mi = mine(*batch(256), rng=g)
         opt.zero_grad()
         (-mi.sum()).backward()
         opt.step()
     with torch.no_grad():
-        est = mine(*batch(4096), generator=g, update=False)
+        est = mine(*batch(4096), rng=g, update=False)
     assert 1.1 < float(est[0]) < 1.8, est  # a lower bound, close to ln 5
     assert abs(float(est[1])) < 0.1, est
 

@@ -55,7 +55,7 @@ def test_search_mesa_writes_ensemble_and_pictures(model, tmp_path, capsys):
     ens = load_ensemble(out / "ensemble")
     assert ens.target_class == 1
     assert ens.manifest["source_model_sha256"] == load_model(model).sha256
-    p, a = ens.sample(8, generator=torch.Generator().manual_seed(0))
+    p, a = ens.sample(8, rng=torch.Generator().manual_seed(0))
     assert p.shape == (8, 1, 3, 3) and a.shape == (8, 3, 3)
     assert "level ASR" in stdout
 
@@ -78,7 +78,7 @@ def test_search_baseline_writes_trigger(model, tmp_path, capsys):
     code, _, err = run_cli(["search", f"model={model}", "target_class=1", "method=baseline", *FAST, f"out={out}"], capsys)
     assert code == 0, err
     t = load_file(str(out / "trigger.safetensors"))
-    assert t["pattern"].shape == (1, 3, 3) and t["alpha"].shape == (3, 3)
+    assert t["pattern"].shape == (1, 3, 3) and t["mask"].shape == (3, 3)
     assert json.loads((out / "search.json").read_text())["found_asr_eval"] > 0.8
 
 

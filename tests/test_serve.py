@@ -34,14 +34,14 @@ TOKEN = "test-token-123"
 MAX_N = 512
 
 
-def make_ensemble(path: Path, channels: int, trigger: tuple[int, int], with_alpha: bool, target: int) -> Path:
+def make_ensemble(path: Path, channels: int, trigger: tuple[int, int], with_mask: bool, target: int) -> Path:
     """A real saved ensemble from a 3-step MESA fit of a tiny classifier on random images."""
     g = torch.Generator().manual_seed(target)
     data = ImageSet(torch.rand(64, channels, 16, 16, generator=g), torch.randint(0, 4, (64,), generator=g), list("abcd"))
     with torch.random.fork_rng():
         torch.manual_seed(target)
         model = nn.Sequential(nn.Flatten(), nn.Linear(channels * 16 * 16, 4))
-    mesa = MESA(MESAConfig(steps=3, batch_size=8, trigger_size=list(trigger), with_alpha=with_alpha, eval_samples=16))
+    mesa = MESA(MESAConfig(steps=3, batch_size=8, trigger_size=list(trigger), with_mask=with_mask, eval_samples=16))
     return save_ensemble(mesa, mesa.fit(model, data, target, g), path, source_model_sha256="ab" * 32)
 
 

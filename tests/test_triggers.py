@@ -35,9 +35,9 @@ def test_fixed_patch_values_exact_and_rest_untouched(gen):
     images = torch.rand(3, 3, 8, 10, generator=gen)
     original = images.clone()
     pattern = torch.rand(3, 3, 4, generator=gen)
-    alpha = torch.ones(3, 4)
+    mask = torch.ones(3, 4)
     pos = torch.tensor([[2, 5], [0, 0], [5, 6]])  # the last one touches the bottom-right corner
-    out = apply_trigger(images, pattern, alpha, pos)
+    out = apply_trigger(images, pattern, mask, pos)
 
     assert out.shape == images.shape
     assert torch.equal(images, original), "apply_trigger must not modify its input"
@@ -51,15 +51,15 @@ def test_fixed_patch_values_exact_and_rest_untouched(gen):
 def test_alpha_blending_math(gen):
     images = torch.rand(4, 2, 9, 9, generator=gen)
     pattern = torch.rand(2, 3, 3, generator=gen)
-    alpha = torch.rand(3, 3, generator=gen)
-    alpha[0, 0], alpha[2, 2] = 0.0, 1.0
+    mask = torch.rand(3, 3, generator=gen)
+    mask[0, 0], mask[2, 2] = 0.0, 1.0
     pos = torch.tensor([[0, 0], [6, 6], [3, 1], [1, 4]])
-    out = apply_trigger(images, pattern, alpha, pos)
+    out = apply_trigger(images, pattern, mask, pos)
     for i, (r, c) in enumerate(pos.tolist()):
         before = images[i, :, r : r + 3, c : c + 3]
-        expected = (1 - alpha) * before + alpha * pattern
+        expected = (1 - mask) * before + mask * pattern
         torch.testing.assert_close(out[i, :, r : r + 3, c : c + 3], expected)
-        # alpha 0 keeps the image pixel, alpha 1 takes the pattern pixel, exactly
+        # mask 0 keeps the image pixel, mask 1 takes the pattern pixel, exactly
         assert torch.equal(out[i, :, r, c], images[i, :, r, c])
         assert torch.equal(out[i, :, r + 2, c + 2], pattern[:, 2, 2])
     mask = _patch_mask(4, (9, 9), pos, (3, 3)).expand_as(images)
@@ -70,12 +70,12 @@ def test_per_image_patterns_and_alphas(gen):
     n = 5
     images = torch.rand(n, 3, 7, 7, generator=gen)
     patterns = torch.rand(n, 3, 2, 3, generator=gen)
-    alphas = torch.rand(n, 2, 3, generator=gen)
+    masks = torch.rand(n, 2, 3, generator=gen)
     pos = torch.tensor([[0, 0], [5, 4], [1, 2], [3, 3], [2, 0]])
-    out = apply_trigger(images, patterns, alphas, pos)
+    out = apply_trigger(images, patterns, masks, pos)
     for i, (r, c) in enumerate(pos.tolist()):
         before = images[i, :, r : r + 2, c : c + 3]
-        torch.testing.assert_close(out[i, :, r : r + 2, c : c + 3], (1 - alphas[i]) * before + alphas[i] * patterns[i])
+        torch.testing.assert_close(out[i, :, r : r + 2, c : c + 3], (1 - masks[i]) * before + masks[i] * patterns[i])
     mask = _patch_mask(n, (7, 7), pos, (2, 3)).expand_as(images)
     assert torch.equal(out[~mask], images[~mask])
 
@@ -99,34 +99,34 @@ def test_pattern_channel_mismatch_is_config_error(gen):
 
 
 def test_gradients_analytic_sum(gen):
-    """d sum(out) / d pattern = N * a ; d sum(out) / d alpha = sum over images and channels of (pattern - before)."""
+    """d sum(out) / d pattern = N * a ; d sum(out) / d mask = sum over images and channels of (pattern - before)."""
     images = torch.rand(4, 3, 8, 8, generator=gen)
     pattern = torch.rand(3, 3, 3, generator=gen).requires_grad_()
-    alpha = torch.rand(3, 3, generator=gen).requires_grad_()
+    mask = torch.rand(3, 3, generator=gen).requires_grad_()
     pos = torch.tensor([[0, 0], [5, 5], [2, 3], [4, 1]])
-    apply_trigger(images, pattern, alpha, pos).sum().backward()
+    apply_trigger(images, pattern, mask, pos).sum().backward()
 
-    torch.testing.assert_close(pattern.grad, 4 * alpha.detach().expand(3, 3, 3))
+    torch.testing.assert_close(pattern.grad, 4 * mask.detach().expand(3, 3, 3))
     befores = torch.stack([images[i, :, r : r + 3, c : c + 3] for i, (r, c) in enumerate(pos.tolist())])
     expected_alpha = (pattern.detach() - befores).sum(dim=(0, 1))
-    torch.testing.assert_close(alpha.grad, expected_alpha)
+    torch.testing.assert_close(mask.grad, expected_alpha)
 
 
 def test_gradients_weighted_including_images(gen):
     """With a random upstream gradient W: d/d pattern = sum_n W_patch * a,
-    d/d alpha = sum_n,c W_patch * (pattern - before), d/d images = W outside, W * (1 - a) inside."""
+    d/d mask = sum_n,c W_patch * (pattern - before), d/d images = W outside, W * (1 - a) inside."""
     images = torch.rand(3, 2, 7, 9, generator=gen).requires_grad_()
     pattern = torch.rand(2, 3, 4, generator=gen).requires_grad_()
-    alpha = torch.rand(3, 4, generator=gen).requires_grad_()
+    mask = torch.rand(3, 4, generator=gen).requires_grad_()
     pos = torch.tensor([[4, 5], [0, 1], [2, 2]])
     weight = torch.randn(3, 2, 7, 9, generator=gen)
-    (apply_trigger(images, pattern, alpha, pos) * weight).sum().backward()
+    (apply_trigger(images, pattern, mask, pos) * weight).sum().backward()
 
-    a, p = alpha.detach(), pattern.detach()
+    a, p = mask.detach(), pattern.detach()
     w_patch = torch.stack([weight[i, :, r : r + 3, c : c + 4] for i, (r, c) in enumerate(pos.tolist())])
     befores = torch.stack([images.detach()[i, :, r : r + 3, c : c + 4] for i, (r, c) in enumerate(pos.tolist())])
     torch.testing.assert_close(pattern.grad, (w_patch * a).sum(0))
-    torch.testing.assert_close(alpha.grad, (w_patch * (p - befores)).sum(dim=(0, 1)))
+    torch.testing.assert_close(mask.grad, (w_patch * (p - befores)).sum(dim=(0, 1)))
     expected_img = weight.clone()
     for i, (r, c) in enumerate(pos.tolist()):
         expected_img[i, :, r : r + 3, c : c + 4] *= 1 - a
@@ -137,9 +137,9 @@ def test_gradcheck_finite_differences():
     g = torch.Generator().manual_seed(7)
     images = torch.rand(3, 2, 6, 6, generator=g, dtype=torch.float64)
     pattern = torch.rand(3, 2, 2, 3, generator=g, dtype=torch.float64).requires_grad_()  # per-image patterns
-    alpha = torch.rand(3, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.rand(3, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
     pos = torch.tensor([[0, 0], [4, 3], [2, 1]])
-    assert torch.autograd.gradcheck(lambda p, a: apply_trigger(images, p, a, pos), (pattern, alpha))
+    assert torch.autograd.gradcheck(lambda p, a: apply_trigger(images, p, a, pos), (pattern, mask))
 
 
 # --- placement -------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_random_placement_apply_matches_positions_and_is_seeded(gen):
     assert torch.equal(out1, out2)
     assert not torch.equal(out1, out3)
     pos = trig.positions(20, (10, 10), torch.Generator().manual_seed(3))
-    assert torch.equal(out1, apply_trigger(images, trig.pattern, trig.alpha, pos))
+    assert torch.equal(out1, apply_trigger(images, trig.pattern, trig.mask, pos))
     # every image got exactly one fully white 3x3 patch, inside the image
     for i, (r, c) in enumerate(pos.tolist()):
         assert 0 <= r <= 7 and 0 <= c <= 7
@@ -236,10 +236,10 @@ def test_every_family_builds(family, channels, rgba_png):
     trig = make_trigger(_spec_for(family, rgba_png[0]), channels, (16, 16))
     expected_hw = {"bw3x3": (3, 3), "color3x3": (3, 3), "random": (2, 4), "block": (4, 4), "blend": (16, 16), "png": (4, 5)}
     assert trig.pattern.shape == (channels, *expected_hw[family])
-    assert trig.alpha.shape == expected_hw[family]
-    assert trig.pattern.dtype == torch.float32 and trig.alpha.dtype == torch.float32
+    assert trig.mask.shape == expected_hw[family]
+    assert trig.pattern.dtype == torch.float32 and trig.mask.dtype == torch.float32
     assert float(trig.pattern.min()) >= 0 and float(trig.pattern.max()) <= 1
-    assert float(trig.alpha.min()) >= 0 and float(trig.alpha.max()) <= 1
+    assert float(trig.mask.min()) >= 0 and float(trig.mask.max()) <= 1
     images = torch.full((2, channels, 16, 16), 0.5)
     out = trig.apply(images, torch.Generator().manual_seed(0))
     assert out.shape == images.shape
@@ -261,7 +261,7 @@ def test_bw3x3_number_bits(channels):
     row1 = torch.zeros(channels, 3, 3)
     row1[:, 1, 0] = 1  # bit 3 = row 1, col 0
     assert torch.equal(pat(8), row1)
-    assert torch.equal(make_trigger(TriggerSpec(family="bw3x3", number=7), channels, (8, 8)).alpha, torch.ones(3, 3))
+    assert torch.equal(make_trigger(TriggerSpec(family="bw3x3", number=7), channels, (8, 8)).mask, torch.ones(3, 3))
 
 
 def test_seeded_families_are_deterministic():
@@ -287,7 +287,7 @@ def test_block_solid_colour_and_noise():
 def test_blend_constant_alpha_full_image():
     trig = make_trigger(TriggerSpec(family="blend", blend=0.25, seed=0), 3, (12, 10))
     assert trig.pattern.shape == (3, 12, 10)
-    assert torch.equal(trig.alpha, torch.full((12, 10), 0.25))
+    assert torch.equal(trig.mask, torch.full((12, 10), 0.25))
     images = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(0))
     out = trig.apply(images)
     torch.testing.assert_close(out, 0.75 * images + 0.25 * trig.pattern)
@@ -300,8 +300,8 @@ def test_png_alpha_channel_becomes_mask(rgba_png, channels):
     rgb = torch.from_numpy(arr[..., :3].astype(np.float32) / 255).permute(2, 0, 1)
     expected = rgb if channels == 3 else rgb.mean(0, keepdim=True)
     torch.testing.assert_close(trig.pattern, expected)
-    torch.testing.assert_close(trig.alpha, torch.from_numpy(arr[..., 3].astype(np.float32) / 255))
-    assert float(trig.alpha[0, 0]) == 0.0 and float(trig.alpha[3, 4]) == 1.0
+    torch.testing.assert_close(trig.mask, torch.from_numpy(arr[..., 3].astype(np.float32) / 255))
+    assert float(trig.mask[0, 0]) == 0.0 and float(trig.mask[3, 4]) == 1.0
 
 
 def test_png_la_and_resize(tmp_path):
@@ -312,11 +312,11 @@ def test_png_la_and_resize(tmp_path):
     _write_rgba_png(path, la, mode="LA")
     trig = make_trigger(TriggerSpec(family="png", path=str(path)), 3, (8, 8))
     assert torch.equal(trig.pattern[:, 0, 1], torch.ones(3))
-    assert torch.equal(trig.alpha[1, 0], torch.tensor(0.0))
+    assert torch.equal(trig.mask[1, 0], torch.tensor(0.0))
     big = make_trigger(TriggerSpec(family="png", path=str(path), size=[4, 6]), 1, (8, 8))
-    assert big.pattern.shape == (1, 4, 6) and big.alpha.shape == (4, 6)
+    assert big.pattern.shape == (1, 4, 6) and big.mask.shape == (4, 6)
     # nearest-neighbour resize keeps the values, including the fully opaque top row
-    assert torch.equal(big.alpha[0], torch.ones(6))
+    assert torch.equal(big.mask[0], torch.ones(6))
 
 
 # --- errors ----------------------------------------------------------------------
@@ -333,10 +333,10 @@ def test_trigger_larger_than_image():
 
 @pytest.mark.parametrize("bad", [1.5, -0.25])
 def test_alpha_outside_unit_range(bad):
-    alpha = torch.ones(3, 3)
-    alpha[1, 1] = bad
+    mask = torch.ones(3, 3)
+    mask[1, 1] = bad
     with pytest.raises(ConfigError, match=re.escape(f"{bad:.3g}")):
-        Trigger(torch.ones(1, 3, 3), alpha)
+        Trigger(torch.ones(1, 3, 3), mask)
     with pytest.raises(ConfigError, match=re.escape(f"trigger.blend={bad}")):
         TriggerSpec(family="blend", blend=bad)
 

@@ -98,7 +98,7 @@ def write_examples(path: Path, model: torch.nn.Module, splits: Splits, trigger: 
     names = splits.classes
     cp = [names[int(i)] for i in predict(model, clean)]
     tp = [names[int(i)] for i in predict(model, triggered)]
-    save_examples(path, clean, triggered, cp, tp, trigger.pattern, trigger.alpha, title)
+    save_examples(path, clean, triggered, cp, tp, trigger.pattern, trigger.mask, title)
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:

@@ -36,7 +36,7 @@ from gdm_ray.store.fetch import localize
 from gdm_ray.store.rows import Provenance, class_rows, verdict_row
 from gdm_ray.store.scanstate import ScanState
 
-__all__ = ["scan", "scan_one_model", "scan_settings_from", "scan_model", "reference_sizes", "write_model_files", "executor_for",
+__all__ = ["scan", "scan_one_model", "scan_settings_from", "reference_sizes", "write_model_files", "executor_for",
            "stage_progress", "check_window"]  # fmt: skip
 
 # the first-pass settings that decide a trigger's size: sizes found with
@@ -117,7 +117,7 @@ def write_model_files(run_dir: RunDir, prefix: str, scan: ModelScan, data: Image
             save_ensemble(mesa, res, run_dir.path(f"{prefix}class-{k}/ensemble"), scan.sha256,
                           {"source_model": scan.path, "code_version": code_version()})  # fmt: skip
             gk = torch.Generator().manual_seed(plan.class_seed(k))
-            per_level = [mesa.sample(int(samples_per_level), generator=gk, level=i) for i in range(res.generators.levels)]
+            per_level = [mesa.sample(int(samples_per_level), rng=gk, level=i) for i in range(res.generators.levels)]
             save_level_grid(run_dir.path(f"{prefix}class-{k}/samples.png"), per_level, f"{mid}: MESA triggers for class {k}",
                             [f"L{i} b={b:.2f}\nASR {a:.0%}" for i, (b, a) in enumerate(zip(res.betas, res.asr))])  # fmt: skip
             save_curves(run_dir.path(f"{prefix}class-{k}/curves.png"), res.history, f"{mid}: MESA training, class {k}")
@@ -216,15 +216,6 @@ def scan_settings_from(s: Any, model: str) -> ScanSettings:
     skip = {"model", "use_ray", "full_search"}
     shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(ScanSettings) if f.name not in skip and hasattr(s, f.name)}
     return ScanSettings(model=model, **shared)
-
-
-def scan_model(s: Any, loaded: LoadedModel, splits: Splits, run_dir: RunDir, g: torch.Generator | None = None,
-               model_id: str | None = None, state: ScanState | None = None) -> ScanRows:  # fmt: skip
-    """Transitional, for ``defend`` until it calls ``scan_one_model`` itself:
-    its settings as ScanSettings, provenance from all of them. ``g`` and
-    ``model_id`` are unused: the plan seeds from ``seed``, the id is the file's stem."""
-    prov = Provenance(config_hash(plain(s)), code_version())
-    return scan_one_model(scan_settings_from(s, loaded.path), loaded, splits, run_dir, state, provenance=prov)
 
 
 def _print_result(verdict: dict[str, Any], classes: list[dict[str, Any]], seconds: float) -> None:

@@ -52,7 +52,7 @@ def run_search(s: SearchSettings, loaded: LoadedModel, splits: Splits, run_dir: 
         summary = _write_mesa(s, found, loaded, run_dir, rng, name)
     else:
         b = found.baseline
-        save_level_grid(run_dir.path("samples.png"), [(b.pattern[None], b.alpha[None])],
+        save_level_grid(run_dir.path("samples.png"), [(b.pattern[None], b.mask[None])],
                         f"{name}: baseline trigger for class {s.target_class}", [f"ASR {b.asr:.0%}"])  # fmt: skip
         save_trigger(b, run_dir.path("trigger.safetensors"))
         summary = {"method": "baseline", "found_asr_search": b.asr, "restart_asr": b.restart_asr}
@@ -64,11 +64,11 @@ def _write_mesa(s: SearchSettings, found: Search, loaded: LoadedModel, run_dir: 
     """The ensemble artifact and its pictures: samples per level, their PCA, the training curves."""
     mesa, result, k = found.sampler, found.mesa, s.samples_per_level
     save_ensemble(mesa, result, run_dir.path("ensemble"), loaded.sha256, {"source_model": loaded.path, "code_version": code_version()})
-    per_level = [mesa.sample(max(k, 200), generator=rng, level=i) for i in range(result.generators.levels)]
+    per_level = [mesa.sample(max(k, 200), rng=rng, level=i) for i in range(result.generators.levels)]
     labels = [f"L{i} b={b:.2f}\nASR {a:.0%}" for i, (b, a) in enumerate(zip(result.betas, result.asr))]
     save_level_grid(run_dir.path("samples.png"), [(p[:k], m[:k]) for p, m in per_level],
                     f"{name}: MESA triggers for class {s.target_class}, one row per level", labels)  # fmt: skip
-    flat = [torch.cat([p.flatten(1), m.flatten(1)], 1) if mesa.config.with_alpha else p for p, m in per_level]
+    flat = [torch.cat([p.flatten(1), m.flatten(1)], 1) if mesa.config.with_mask else p for p, m in per_level]
     save_pca_scatter(run_dir.path("pca.png"), flat, f"{name}: samples by level (PCA)")
     save_curves(run_dir.path("curves.png"), result.history, f"{name}: MESA training, class {s.target_class}")
     return {"method": "mesa", "levels": result.generators.levels, "betas": result.betas, "alpha": result.alpha,

@@ -57,15 +57,15 @@ class BadNets:
         self.target = int(target)
         self.rate = float(rate)
 
-    def poison_batch(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def poison_batch(self, x: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the trigger to a Bernoulli(rate) share of the batch and relabel it."""
-        mask = torch.rand(len(x), generator=generator) < self.rate
+        mask = torch.rand(len(x), generator=rng) < self.rate
         if not bool(mask.any()):
             return x, y
         idx = mask.nonzero().squeeze(1).to(x.device)
         x = x.clone()
         y = y.clone()
-        x[idx] = self.trigger.apply(x[idx], generator)
+        x[idx] = self.trigger.apply(x[idx], rng)
         y[idx] = self.target
         return x, y
 
@@ -75,7 +75,7 @@ class BadNets:
         train: ImageSet,
         eval_set: ImageSet,
         cfg: TrainConfig,
-        generator: torch.Generator,
+        rng: torch.Generator,
         progress: Callable[[int, int, float], None] | None = None,
     ) -> AttackResult:
         """Train (from scratch or fine-tune: whatever state ``model`` is in) on poisoned data."""
@@ -83,9 +83,9 @@ class BadNets:
             raise ConfigError(f"attack.target_class={self.target} but the data has {train.num_classes} classes (0..{train.num_classes - 1})")
         t0 = time.perf_counter()
         hook = self.poison_batch if self.rate > 0 else None
-        losses = train_classifier(model, train, cfg, generator, hook, progress)
+        losses = train_classifier(model, train, cfg, rng, hook, progress)
         seconds = time.perf_counter() - t0
-        eval_g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        eval_g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
         return AttackResult(
             clean_accuracy=clean_accuracy(model, eval_set),
             asr=attack_success_rate(model, eval_set, self.trigger, self.target, eval_g),

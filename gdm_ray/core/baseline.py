@@ -2,7 +2,7 @@
 compared against (Wang et al., "Neural Cleanse: Identifying and Mitigating
 Backdoor Attacks in Neural Networks", IEEE S&P 2019).
 
-SGD on the trigger's pixels (and, optionally, its alpha mask with an L1
+SGD on the trigger's pixels (and, optionally, its mask with an L1
 penalty on the mask, as Neural Cleanse does) so that images carrying it go
 to the target class. It finds one point of the valid-trigger distribution;
 restarts from several random inits keep the best one.
@@ -31,7 +31,7 @@ class BaselineConfig:
     """Settings of the pixel-space search (Neural Cleanse defaults where it has them)."""
 
     trigger_size: list[int] = field(default_factory=lambda: [3, 3])
-    with_mask: bool = False  # also search the alpha mask (L1-penalised)
+    with_mask: bool = False  # also search the mask (L1-penalised)
     mask_l1: float = 1e-3  # weight of the mask's L1 norm (Neural Cleanse's lambda)
     steps: int = 300
     batch_size: int = 128
@@ -55,7 +55,7 @@ class BaselineConfig:
 @dataclass
 class BaselineResult:
     pattern: torch.Tensor  # C x h x w in [0, 1]
-    alpha: torch.Tensor  # h x w in [0, 1]
+    mask: torch.Tensor  # h x w in [0, 1]
     asr: float  # on the search data, random placement
     restart_asr: list[float]
     target: int
@@ -65,12 +65,12 @@ class PixelBaseline:
     """Reverse-engineer one trigger for ``target`` by pixel-space SGD.
 
     Shape: images in [0, 1], N x C x H x W; the found pattern is C x h x w and
-    the alpha mask h x w (all ones unless ``with_mask``).
+    the mask h x w (all ones unless ``with_mask``).
 
     Example:
         >>> search = PixelBaseline(BaselineConfig(trigger_size=[3, 3]))
-        >>> found = search.fit(model, splits.defense, target=0, generator=torch.Generator().manual_seed(0))
-        >>> patterns, alphas = search.sample(64)
+        >>> found = search.fit(model, splits.defense, target=0, rng=torch.Generator().manual_seed(0))
+        >>> patterns, masks = search.sample(64)
     """
 
     def __init__(self, cfg: BaselineConfig | None = None) -> None:
@@ -82,7 +82,7 @@ class PixelBaseline:
         model: nn.Module,
         data: ImageSet,
         target: int,
-        generator: torch.Generator,
+        rng: torch.Generator,
         progress: Callable[[int, int, float], None] | None = None,
     ) -> BaselineResult:
         cfg = self.cfg
@@ -102,29 +102,29 @@ class PixelBaseline:
         labels = torch.full((cfg.batch_size,), int(target), device=device)
         with frozen(model):
             for r in range(cfg.restarts):
-                p_logit = (torch.randn(c, h, w, generator=generator) * 2).to(device).requires_grad_(True)
+                p_logit = (torch.randn(c, h, w, generator=rng) * 2).to(device).requires_grad_(True)
                 m_logit = torch.full((h, w), 3.0, device=device, requires_grad=cfg.with_mask)
                 opt = torch.optim.Adam([p_logit, m_logit] if cfg.with_mask else [p_logit], lr=cfg.lr)
                 for step in range(cfg.steps):
-                    idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=generator)
+                    idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=rng)
                     x = pool[idx].to(device)
-                    pos = random_positions(len(x), (h, w), (H, W), generator)
-                    alpha = torch.sigmoid(m_logit)
-                    logits = model(apply_trigger(x, torch.sigmoid(p_logit), alpha, pos))
+                    pos = random_positions(len(x), (h, w), (H, W), rng)
+                    mask = torch.sigmoid(m_logit)
+                    logits = model(apply_trigger(x, torch.sigmoid(p_logit), mask, pos))
                     loss = nn.functional.cross_entropy(logits, labels[: len(x)])
                     if cfg.with_mask:
-                        loss = loss + cfg.mask_l1 * alpha.sum()
+                        loss = loss + cfg.mask_l1 * mask.sum()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     if progress is not None:
                         progress(r * cfg.steps + step + 1, total, float(loss.detach()))
                 pattern = torch.sigmoid(p_logit).detach()
-                alpha = torch.sigmoid(m_logit).detach() if cfg.with_mask else torch.ones(h, w, device=device)
-                asr = _asr(model, pool, pattern, alpha, int(target), generator)
+                mask = torch.sigmoid(m_logit).detach() if cfg.with_mask else torch.ones(h, w, device=device)
+                asr = _asr(model, pool, pattern, mask, int(target), rng)
                 restart_asr.append(asr)
                 if best is None or asr > best[0]:
-                    best = (asr, pattern, alpha)
+                    best = (asr, pattern, mask)
         assert best is not None
         self.result = BaselineResult(best[1].cpu(), best[2].cpu(), best[0], restart_asr, int(target))
         return self.result
@@ -137,33 +137,33 @@ class PixelBaseline:
         return base
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None, level: int | None = None
+        self, n: int, rng: torch.Generator | None = None, level: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """n copies of the one trigger found (a point distribution)."""
         if self.result is None:
             raise RuntimeError("PixelBaseline.sample called before fit")
         r = self.result
-        return r.pattern.unsqueeze(0).expand(n, -1, -1, -1), r.alpha.unsqueeze(0).expand(n, -1, -1)
+        return r.pattern.unsqueeze(0).expand(n, -1, -1, -1), r.mask.unsqueeze(0).expand(n, -1, -1)
 
 
 @torch.no_grad()
-def _asr(model: nn.Module, pool: torch.Tensor, pattern: torch.Tensor, alpha: torch.Tensor, target: int, g: torch.Generator) -> float:
+def _asr(model: nn.Module, pool: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, target: int, rng: torch.Generator) -> float:
     device = model_device(model)
     hits = 0
     for i in range(0, len(pool), 512):
         x = pool[i : i + 512].to(device)
-        pos = random_positions(len(x), tuple(alpha.shape), tuple(x.shape[2:]), g)
-        hits += int((model(apply_trigger(x, pattern, alpha, pos)).argmax(1) == target).sum())
+        pos = random_positions(len(x), tuple(mask.shape), tuple(x.shape[2:]), rng)
+        hits += int((model(apply_trigger(x, pattern, mask, pos)).argmax(1) == target).sum())
     return hits / len(pool)
 
 
 def save_trigger(result: BaselineResult, path: str | Path) -> None:
-    """The found trigger as safetensors (pattern C x h x w, alpha h x w); target
+    """The found trigger as safetensors (pattern C x h x w, mask h x w); target
     and search ASR ride in the header's metadata."""
     from safetensors.torch import save_file
 
     meta = {"target": str(result.target), "asr": repr(float(result.asr)), "restart_asr": json.dumps(result.restart_asr)}
-    save_file({"pattern": result.pattern.contiguous(), "alpha": result.alpha.contiguous()}, str(path), metadata=meta)
+    save_file({"pattern": result.pattern.contiguous(), "mask": result.mask.contiguous()}, str(path), metadata=meta)
 
 
 def load_trigger(path: str | Path, target: int | None = None) -> BaselineResult:
@@ -178,12 +178,12 @@ def load_trigger(path: str | Path, target: int | None = None) -> BaselineResult:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError) as exc:
         raise ConfigError(f"trigger={path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
-    pattern, alpha = tensors.get("pattern"), tensors.get("alpha")
-    if pattern is None or alpha is None or pattern.dim() != 3 or tuple(alpha.shape) != tuple(pattern.shape[1:]):
+    pattern, mask = tensors.get("pattern"), tensors.get("mask", tensors.get("alpha"))  # "alpha": files written before the rename
+    if pattern is None or mask is None or pattern.dim() != 3 or tuple(mask.shape) != tuple(pattern.shape[1:]):
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        raise ConfigError(f"trigger={path}: expected pattern C x h x w and alpha h x w, found {shapes}")
-    if not (pattern.is_floating_point() and alpha.is_floating_point()) or min(pattern.min(), alpha.min()) < 0 or max(pattern.max(), alpha.max()) > 1:
-        raise ConfigError(f"trigger={path}: pattern and alpha must be floats in [0, 1]")
+        raise ConfigError(f"trigger={path}: expected pattern C x h x w and mask h x w, found {shapes}")
+    if not (pattern.is_floating_point() and mask.is_floating_point()) or min(pattern.min(), mask.min()) < 0 or max(pattern.max(), mask.max()) > 1:
+        raise ConfigError(f"trigger={path}: pattern and mask must be floats in [0, 1]")
     stored = int(meta["target"]) if "target" in meta else None
     if stored is None and target is None:
         raise ConfigError(f"trigger={path}: the file does not name its target class; pass target")
@@ -191,4 +191,4 @@ def load_trigger(path: str | Path, target: int | None = None) -> BaselineResult:
         raise ConfigError(f"trigger={path}: found for class {stored}, not target={target}")
     asr = float(meta.get("asr", "nan"))
     restarts = [float(a) for a in json.loads(meta.get("restart_asr", "[]"))]
-    return BaselineResult(pattern.float(), alpha.float(), asr, restarts, stored if stored is not None else int(target))
+    return BaselineResult(pattern.float(), mask.float(), asr, restarts, stored if stored is not None else int(target))

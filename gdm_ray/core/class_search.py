@@ -54,7 +54,7 @@ def class_mesa(
     one; returns the fitted MESA, its result and its samples' held-out ASR."""
     if heat is not None:  # the heat map sizes and places the complete search
         r0, c0, h, w = heat.box
-        mesa_cfg = dataclasses.replace(mesa_cfg, trigger_size=[h, w], position=[r0, c0], with_alpha=True)
+        mesa_cfg = dataclasses.replace(mesa_cfg, trigger_size=[h, w], position=[r0, c0], with_mask=True)
     mesa = MESA(mesa_cfg)
     res = mesa.fit(model, data, k, torch.Generator().manual_seed(seed), progress)
     return mesa, res, sampled_asr(model, eval_data, mesa, k, torch.Generator().manual_seed(eval_seed))

@@ -445,13 +445,13 @@ def make_synthetic(
     (low-frequency blobs) plus per-image noise and brightness jitter."""
     if n < num_classes or num_classes < 2:
         raise ConfigError(f"synthetic data needs num_classes >= 2 and samples >= num_classes (got {num_classes}, {n})")
-    g = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     h, w = int(image_size[0]), int(image_size[1])
-    coarse = torch.rand(num_classes, channels, max(2, h // 4), max(2, w // 4), generator=g)
+    coarse = torch.rand(num_classes, channels, max(2, h // 4), max(2, w // 4), generator=rng)
     protos = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
     y = torch.arange(n) % num_classes
-    y = y[torch.randperm(n, generator=g)]
-    noise = torch.rand(n, channels, h, w, generator=g) - 0.5
-    gain = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)
+    y = y[torch.randperm(n, generator=rng)]
+    noise = torch.rand(n, channels, h, w, generator=rng) - 0.5
+    gain = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=rng)
     x = (protos[y] * gain + 0.35 * noise).clamp_(0, 1)
     return ImageSet(x.contiguous(), y.long(), [f"class{i}" for i in range(num_classes)])

@@ -27,10 +27,10 @@ __all__ = ["TriggerSampler", "DefenseConfig", "retrain"]
 
 
 class TriggerSampler(Protocol):
-    """What a defense needs from a finished search: n (pattern, alpha) samples."""
+    """What a defense needs from a finished search: n (pattern, mask) samples."""
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None, level: int | None = None
+        self, n: int, rng: torch.Generator | None = None, level: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -66,7 +66,7 @@ def retrain(
     clean: ImageSet,
     samplers: list[TriggerSampler],
     cfg: DefenseConfig,
-    generator: torch.Generator,
+    rng: torch.Generator,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> list[float]:
     """Retrain ``model`` in place on ``clean`` with sampled triggers, true labels kept.
@@ -92,7 +92,7 @@ def retrain(
     for i, sampler in enumerate(samplers):
         # every phase has the same step count: one progress bar spans them
         report = None if progress is None else (lambda step, total, loss, i=i: progress(i * total + step, k * total, loss))
-        losses += train_classifier(model, clean, phase_cfg, generator, _trigger_hook(sampler, cfg.rate, clean.shape), report)
+        losses += train_classifier(model, clean, phase_cfg, rng, _trigger_hook(sampler, cfg.rate, clean.shape), report)
     return losses
 
 
@@ -100,19 +100,19 @@ def _trigger_hook(sampler: TriggerSampler, rate: float, shape: tuple[int, int, i
     """The batch hook of one repair phase: a share ``rate`` of the images get a sample of ``sampler``."""
     _, H, W = shape
 
-    def hook(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = (torch.rand(len(x), generator=g) < rate).nonzero().squeeze(1)
+    def hook(x: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = (torch.rand(len(x), generator=rng) < rate).nonzero().squeeze(1)
         if len(idx) == 0:
             return x, y
         x = x.clone()
         # the draw that picked a sampler per image when the phases were one: kept so
         # that one-target repairs (the common case) repeat their earlier results
-        torch.randint(0, 1, (len(idx),), generator=g)
-        pattern, alpha = sampler.sample(len(idx), generator=g)
+        torch.randint(0, 1, (len(idx),), generator=rng)
+        pattern, mask = sampler.sample(len(idx), rng=rng)
         # a fixed-location trigger distribution keeps its place
-        pos = place(len(idx), tuple(alpha.shape[-2:]), (H, W), getattr(sampler, "position", None), g)
+        pos = place(len(idx), tuple(mask.shape[-2:]), (H, W), getattr(sampler, "position", None), rng)
         dev = x.device
-        x[idx.to(dev)] = apply_trigger(x[idx.to(dev)], pattern.to(dev), alpha.to(dev), pos)
+        x[idx.to(dev)] = apply_trigger(x[idx.to(dev)], pattern.to(dev), mask.to(dev), pos)
         return x, y  # labels stay true: the trigger must stop meaning "target"
 
     return hook

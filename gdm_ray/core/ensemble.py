@@ -43,9 +43,9 @@ class Ensemble:
     manifest: dict[str, Any]
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None, level: int | None = None
+        self, n: int, rng: torch.Generator | None = None, level: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mesa.sample(n, generator=generator, level=level)
+        return self.mesa.sample(n, rng=rng, level=level)
 
     @property
     def position(self) -> tuple[int, int] | None:
@@ -82,7 +82,7 @@ def save_ensemble(mesa: MESA, result: MESAResult, path: str | Path, source_model
         manifest = {
             "format": FORMAT,
             "trigger_shape": [gens.channels, *gens.trigger_size],
-            "with_alpha": gens.with_alpha,
+            "with_mask": gens.with_mask,
             "levels": gens.levels,
             "betas": list(result.betas),
             "alpha": result.alpha,
@@ -123,6 +123,7 @@ def load_ensemble(path: str | Path, device: str | torch.device = "cpu") -> Ensem
         manifest = json.loads(mf.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EnsembleError(f"ensemble={root}: {MANIFEST} is not valid JSON ({exc})") from None
+    _upgrade(manifest)
     if manifest.get("format") != FORMAT:
         raise EnsembleError(f"ensemble={root}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     wf = root / str(manifest.get("weights_file", WEIGHTS))
@@ -145,3 +146,11 @@ def load_ensemble(path: str | Path, device: str | torch.device = "cpu") -> Ensem
     mesa.generators = gens.to(device).eval()
     mesa.weights = weights
     return Ensemble(mesa, manifest)
+
+
+def _upgrade(manifest: dict) -> None:
+    """Manifests written before the trigger's transparency was named mask call it with_alpha."""
+    for node in (manifest, manifest.get("generator"), manifest.get("mesa_config")):
+        if isinstance(node, dict) and "with_alpha" in node:
+            node["with_mask"] = node.pop("with_alpha")
+

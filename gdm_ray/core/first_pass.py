@@ -146,11 +146,11 @@ class ScanPlan:
 
 
 def plan_scan(
-    data: ImageSet, cfg: ScanConfig | None = None, generator: torch.Generator | None = None, classes: list[int] | None = None
+    data: ImageSet, cfg: ScanConfig | None = None, rng: torch.Generator | None = None, classes: list[int] | None = None
 ) -> ScanPlan:
     """Split the images and the classes of a first pass (see ``scan_classes``)."""
     cfg = cfg or ScanConfig()
-    rng = generator if generator is not None else torch.Generator().manual_seed(0)
+    rng = rng if rng is not None else torch.Generator().manual_seed(0)
     num_classes = data.num_classes
     ks = list(range(num_classes)) if classes is None else [int(k) for k in classes]
     if not ks:
@@ -222,7 +222,7 @@ def scan_classes(
     model: nn.Module,
     data: ImageSet,
     cfg: ScanConfig | None = None,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     classes: list[int] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> ScanResult:
@@ -236,7 +236,7 @@ def scan_classes(
     """
     cfg = cfg or ScanConfig()
     t0 = time.perf_counter()
-    plan = plan_scan(data, cfg, generator, classes)
+    plan = plan_scan(data, cfg, rng, classes)
     found = scan_chunks(model, data, cfg, plan, progress=progress)
     return scan_result(plan, cfg, found, time.perf_counter() - t0)
 
@@ -362,7 +362,7 @@ def _baseline_one(
     tick = None if progress is None else (lambda step, _total, loss: progress(done + step, total, loss))
     res = PixelBaseline(bcfg).fit(model, data, k, rng, tick)
     device = model_device(model)
-    return res.pattern.to(device), res.alpha.to(device)
+    return res.pattern.to(device), res.mask.to(device)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
-"""Trigger generators of MESA: noise z -> a trigger (pattern, alpha mask).
+"""Trigger generators of MESA: noise z -> a trigger (pattern, mask).
 
 A generator G maps z ~ N(0, I) (or U(0, 1)^d) to a trigger pattern C x h x w
-in [0, 1] (sigmoid output) and, for arbitrary-shape triggers, an alpha mask
+in [0, 1] (sigmoid output) and, for arbitrary-shape triggers, a mask
 h x w in [0, 1] (DESIGN.md section 1). MESA trains one generator per
 staircase level; ``StaircaseGenerators`` holds all N of them as one module.
 
@@ -33,14 +33,14 @@ NOISES = ("normal", "uniform")
 
 
 def sample_noise(
-    shape: Sequence[int], noise: str = "normal", generator: torch.Generator | None = None
+    shape: Sequence[int], noise: str = "normal", rng: torch.Generator | None = None
 ) -> torch.Tensor:
     """Z ~ N(0, I) ("normal") or U(0, 1)^d ("uniform"), drawn on the CPU so a
     seed gives the same noise on any device."""
     if noise == "normal":
-        return torch.randn(*shape, generator=generator)
+        return torch.randn(*shape, generator=rng)
     if noise == "uniform":
-        return torch.rand(*shape, generator=generator)
+        return torch.rand(*shape, generator=rng)
     raise ConfigError(f"mesa.noise={noise!r} must be one of {', '.join(NOISES)}")
 
 
@@ -59,21 +59,21 @@ def _check_arch(channels: int, trigger_size: Sequence[int], noise_dim: int, hidd
         raise ConfigError(f"mesa.noise={noise!r} must be one of {', '.join(NOISES)}")
 
 
-def _uniform_(t: torch.Tensor, bound: float, generator: torch.Generator | None) -> None:
+def _uniform_(t: torch.Tensor, bound: float, rng: torch.Generator | None) -> None:
     # nn.Linear's default init range (kaiming-uniform with a=sqrt(5) gives
     # 1/sqrt(fan_in)), but drawn from the caller's generator: no global RNG.
     with torch.no_grad():
-        t.copy_(torch.rand(t.shape, generator=generator) * (2 * bound) - bound)
+        t.copy_(torch.rand(t.shape, generator=rng) * (2 * bound) - bound)
 
 
-def seeded_mlp(sizes: list[int], activation: type[nn.Module], generator: torch.Generator | None) -> nn.Sequential:
+def seeded_mlp(sizes: list[int], activation: type[nn.Module], rng: torch.Generator | None) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them,
-    initialised from ``generator``."""
+    initialised from ``rng``."""
     mods: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         lin = nn.Linear(a, b)
-        _uniform_(lin.weight, 1 / math.sqrt(a), generator)
-        _uniform_(lin.bias, 1 / math.sqrt(a), generator)
+        _uniform_(lin.weight, 1 / math.sqrt(a), rng)
+        _uniform_(lin.bias, 1 / math.sqrt(a), rng)
         mods.append(lin)
         if i < len(sizes) - 2:
             mods.append(activation())
@@ -81,18 +81,18 @@ def seeded_mlp(sizes: list[int], activation: type[nn.Module], generator: torch.G
 
 
 class TriggerGenerator(nn.Module):
-    """One generator G: z (noise_dim) -> pattern C x h x w and alpha h x w.
+    """One generator G: z (noise_dim) -> pattern C x h x w and mask h x w.
 
     A small MLP (``layers`` hidden layers of ``hidden`` units, ReLU) with a
-    sigmoid output, so every pattern and alpha value lies in [0, 1]. Without
-    ``with_alpha`` the alpha mask is all ones (a square patch).
+    sigmoid output, so every pattern and mask value lies in [0, 1]. Without
+    ``with_mask`` the mask is all ones (a square patch).
 
     Shape:
-        z: B x noise_dim. Returns (pattern B x C x h x w, alpha B x h x w).
+        z: B x noise_dim. Returns (pattern B x C x h x w, mask B x h x w).
 
     Example:
-        >>> g = TriggerGenerator(1, (3, 3), generator=torch.Generator().manual_seed(0))
-        >>> pattern, alpha = g(g.sample_noise(16, torch.Generator().manual_seed(1)))
+        >>> g = TriggerGenerator(1, (3, 3), rng=torch.Generator().manual_seed(0))
+        >>> pattern, mask = g(g.sample_noise(16, torch.Generator().manual_seed(1)))
     """
 
     def __init__(
@@ -102,42 +102,42 @@ class TriggerGenerator(nn.Module):
         noise_dim: int = 10,
         hidden: int = 64,
         layers: int = 2,
-        with_alpha: bool = False,
+        with_mask: bool = False,
         noise: str = "normal",
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         _check_arch(channels, trigger_size, noise_dim, hidden, layers, noise)
         self.channels = int(channels)
         self.trigger_size = (int(trigger_size[0]), int(trigger_size[1]))
         self.noise_dim = int(noise_dim)
-        self.with_alpha = bool(with_alpha)
+        self.with_mask = bool(with_mask)
         self.noise = noise
         h, w = self.trigger_size
-        self.out_dim = self.channels * h * w + (h * w if self.with_alpha else 0)
-        self.net = seeded_mlp([self.noise_dim] + [int(hidden)] * int(layers) + [self.out_dim], nn.ReLU, generator)
+        self.out_dim = self.channels * h * w + (h * w if self.with_mask else 0)
+        self.net = seeded_mlp([self.noise_dim] + [int(hidden)] * int(layers) + [self.out_dim], nn.ReLU, rng)
 
-    def sample_noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_noise(self, n: int, rng: torch.Generator | None = None) -> torch.Tensor:
         """n noise vectors (on the CPU; move them to the generator's device)."""
-        return sample_noise((n, self.noise_dim), self.noise, generator)
+        return sample_noise((n, self.noise_dim), self.noise, rng)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _split_output(torch.sigmoid(self.net(z)), self.channels, self.trigger_size, self.with_alpha)
+        return _split_output(torch.sigmoid(self.net(z)), self.channels, self.trigger_size, self.with_mask)
 
 
 def _split_output(
-    out: torch.Tensor, channels: int, trigger_size: tuple[int, int], with_alpha: bool
+    out: torch.Tensor, channels: int, trigger_size: tuple[int, int], with_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., out_dim) in [0, 1] -> pattern (..., C, h, w), alpha (..., h, w)."""
+    """(..., out_dim) in [0, 1] -> pattern (..., C, h, w), mask (..., h, w)."""
     h, w = trigger_size
     lead = out.shape[:-1]
     k = channels * h * w
     pattern = out[..., :k].reshape(*lead, channels, h, w)
-    if with_alpha:
-        alpha = out[..., k:].reshape(*lead, h, w)
+    if with_mask:
+        mask = out[..., k:].reshape(*lead, h, w)
     else:
-        alpha = out.new_ones(*lead, h, w)
-    return pattern, alpha
+        mask = out.new_ones(*lead, h, w)
+    return pattern, mask
 
 
 class BatchedLinear(nn.Module):
@@ -147,12 +147,12 @@ class BatchedLinear(nn.Module):
     forward is a single ``baddbmm``.
     """
 
-    def __init__(self, n: int, in_features: int, out_features: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, n: int, in_features: int, out_features: int, rng: torch.Generator | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(n, 1, out_features))
-        _uniform_(self.weight, 1 / math.sqrt(in_features), generator)
-        _uniform_(self.bias, 1 / math.sqrt(in_features), generator)
+        _uniform_(self.weight, 1 / math.sqrt(in_features), rng)
+        _uniform_(self.bias, 1 / math.sqrt(in_features), rng)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
@@ -162,11 +162,11 @@ class BatchedMLP(nn.Module):
     """N MLPs of the same shape evaluated together (ReLU between layers, or ELU)."""
 
     def __init__(
-        self, n: int, sizes: Sequence[int], generator: torch.Generator | None = None, activation: str = "relu"
+        self, n: int, sizes: Sequence[int], rng: torch.Generator | None = None, activation: str = "relu"
     ) -> None:
         super().__init__()
         self.n = int(n)
-        self.layers = nn.ModuleList(BatchedLinear(n, a, b, generator) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(BatchedLinear(n, a, b, rng) for a, b in zip(sizes[:-1], sizes[1:]))
         self.act = nn.ELU() if activation == "elu" else nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +200,7 @@ class StaircaseGenerators(nn.Module):
 
     Shape:
         z: N x B x noise_dim (one batch per level).
-        Returns (pattern N x B x C x h x w, alpha N x B x h x w).
+        Returns (pattern N x B x C x h x w, mask N x B x h x w).
     """
 
     def __init__(
@@ -211,9 +211,9 @@ class StaircaseGenerators(nn.Module):
         noise_dim: int = 10,
         hidden: int = 64,
         layers: int = 2,
-        with_alpha: bool = False,
+        with_mask: bool = False,
         noise: str = "normal",
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         _check_arch(channels, trigger_size, noise_dim, hidden, layers, noise)
@@ -225,26 +225,26 @@ class StaircaseGenerators(nn.Module):
         self.noise_dim = int(noise_dim)
         self.hidden = int(hidden)
         self.num_layers = int(layers)
-        self.with_alpha = bool(with_alpha)
+        self.with_mask = bool(with_mask)
         self.noise = noise
         h, w = self.trigger_size
-        self.out_dim = self.channels * h * w + (h * w if self.with_alpha else 0)
+        self.out_dim = self.channels * h * w + (h * w if self.with_mask else 0)
         sizes = [self.noise_dim] + [self.hidden] * self.num_layers + [self.out_dim]
-        self.mlp = BatchedMLP(self.levels, sizes, generator)
+        self.mlp = BatchedMLP(self.levels, sizes, rng)
 
-    def sample_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_noise(self, batch: int, rng: torch.Generator | None = None) -> torch.Tensor:
         """N x batch noise vectors (CPU)."""
-        return sample_noise((self.levels, batch, self.noise_dim), self.noise, generator)
+        return sample_noise((self.levels, batch, self.noise_dim), self.noise, rng)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if z.dim() != 3 or z.shape[0] != self.levels or z.shape[2] != self.noise_dim:
             raise ValueError(f"expected z of shape {self.levels} x B x {self.noise_dim}, got {list(z.shape)}")
-        return _split_output(torch.sigmoid(self.mlp(z)), self.channels, self.trigger_size, self.with_alpha)
+        return _split_output(torch.sigmoid(self.mlp(z)), self.channels, self.trigger_size, self.with_mask)
 
     def _arch(self) -> dict:
         return dict(
             channels=self.channels, trigger_size=self.trigger_size, noise_dim=self.noise_dim, hidden=self.hidden,
-            layers=self.num_layers, with_alpha=self.with_alpha, noise=self.noise,
+            layers=self.num_layers, with_mask=self.with_mask, noise=self.noise,
         )  # fmt: skip
 
     def level(self, i: int) -> TriggerGenerator:
@@ -264,12 +264,12 @@ class StaircaseGenerators(nn.Module):
         linears0 = [m for m in first.net if isinstance(m, nn.Linear)]
         out = cls(
             len(gens), first.channels, first.trigger_size, first.noise_dim, linears0[0].out_features,
-            len(linears0) - 1, first.with_alpha, first.noise,
+            len(linears0) - 1, first.with_mask, first.noise,
         )  # fmt: skip
         shape0 = [tuple(m.weight.shape) for m in linears0]
         for i, g in enumerate(gens):
             linears = [m for m in g.net if isinstance(m, nn.Linear)]
-            same = (g.channels, g.trigger_size, g.with_alpha, g.noise) == (first.channels, first.trigger_size, first.with_alpha, first.noise)
+            same = (g.channels, g.trigger_size, g.with_mask, g.noise) == (first.channels, first.trigger_size, first.with_mask, first.noise)
             if not same or [tuple(m.weight.shape) for m in linears] != shape0:
                 raise ConfigError(f"generator {i} has a different architecture from generator 0")
             out.mlp.copy_from_linears(i, linears)

@@ -79,7 +79,7 @@ class MESAConfig:
       Adam optimisation of generators and statistics networks together.
     noise: "normal" (Z ~ N(0, I)) or "uniform" (U(0, 1)^d).
     hidden / layers: generator MLP; stat_hidden / stat_layers: statistics network.
-    trigger_size: [h, w]; with_alpha: also learn an alpha mask (arbitrary shape).
+    trigger_size: [h, w]; with_mask: also learn an alpha mask (arbitrary shape).
     testing: "softmax" or "ce" (see the module docstring).
     images_per_trigger: clean images each trigger is tested on per step
       (F is their mean; 1 is cheapest).
@@ -103,7 +103,7 @@ class MESAConfig:
     stat_layers: int = 2
     trigger_size: list[int] = field(default_factory=lambda: [3, 3])
     position: list[int] | None = None  # fixed top-left [row, col]; None = random per image
-    with_alpha: bool = False
+    with_mask: bool = False
     testing: str = "softmax"
     images_per_trigger: int = 1
     ma_rate: float = 0.01
@@ -208,12 +208,12 @@ class MESA:
     Shape:
         ``fit`` takes a classifier of N x C x H x W images in [0, 1] and clean
         images of that shape; ``sample`` returns patterns n x C x h x w and
-        alphas n x h x w in [0, 1].
+        masks n x h x w in [0, 1].
 
     Example:
         >>> mesa = MESA(MESAConfig(steps=500))
-        >>> result = mesa.fit(model, splits.defense, target=3, generator=torch.Generator().manual_seed(0))
-        >>> patterns, alphas = mesa.sample(64, generator=torch.Generator().manual_seed(1))
+        >>> result = mesa.fit(model, splits.defense, target=3, rng=torch.Generator().manual_seed(0))
+        >>> patterns, masks = mesa.sample(64, rng=torch.Generator().manual_seed(1))
     """
 
     def __init__(self, config: MESAConfig | None = None) -> None:
@@ -228,20 +228,20 @@ class MESA:
         model: nn.Module,
         data: ImageSet,
         target: int,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         progress: Callable[[int, int, float], None] | None = None,
     ) -> MESAResult:
         """Train the N generators against the frozen ``model``.
 
         ``data`` holds clean images (the defender's set); only those whose
-        label is not ``target`` are used. ``generator`` drives every random
+        label is not ``target`` are used. ``rng`` drives every random
         draw (initialisation, noise, images, positions, shuffles); without one,
         ``config.seed`` seeds a fresh one. ``progress(step, total, loss)`` is
         called after every step. The model's parameters, ``requires_grad``
         flags and train/eval mode are left as they were.
         """
         cfg = self.config
-        rng = generator if generator is not None else torch.Generator().manual_seed(int(cfg.seed))
+        rng = rng if rng is not None else torch.Generator().manual_seed(int(cfg.seed))
         target = int(target)
         ch, H, W = data.shape
         h, w = cfg.trigger_size
@@ -264,9 +264,9 @@ class MESA:
         alpha = float(cfg.alpha)  # the entropy weight
         betas = torch.tensor(cfg.beta_values, dtype=torch.float32, device=device)
         gens = StaircaseGenerators(
-            n_lv, ch, (h, w), cfg.noise_dim, cfg.hidden, cfg.layers, cfg.with_alpha, cfg.noise, generator=rng
+            n_lv, ch, (h, w), cfg.noise_dim, cfg.hidden, cfg.layers, cfg.with_mask, cfg.noise, rng=rng
         ).to(device)
-        stats = StaircaseStatistics(n_lv, cfg.noise_dim, gens.out_dim, cfg.stat_hidden, cfg.stat_layers, generator=rng)
+        stats = StaircaseStatistics(n_lv, cfg.noise_dim, gens.out_dim, cfg.stat_hidden, cfg.stat_layers, rng=rng)
         mine = MINE(stats, cfg.ma_rate, levels=(n_lv,)).to(device)
         opt = torch.optim.Adam(list(gens.parameters()) + list(mine.parameters()), lr=float(cfg.lr))
 
@@ -279,11 +279,11 @@ class MESA:
             for step in range(1, int(cfg.steps) + 1):
                 z = gens.sample_noise(bs, rng).to(device)  # N x B x d
                 pattern, mask = gens(z)
-                x_flat = _flat(pattern, mask, cfg.with_alpha)
+                x_flat = _flat(pattern, mask, cfg.with_mask)
                 # One MINE call serves both players: the statistics network T ascends
                 # I_hat at full strength, while the generators see dI_hat/dx scaled by
                 # alpha (scale_grad), which is the gradient of their -alpha * I_hat term.
-                mi = mine(z, scale_grad(x_flat, alpha), generator=rng)  # N
+                mi = mine(z, scale_grad(x_flat, alpha), rng=rng)  # N
                 logits = self._classify(model, pool, pattern, mask, k, rng)  # (N*B*k) x K
                 score, hinge, asr = self._testing(logits, target, betas, n_lv, bs, k)
                 # L_i = -alpha * I_hat_i + hinge_i for G_i (alpha applied through scale_grad above)
@@ -399,11 +399,11 @@ class MESA:
 
     @torch.no_grad()
     def sample(
-        self, n: int, generator: torch.Generator | None = None, level: int | None = None
+        self, n: int, rng: torch.Generator | None = None, level: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """n triggers from the ensemble (a level drawn per sample by the
         ensemble weights) or from one ``level``. Returns (patterns n x C x h x w,
-        alphas n x h x w) on the generators' device. Pass ``generator`` for
+        masks n x h x w) on the generators' device. Pass ``rng`` for
         reproducible draws (without one, torch's default generator is used).
         """
         if self.generators is None or self.weights is None:
@@ -415,11 +415,11 @@ class MESA:
         if level is not None and not 0 <= int(level) < gens.levels:
             raise ConfigError(f"level={level} must be in 0..{gens.levels - 1}")
         if level is None:
-            levels = torch.multinomial(self.weights, n, replacement=True, generator=generator) if n else torch.zeros(0, dtype=torch.long)
+            levels = torch.multinomial(self.weights, n, replacement=True, generator=rng) if n else torch.zeros(0, dtype=torch.long)
         else:
             levels = torch.full((n,), int(level), dtype=torch.long)
         device = gens.mlp.layers[0].weight.device
-        z = sample_noise((n, gens.noise_dim), gens.noise, generator)
+        z = sample_noise((n, gens.noise_dim), gens.noise, rng)
         was_training = gens.training
         gens.eval()
         try:

@@ -50,7 +50,7 @@ def attack_success_rate(
     data: ImageSet,
     trigger: Trigger,
     target: int,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     batch_size: int = 512,
 ) -> float:
     """ASR of ``trigger`` for class ``target`` on the images of data not in ``target``."""
@@ -58,10 +58,10 @@ def attack_success_rate(
     if not bool(keep.any()):
         return float("nan")
     x = data.x[keep]
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    rng = rng if rng is not None else torch.Generator().manual_seed(0)
     hits = 0
     for i in range(0, len(x), batch_size):
-        xb = trigger.apply(x[i : i + batch_size], g)
+        xb = trigger.apply(x[i : i + batch_size], rng)
         hits += int((predict(model, xb, batch_size) == int(target)).sum())
     return hits / len(x)
 
@@ -71,7 +71,7 @@ def sampled_asr(
     data: ImageSet,
     sampler: "TriggerSampler",
     target: int,
-    generator: torch.Generator,
+    rng: torch.Generator,
     batch_size: int = 512,
 ) -> float:
     """ASR of a trigger *distribution*: each non-target image gets a fresh
@@ -86,8 +86,8 @@ def sampled_asr(
     hits = 0
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size]
-        pattern, alpha = sampler.sample(len(xb), generator=generator)
-        pos = place(len(xb), tuple(alpha.shape[-2:]), tuple(xb.shape[2:]), getattr(sampler, "position", None), generator)
-        triggered = apply_trigger(xb, pattern.to(xb.device), alpha.to(xb.device), pos)
+        pattern, mask = sampler.sample(len(xb), rng=rng)
+        pos = place(len(xb), tuple(mask.shape[-2:]), tuple(xb.shape[2:]), getattr(sampler, "position", None), rng)
+        triggered = apply_trigger(xb, pattern.to(xb.device), mask.to(xb.device), pos)
         hits += int((predict(model, triggered, batch_size) == int(target)).sum())
     return hits / len(x)

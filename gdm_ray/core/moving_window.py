@@ -92,11 +92,11 @@ def plan_windows(
     cfg: ScanConfig | None = None,
     window: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
 ) -> WindowPlan:
     """Place the windows of a moving-window search (see ``window_heatmap``)."""
     cfg = cfg or ScanConfig()
-    rng = generator if generator is not None else torch.Generator().manual_seed(0)
+    rng = rng if rng is not None else torch.Generator().manual_seed(0)
     _, H, W = data.shape
     wh, ww = window if window is not None else default_window((H, W))
     if wh > H or ww > W or min(wh, ww) < 1:
@@ -150,7 +150,7 @@ def window_result(plan: WindowPlan, found: dict[int, WindowFind], cfg: ScanConfi
     strengths of the windows covering it; the hot box bounds >= half the peak."""
     if sorted(found) != list(range(len(plan.corners))):
         raise ValueError(f"window_result: finds for {len(found)} of {len(plan.corners)} windows")
-    (H, W), (wh, ww) = plan.image, plan.window
+    (_, W), (wh, ww) = plan.image, plan.window
     pats, masks, asr, size = ([found[j][f] for j in range(len(plan.corners))] for f in range(4))
     area = float(wh * ww)
     strength = [a * max(0.0, 1.0 - s / area) for a, s in zip(asr, size)]
@@ -173,7 +173,7 @@ def window_heatmap(
     cfg: ScanConfig | None = None,
     window: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> HeatMap:
     """Search a trigger for ``target`` confined to a window at a grid of places.
@@ -184,6 +184,6 @@ def window_heatmap(
     """
     cfg = cfg or ScanConfig()
     t0 = time.perf_counter()
-    plan = plan_windows(data, target, cfg, window, stride, generator)
+    plan = plan_windows(data, target, cfg, window, stride, rng)
     return window_result(plan, search_windows(model, data, cfg, plan, progress=progress), cfg, time.perf_counter() - t0)
 

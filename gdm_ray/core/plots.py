@@ -42,10 +42,10 @@ def save_examples(
     clean_pred: list[str],
     triggered_pred: list[str],
     pattern: torch.Tensor | None = None,
-    alpha: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     title: str = "",
 ) -> Path:
-    """A grid: the trigger (pattern and alpha) on the left, then clean images
+    """A grid: the trigger (pattern and mask) on the left, then clean images
     (top row) and the same images triggered (bottom row), each captioned with
     the model's prediction."""
     plt = _pyplot()
@@ -57,9 +57,9 @@ def save_examples(
     if pattern is not None:
         axes[0][0].imshow(_to_hwc(pattern), cmap=grey, vmin=0, vmax=1, interpolation="nearest")
         axes[0][0].set_title("trigger", fontsize=8)
-        if alpha is not None:
-            axes[1][0].imshow(alpha.detach().cpu().numpy(), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-            axes[1][0].set_title("alpha", fontsize=8)
+        if mask is not None:
+            axes[1][0].imshow(mask.detach().cpu().numpy(), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+            axes[1][0].set_title("mask", fontsize=8)
     for i in range(n):
         for row, imgs, preds in ((0, clean, clean_pred), (1, triggered, triggered_pred)):
             ax = axes[row][i + extra]
@@ -72,27 +72,27 @@ def save_examples(
     return path
 
 
-def _composite(pattern: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Show a trigger over mid-grey so its alpha mask is visible."""
-    return (1 - alpha.unsqueeze(0)) * 0.5 + alpha.unsqueeze(0) * pattern
+def _composite(pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Show a trigger over mid-grey so its mask is visible."""
+    return (1 - mask.unsqueeze(0)) * 0.5 + mask.unsqueeze(0) * pattern
 
 
 def save_level_grid(path: Path, samples: list[tuple[torch.Tensor, torch.Tensor]], title: str = "",
                     row_labels: list[str] | None = None, titles: list[list[str]] | None = None) -> Path:  # fmt: skip
-    """One row per level: its sampled triggers (pattern blended on grey by alpha);
+    """One row per level: its sampled triggers (pattern blended on grey by mask);
     ``titles[r][c]`` captions single cells."""
     plt = _pyplot()
 
     rows, cols = len(samples), max(len(p) for p, _ in samples)
     cell_h = 1.25 if titles else 0.95
     fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.2, cell_h * rows + 0.6), squeeze=False)
-    for r, (patterns, alphas) in enumerate(samples):
+    for r, (patterns, masks) in enumerate(samples):
         for c in range(cols):
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
             if c < len(patterns):
-                img = _composite(patterns[c].cpu(), alphas[c].cpu())
+                img = _composite(patterns[c].cpu(), masks[c].cpu())
                 ax.imshow(_to_hwc(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
                 if titles and c < len(titles[r]):
                     ax.set_title(titles[r][c], fontsize=6)
@@ -206,7 +206,7 @@ def save_sweep(path: Path, names: list[str], values: list[float | None], best: i
     """A sweep at a glance: one bar per trial (its ``metric``, the best one
     green, failed trials a grey 'error' mark) and, when ``x_name`` is given,
     ``ys`` (e.g. the ASR after the defense) against that parameter (e.g.
-    alpha, log scale when positive), one colour per ``groups`` value (e.g.
+    mask, log scale when positive), one colour per ``groups`` value (e.g.
     the trigger size)."""
     plt = _pyplot()
     two = x_name is not None and xs is not None and ys is not None

@@ -53,9 +53,9 @@ MIN_ZOO = 3
 Progress = Callable[[str, int, int], None]
 
 
-def search_base(g: torch.Generator) -> int:
+def search_base(rng: torch.Generator) -> int:
     """The seed base of the class searches (class k: base + k): any order, any process."""
-    return int(torch.randint(0, 2**62, (1,), generator=g))
+    return int(torch.randint(0, 2**62, (1,), generator=rng))
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,9 @@ def plan_zoo_scan(
     if len(set(ids)) != len(ids):
         raise ConfigError(f"scan: model ids {sorted({m for m in ids if ids.count(m) > 1})} appear twice")
     baseline = cfg.method == "baseline"
-    g = torch.Generator().manual_seed(int(seed))
-    first = plan_scan(data, cfg, g)
-    base = search_base(g)  # drawn right after the plan, as `gdm-ray scan` always has
+    rng = torch.Generator().manual_seed(int(seed))
+    first = plan_scan(data, cfg, rng)
+    base = search_base(rng)  # drawn right after the plan, as `gdm-ray scan` always has
     if reference is not None and any(len(r) != data.num_classes for r in reference):
         raise ConfigError(f"reference: every model needs sizes for all {data.num_classes} classes")
     return ZooScanPlan(ids, cfg, mesa if full_search and not baseline and mesa is not None else None,

@@ -82,12 +82,12 @@ class StatisticsNetwork(nn.Module):
     """
 
     def __init__(
-        self, noise_dim: int, x_dim: int, hidden: int = 128, layers: int = 2, generator: torch.Generator | None = None
+        self, noise_dim: int, x_dim: int, hidden: int = 128, layers: int = 2, rng: torch.Generator | None = None
     ) -> None:
         super().__init__()
         _check(noise_dim, x_dim, hidden, layers)
         self.noise_dim, self.x_dim = int(noise_dim), int(x_dim)
-        self.net = seeded_mlp([self.noise_dim + self.x_dim] + [int(hidden)] * int(layers) + [1], nn.ELU, generator)
+        self.net = seeded_mlp([self.noise_dim + self.x_dim] + [int(hidden)] * int(layers) + [1], nn.ELU, rng)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(*z.shape[:-1], -1)
@@ -109,7 +109,7 @@ class StaircaseStatistics(nn.Module):
         x_dim: int,
         hidden: int = 128,
         layers: int = 2,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         _check(noise_dim, x_dim, hidden, layers)
@@ -117,7 +117,7 @@ class StaircaseStatistics(nn.Module):
             raise ConfigError(f"mesa.levels={levels} must be >= 1")
         self.levels, self.noise_dim, self.x_dim = int(levels), int(noise_dim), int(x_dim)
         sizes = [self.noise_dim + self.x_dim] + [int(hidden)] * int(layers) + [1]
-        self.mlp = BatchedMLP(self.levels, sizes, generator, activation="elu")
+        self.mlp = BatchedMLP(self.levels, sizes, rng, activation="elu")
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(*z.shape[:-1], -1)
@@ -131,12 +131,12 @@ class MINE(nn.Module):
     inputs to a ``StatisticsNetwork``; N values for N x B x ... inputs to a
     ``StaircaseStatistics``). Marginal samples pair x with z shuffled within
     its own batch (a separate permutation per level, drawn from
-    ``generator``). Maximise the result to train T (and, through x, the
+    ``rng``). Maximise the result to train T (and, through x, the
     generator).
 
     Example:
         >>> mine = MINE(StatisticsNetwork(2, 2))
-        >>> mi = mine(z, x, generator=torch.Generator().manual_seed(0))
+        >>> mi = mine(z, x, rng=torch.Generator().manual_seed(0))
         >>> (-mi).backward()
     """
 
@@ -149,22 +149,22 @@ class MINE(nn.Module):
         # log of the moving average of E_marginal[exp T], per level; NaN = not started
         self.register_buffer("log_ma", torch.full(tuple(levels), float("nan")))
 
-    def scores(self, z: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, z: torch.Tensor, x: torch.Tensor, rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """T on joint pairs and on marginal pairs (one network call for both)."""
         lead, b = z.shape[:-2], z.shape[-2]
         if b < 2:
             raise ConfigError(f"MINE needs at least 2 samples per batch to shuffle, got {b}")
         x = x.reshape(*z.shape[:-1], -1)
-        keys = torch.rand(*lead, b, generator=generator).to(z.device)
+        keys = torch.rand(*lead, b, generator=rng).to(z.device)
         perm = keys.argsort(dim=-1).unsqueeze(-1).expand_as(z)
         z_marg = torch.gather(z, -2, perm)
         t = self.network(torch.cat([z, z_marg], dim=-2), torch.cat([x, x], dim=-2))
         return t[..., :b], t[..., b:]
 
     def forward(
-        self, z: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None, update: bool = True
+        self, z: torch.Tensor, x: torch.Tensor, rng: torch.Generator | None = None, update: bool = True
     ) -> torch.Tensor:
-        t_joint, t_marg = self.scores(z, x, generator)
+        t_joint, t_marg = self.scores(z, x, rng)
         lme = (torch.logsumexp(t_marg, dim=-1) - math.log(t_marg.shape[-1])).detach()
         if self.log_ma.shape != lme.shape:
             raise ValueError(f"MINE was built for {tuple(self.log_ma.shape)} levels, got scores for {tuple(lme.shape)}")

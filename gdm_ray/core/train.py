@@ -82,19 +82,19 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def augment(x: torch.Tensor, crop_pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, crop_pad: int, flip: bool, rng: torch.Generator) -> torch.Tensor:
     """Random crop with reflect padding and random horizontal flip, batched."""
     n, _, h, w = x.shape
     if crop_pad > 0:
         padded = nn.functional.pad(x, (crop_pad,) * 4, mode="reflect")
-        off = torch.randint(0, 2 * crop_pad + 1, (n, 2), generator=generator).to(x.device)
+        off = torch.randint(0, 2 * crop_pad + 1, (n, 2), generator=rng).to(x.device)
         rows = (off[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (off[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
         idx = torch.arange(n, device=x.device)[:, None, None, None]
         ch = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[idx, ch, rows, cols]
     if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        mask = (torch.rand(n, generator=rng) < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
 
@@ -103,13 +103,13 @@ def train_classifier(
     model: nn.Module,
     data: ImageSet,
     cfg: TrainConfig,
-    generator: torch.Generator,
+    rng: torch.Generator,
     batch_hook: BatchHook | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> list[float]:
     """Train in place; returns the mean loss of each epoch.
 
-    ``generator`` drives shuffling, augmentation and the hook's randomness,
+    ``rng`` drives shuffling, augmentation and the hook's randomness,
     so a run is reproducible from its seed. ``progress(step, total, loss)``
     is called after every step.
     """
@@ -137,15 +137,15 @@ def train_classifier(
         sched = None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg.label_smoothing))
     # Dropout draws from torch's global RNG: fork it and seed it from
-    # ``generator`` so the run repeats from its seed without touching the
+    # ``rng`` so the run repeats from its seed without touching the
     # caller's global state.
     devices = [device.index or 0] if device.type == "cuda" else []
     was_training = model.training
     try:
         model.train()
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            return _loop(model, data, cfg, generator, batch_hook, progress, opt, sched, loss_fn, bs, total)
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
+            return _loop(model, data, cfg, rng, batch_hook, progress, opt, sched, loss_fn, bs, total)
     finally:
         model.train(was_training)
         if cfg.channels_last:
@@ -156,7 +156,7 @@ def _loop(
     model: nn.Module,
     data: ImageSet,
     cfg: TrainConfig,
-    generator: torch.Generator,
+    rng: torch.Generator,
     batch_hook: BatchHook | None,
     progress: Callable[[int, int, float], None] | None,
     opt: torch.optim.Optimizer,
@@ -170,16 +170,16 @@ def _loop(
     losses: list[float] = []
     step, epoch_loss, epoch_count = 0, 0.0, 0
     while step < total:
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=rng)
         for start in range(0, n, bs):
             if step >= total:
                 break
             idx = order[start : start + bs]
             x = data.x[idx].to(device, non_blocking=True)
             y = data.y[idx].to(device, non_blocking=True)
-            x = augment(x, int(cfg.crop_pad), bool(cfg.flip), generator)
+            x = augment(x, int(cfg.crop_pad), bool(cfg.flip), rng)
             if batch_hook is not None:
-                x, y = batch_hook(x, y, generator)
+                x, y = batch_hook(x, y, rng)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)

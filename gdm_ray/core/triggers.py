@@ -1,8 +1,8 @@
-"""Backdoor triggers: a pattern, an alpha (transparency) mask and a placement.
+"""Backdoor triggers: a pattern, a transparency mask and a placement.
 
 Applying a trigger is ``after = (1 - a) * before + a * pattern`` on the patch
 it covers (DESIGN.md section 1, "arbitrary shape"). The operation is batched
-and differentiable in both pattern and alpha, so the same function serves the
+and differentiable in both pattern and mask, so the same function serves the
 attack, the metrics, and the generators of the trigger search (which hand in
 one pattern per image).
 """
@@ -39,7 +39,7 @@ class TriggerSpec:
       color3x3  3x3 pattern of random colours drawn with ``seed``;
       random    uniform random pattern of ``size`` drawn with ``seed``;
       block     a ``size`` block, ``fill`` "solid" (``color``) or "noise";
-      blend     full-image noise blended with constant alpha ``blend``;
+      blend     full-image noise blended with constant opacity ``blend``;
       png       an RGBA (or LA) PNG at ``path``: its alpha channel is the mask.
     placement: "random" (a new location per image) or "fixed" (``row``, ``col``;
       negative values count from the bottom/right edge as in Python indexing).
@@ -78,10 +78,10 @@ class TriggerSpec:
 
 @dataclass
 class Trigger:
-    """A concrete trigger: pattern C x h x w in [0,1], alpha h x w in [0,1]."""
+    """A concrete trigger: pattern C x h x w in [0,1], mask h x w in [0,1]."""
 
     pattern: torch.Tensor
-    alpha: torch.Tensor
+    mask: torch.Tensor
     placement: str = "random"
     row: int = 0
     col: int = 0
@@ -89,29 +89,29 @@ class Trigger:
     def __post_init__(self) -> None:
         if self.pattern.dim() != 3:
             raise ConfigError(f"trigger pattern must be C x h x w, got shape {tuple(self.pattern.shape)}")
-        if self.alpha.shape != self.pattern.shape[1:]:
+        if self.mask.shape != self.pattern.shape[1:]:
             raise ConfigError(
-                f"trigger alpha shape {tuple(self.alpha.shape)} does not match pattern {tuple(self.pattern.shape[1:])}"
+                f"trigger mask shape {tuple(self.mask.shape)} does not match pattern {tuple(self.pattern.shape[1:])}"
             )
-        _check_unit_range("trigger alpha", self.alpha)
+        _check_unit_range("trigger mask", self.mask)
         _check_unit_range("trigger pattern", self.pattern)
 
     @property
     def size(self) -> tuple[int, int]:
         return int(self.pattern.shape[1]), int(self.pattern.shape[2])
 
-    def positions(self, n: int, image_hw: tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
+    def positions(self, n: int, image_hw: tuple[int, int], rng: torch.Generator | None = None) -> torch.Tensor:
         """Top-left corners (n x 2) where this trigger goes on n images."""
         h, w = self.size
         _check_fits((h, w), image_hw)
         if self.placement == "random":
-            return random_positions(n, (h, w), image_hw, generator)
+            return random_positions(n, (h, w), image_hw, rng)
         r, c = _resolve_fixed(self.row, self.col, (h, w), image_hw)
         return torch.tensor([[r, c]], dtype=torch.long).expand(n, 2)
 
-    def apply(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        pos = self.positions(images.shape[0], tuple(images.shape[2:]), generator)
-        return apply_trigger(images, self.pattern.to(images), self.alpha.to(images), pos)
+    def apply(self, images: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+        pos = self.positions(images.shape[0], tuple(images.shape[2:]), rng)
+        return apply_trigger(images, self.pattern.to(images), self.mask.to(images), pos)
 
 
 def _check_unit_range(name: str, t: torch.Tensor) -> None:
@@ -137,12 +137,12 @@ def _resolve_fixed(row: int, col: int, trigger_hw: tuple[int, int], image_hw: tu
 
 
 def random_positions(
-    n: int, trigger_hw: tuple[int, int], image_hw: tuple[int, int], generator: torch.Generator | None = None
+    n: int, trigger_hw: tuple[int, int], image_hw: tuple[int, int], rng: torch.Generator | None = None
 ) -> torch.Tensor:
     """n uniformly random top-left corners at which a trigger fits entirely."""
     _check_fits(trigger_hw, image_hw)
     hi = torch.tensor([image_hw[0] - trigger_hw[0] + 1, image_hw[1] - trigger_hw[1] + 1])
-    return (torch.rand(n, 2, generator=generator) * hi).long()
+    return (torch.rand(n, 2, generator=rng) * hi).long()
 
 
 def place(
@@ -150,29 +150,29 @@ def place(
     trigger_hw: tuple[int, int],
     image_hw: tuple[int, int],
     fixed: tuple[int, int] | None = None,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
 ) -> torch.Tensor:
     """n top-left corners: ``fixed`` repeated (a fixed-location trigger), or random ones."""
     if fixed is None:
-        return random_positions(n, trigger_hw, image_hw, generator)
+        return random_positions(n, trigger_hw, image_hw, rng)
     _check_fits(trigger_hw, image_hw)
     return torch.tensor([list(fixed)], dtype=torch.long).expand(n, 2)
 
 
 def apply_trigger(
-    images: torch.Tensor, pattern: torch.Tensor, alpha: torch.Tensor, positions: torch.Tensor
+    images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
     """Blend a trigger into a batch of images at the given top-left corners.
 
     images: N x C x H x W; pattern: C x h x w or N x C x h x w (one per image,
-    as a generator produces); alpha: h x w or N x h x w; positions: N x 2 long.
-    Returns a new tensor; gradients flow to pattern and alpha (and images).
+    as a generator produces); mask: h x w or N x h x w; positions: N x 2 long.
+    Returns a new tensor; gradients flow to pattern and mask (and images).
     """
     n, ch, H, W = images.shape
     if pattern.dim() == 3:
         pattern = pattern.unsqueeze(0).expand(n, -1, -1, -1)
-    if alpha.dim() == 2:
-        alpha = alpha.unsqueeze(0).expand(n, -1, -1)
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0).expand(n, -1, -1)
     if pattern.shape[1] == 1 and ch > 1:
         pattern = pattern.expand(-1, ch, -1, -1)
     if pattern.shape[0] != n or pattern.shape[1] != ch:
@@ -187,7 +187,7 @@ def apply_trigger(
     idx = torch.arange(n, device=images.device)[:, None, None].expand(n, h, w)
     flat = images.permute(0, 2, 3, 1)  # N x H x W x C view
     before = flat[idx, rows, cols]  # n x h x w x C
-    a = alpha.unsqueeze(-1)
+    a = mask.unsqueeze(-1)
     after = (1 - a) * before + a * pattern.permute(0, 2, 3, 1)
     out = flat.index_put((idx, rows, cols), after)
     return out.permute(0, 3, 1, 2).contiguous()
@@ -195,34 +195,34 @@ def apply_trigger(
 
 def make_trigger(spec: TriggerSpec, channels: int, image_hw: tuple[int, int]) -> Trigger:
     """Build the concrete trigger a spec describes, for images of this shape."""
-    g = torch.Generator().manual_seed(int(spec.seed))
+    rng = torch.Generator().manual_seed(int(spec.seed))
     fam = spec.family
     if fam == "bw3x3":
         bits = [(int(spec.number) >> i) & 1 for i in range(9)]
         pattern = torch.tensor(bits, dtype=torch.float32).view(1, 3, 3).expand(channels, 3, 3).clone()
-        alpha = torch.ones(3, 3)
+        mask = torch.ones(3, 3)
     elif fam == "color3x3":
-        pattern = torch.rand(channels, 3, 3, generator=g)
-        alpha = torch.ones(3, 3)
+        pattern = torch.rand(channels, 3, 3, generator=rng)
+        mask = torch.ones(3, 3)
     elif fam == "random":
         h, w = spec.size or [3, 3]
-        pattern = torch.rand(channels, h, w, generator=g)
-        alpha = torch.ones(h, w)
+        pattern = torch.rand(channels, h, w, generator=rng)
+        mask = torch.ones(h, w)
     elif fam == "block":
         h, w = spec.size or [16, 16]
         if spec.fill == "solid":
             color = _channel_values(spec.color, channels)
             pattern = color.view(channels, 1, 1).expand(channels, h, w).clone()
         else:
-            pattern = torch.rand(channels, h, w, generator=g)
-        alpha = torch.ones(h, w)
+            pattern = torch.rand(channels, h, w, generator=rng)
+        mask = torch.ones(h, w)
     elif fam == "blend":
         h, w = spec.size or list(image_hw)
-        pattern = torch.rand(channels, h, w, generator=g)
-        alpha = torch.full((h, w), float(spec.blend))
+        pattern = torch.rand(channels, h, w, generator=rng)
+        mask = torch.full((h, w), float(spec.blend))
     else:  # png
-        pattern, alpha = _load_png(Path(str(spec.path)), channels, spec.size)
-    trig = Trigger(pattern, alpha, spec.placement, int(spec.row), int(spec.col))
+        pattern, mask = _load_png(Path(str(spec.path)), channels, spec.size)
+    trig = Trigger(pattern, mask, spec.placement, int(spec.row), int(spec.col))
     _check_fits(trig.size, image_hw)
     if spec.placement == "fixed":
         _resolve_fixed(trig.row, trig.col, trig.size, image_hw)

@@ -213,7 +213,7 @@ class Sampler:
             m = ens.manifest
             out.append(dict(
                 id=eid, uri=self.settings.ensembles.get(eid, ""), target_class=ens.target_class,
-                trigger_shape=[int(v) for v in m["trigger_shape"]], levels=int(m["levels"]), with_alpha=bool(m["with_alpha"]),
+                trigger_shape=[int(v) for v in m["trigger_shape"]], levels=int(m["levels"]), with_alpha=bool(m["with_mask"]),
                 weights=[float(w) for w in m["weights"]], betas=[float(b) for b in m["betas"]],
                 position=list(ens.position) if ens.position is not None else None,
                 source_model_sha256=m.get("source_model_sha256"),
@@ -310,7 +310,7 @@ class EnsembleInfo(BaseModel):
     target_class: int
     trigger_shape: list[int]
     levels: int
-    with_alpha: bool
+    with_alpha: bool  # the HTTP field keeps its name: clients read it (the manifest says with_mask)
     weights: list[float]
     betas: list[float]
     position: list[int] | None = Field(description="fixed top-left [row, col] of the triggers, or null: anywhere")
