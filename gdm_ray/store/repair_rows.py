@@ -1,0 +1,24 @@
+"""The row of repair.parquet (gdm_ray.store.tables.REPAIR_SCHEMA), shaped from defend's metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["repair_row"]
+
+
+def repair_row(metrics: dict[str, Any], model_id: str, model_uri: str) -> dict[str, Any]:
+    """defend's metrics (metrics.json) as one row of repair.parquet; ``model_uri``
+    is where the repaired model was written (null in the row when none was)."""
+    before, after = metrics["before"], metrics["after"] or {}
+    return {
+        "model_id": model_id,
+        "model_path": metrics["model"], "model_sha256": metrics["model_sha256"], "method": metrics["method"],
+        "target_class": str(metrics["target_class"]), "targets": [int(t) for t in metrics["targets"]],
+        "asr_before": before["asr"], "asr_after": after.get("asr"),
+        "acc_before": before["clean_accuracy"], "acc_after": after.get("clean_accuracy"),
+        "found_asr_before": before["found_asr"], "found_asr_after": after.get("found_asr"),
+        "search_seconds": float(metrics["search"]["search_seconds"]), "retrain_seconds": float(metrics["retrain_seconds"]),
+        "repaired_model": model_uri if metrics["repaired_sha256"] else None, "repaired_sha256": metrics["repaired_sha256"],
+        "config_hash": metrics["config_hash"], "code_version": metrics["code_version"],
+    }  # fmt: skip
