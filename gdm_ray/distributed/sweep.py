@@ -26,6 +26,8 @@ import os
 import random
 import tempfile
 import time
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,10 +119,14 @@ def _spec_text(spec: Any) -> str:
     return json.dumps(spec, default=str, separators=(",", ":")) if isinstance(spec, (dict, list)) else repr(spec)
 
 
-def _field_kind(cls: type, name: str) -> str:
-    """The config field's annotation text without '| None' (e.g. 'float', 'list[int]')."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    return str(f.type).replace(" | None", "").replace("Optional[", "").strip()
+def _field_type(cls: type, name: str) -> Any:
+    """The config field's resolved type (typing.get_type_hints) without ``| None``:
+    float, int, list[int], ... (a union of several types comes back whole)."""
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else hint
+    return hint
 
 
 def parse_space(space: Mapping | None, mode: str, groups: Mapping[str, type]) -> list[SpaceParam]:
@@ -163,7 +169,7 @@ def parse_space(space: Mapping | None, mode: str, groups: Mapping[str, type]) ->
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"{where}: {kind} needs a non-empty list")
         if kind in ("uniform", "loguniform"):
-            if _field_kind(cls, name) != "float":
+            if _field_type(cls, name) is not float:
                 raise ConfigError(f"{where}: {key} is not a float setting; use {{choice: [...]}} or {{grid: [...]}}")
             ok = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                           for v in values)  # fmt: skip
@@ -210,9 +216,9 @@ def apply_params(base: Mapping[str, Mapping], params: Mapping[str, Any]) -> dict
 
 def param_fields(params: list[SpaceParam], groups: Mapping[str, type]) -> list[pa.Field]:
     """One Parquet column per swept key, typed by its config field."""
-    types = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(), "str": pa.string(),
-             "list[int]": pa.list_(pa.int64()), "list[float]": pa.list_(pa.float64())}  # fmt: skip
-    return [pa.field(p.key, types.get(_field_kind(groups[p.group], p.name), pa.string())) for p in params]
+    arrow = {float: pa.float64(), int: pa.int64(), bool: pa.bool_(), str: pa.string(),
+             list[int]: pa.list_(pa.int64()), list[float]: pa.list_(pa.float64())}  # fmt: skip
+    return [pa.field(p.key, arrow.get(_field_type(groups[p.group], p.name), pa.string())) for p in params]
 
 
 def _cell(value: Any, typ: pa.DataType) -> Any:
@@ -261,70 +267,69 @@ def _one_line(exc: BaseException) -> str:
 
 
 def evaluate_trial(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
-    """Search, defend, measure: one trial's metrics (an input problem gives a
-    row with ``error`` set and null metrics, not an exception)."""
+    """Search, defend, measure through the core repair workflow: one trial's
+    metrics (an input problem gives a row with ``error`` set and null metrics,
+    not an exception)."""
     import numpy as np
     import torch
 
-    from gdm_ray.core.defense import DefenseConfig, retrain
-    from gdm_ray.core.mesa import MESA, MESAConfig
-    from gdm_ray.core.metrics import attack_success_rate, clean_accuracy, sampled_asr
-    from gdm_ray.core.model_io import clone_model, load_model
-    from gdm_ray.core.triggers import TriggerSpec, make_trigger
     from gdm_ray.store.provenance import code_version
 
     t0 = time.perf_counter()
     pin_threads(ctx.cpus, ctx.keep_freed_memory)
-    random.seed(ctx.seed)
+    random.seed(ctx.seed)  # the trial is its worker's entry point
     np.random.seed(ctx.seed % 2**32)
     torch.manual_seed(ctx.seed)
     out: dict[str, Any] = {"error": "", "code_version": code_version(), "seed": ctx.seed}
-    tmp = None
     try:
-        groups = apply_params(ctx.base, params)
-        mesa_cfg, defense_cfg = MESAConfig(**groups["mesa"]), DefenseConfig(**groups["defense"])
-        dev = ctx.device
-        if dev == "auto":
-            dev = "cuda" if ctx.gpus > 0 and torch.cuda.is_available() else "cpu"
-        device = torch.device(dev)
-        fd, tmp = tempfile.mkstemp(suffix=ctx.model_suffix, prefix="gdm-ray-sweep-model-")
+        out.update(_trial_metrics(params, ctx))
+    except GdmRayError as exc:
+        out.update(error=_one_line(exc), objective=float("nan"))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _trial_device(ctx: TrialContext) -> Any:
+    import torch
+
+    dev = ctx.device
+    if dev == "auto":
+        dev = "cuda" if ctx.gpus > 0 and torch.cuda.is_available() else "cpu"
+    return torch.device(dev)
+
+
+def _trial_metrics(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
+    """The trial's MESA and defense configs, then core.repair on the model from ctx's bytes."""
+    import torch
+
+    from gdm_ray.core.defense import DefenseConfig
+    from gdm_ray.core.mesa import MESAConfig
+    from gdm_ray.core.model_io import load_model
+    from gdm_ray.core.repair import SearchSpec, repair
+    from gdm_ray.core.triggers import TriggerSpec, make_trigger
+
+    groups = apply_params(ctx.base, params)
+    mesa_cfg, defense_cfg = MESAConfig(**groups["mesa"]), DefenseConfig(**groups["defense"])
+    device = _trial_device(ctx)
+    fd, tmp = tempfile.mkstemp(suffix=ctx.model_suffix, prefix="gdm-ray-sweep-model-")
+    try:
         with os.fdopen(fd, "wb") as f:
             f.write(ctx.model_bytes)
         c, h, w = ctx.eval.shape
         model = load_model(tmp, (c, h, w), ctx.eval.num_classes, arch=ctx.arch, device=device).module
-        real = make_trigger(TriggerSpec(**ctx.real_trigger), c, (h, w))
-        eval_seed = ctx.seed + EVAL_SEED_OFFSET
-        g = torch.Generator().manual_seed(ctx.seed)
-
-        t_search = time.perf_counter()
-        mesa = MESA(mesa_cfg)
-        mesa.fit(model, ctx.defense, ctx.target, g)
-        search_s = time.perf_counter() - t_search
-
-        def measure(m: torch.nn.Module) -> tuple[float, float, float]:
-            acc = clean_accuracy(m, ctx.eval)
-            asr = attack_success_rate(m, ctx.eval, real, ctx.real_target, torch.Generator().manual_seed(eval_seed))
-            found = sampled_asr(m, ctx.eval, mesa, ctx.target, torch.Generator().manual_seed(eval_seed))
-            return acc, asr, found
-
-        acc_before, asr_before, found_before = measure(model)
-        repaired = clone_model(model)
-        t_retrain = time.perf_counter()
-        retrain(repaired, ctx.defense, [mesa], defense_cfg, g)
-        retrain_s = time.perf_counter() - t_retrain
-        acc_after, asr_after, found_after = measure(repaired)
-        acc_drop = (acc_before - acc_after) * 100.0
-        out.update(objective=asr_after + acc_drop / 100.0, asr_after=asr_after, acc_drop=acc_drop,
-                   found_asr_after=found_after, asr_before=asr_before, acc_before=acc_before, acc_after=acc_after,
-                   found_asr_before=found_before, search_seconds=search_s, retrain_seconds=retrain_s,
-                   device=str(device))  # fmt: skip
-    except GdmRayError as exc:
-        out.update(error=_one_line(exc), objective=float("nan"))
     finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-    out["seconds"] = time.perf_counter() - t0
-    return out
+        Path(tmp).unlink(missing_ok=True)
+    real = make_trigger(TriggerSpec(**ctx.real_trigger), c, (h, w))
+    res = repair(model, ctx.defense, ctx.eval, defense_cfg, torch.Generator().manual_seed(ctx.seed), ctx.seed + EVAL_SEED_OFFSET,
+                 search=SearchSpec("mesa", ctx.target, mesa_cfg), real_trigger=real, real_target=ctx.real_target)  # fmt: skip
+    before, after = res.before, res.after
+    assert after is not None and before.asr is not None and after.asr is not None  # one searched class, a known trigger
+    acc_drop = (before.clean_accuracy - after.clean_accuracy) * 100.0
+    return dict(objective=after.asr + acc_drop / 100.0, asr_after=after.asr, acc_drop=acc_drop,
+                found_asr_after=after.found_asr_by_class[ctx.target], asr_before=before.asr,
+                acc_before=before.clean_accuracy, acc_after=after.clean_accuracy,
+                found_asr_before=before.found_asr_by_class[ctx.target], search_seconds=res.search_seconds,
+                retrain_seconds=res.retrain_seconds, device=str(device))  # fmt: skip
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
