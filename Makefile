@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-slow bench fashion-mnist haproxy wrk venv clean
+.PHONY: demo test lint test-slow bench fashion-mnist haproxy wrk venv clean
 
 venv: $(STAMP)
 
@@ -61,7 +61,12 @@ wrk:
 demo: $(STAMP) fashion-mnist haproxy
 	$(BIN)/gdm-ray demo
 
-test: $(STAMP) fashion-mnist haproxy
+# ruff first: a lint or format error fails the test run (and CI) in seconds
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) fashion-mnist haproxy lint
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP) fashion-mnist haproxy

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from report import markdown_table, write_result  # noqa: E402
 
-from gdm_ray.cli.commands import attack  # noqa: E402
-from gdm_ray.cli.main import compose_config  # noqa: E402
+from gdm_ray.cli.attack import attack  # noqa: E402
+from gdm_ray.cli.compose import compose_settings  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpg.tar.gz"
 
@@ -42,7 +42,7 @@ CIFAR_TRIGGERS = [
 
 
 def run(overrides: list[str], out: Path) -> dict:
-    cfg = compose_config("attack", [*overrides, f"out={out}", "progress=false"])
+    cfg = compose_settings("attack", [*overrides, f"out={out}", "progress=false"])
     return attack(cfg)
 
 
@@ -53,7 +53,7 @@ def bench_fashion_mnist(work: Path, quick: bool) -> list[list[str]]:
     clean = run([*base, "attack.rate=0"], work / "fm-clean")
     rows = []
     for label, trig, target in FMNIST_TRIGGERS:
-        r = run([*base, *trig, f"attack.target={target}"], work / f"fm-{trig[0].split('=')[1]}")
+        r = run([*base, *trig, f"attack.target_class={target}"], work / f"fm-{trig[0].split('=')[1]}")
         drop = 100 * (clean["clean_accuracy"] - r["clean_accuracy"])
         ok = r["asr"] >= 0.97 and drop <= 1.5
         rows.append(
@@ -77,7 +77,7 @@ def bench_cifar10(work: Path, quick: bool) -> list[list[str]]:
     ]  # fmt: skip
     print(rows[-1], flush=True)
     for label, trig, target in CIFAR_TRIGGERS:
-        over = ["+experiment=attack_cifar10_finetune", *data, f"attack.init={clean_path}", *trig, f"attack.target={target}"]
+        over = ["+experiment=attack_cifar10_finetune", *data, f"attack.init={clean_path}", *trig, f"attack.target_class={target}"]
         r = run(over, work / f"c10-{trig[0].split('=')[1]}")
         drop = 100 * (clean["clean_accuracy"] - r["clean_accuracy"])
         ok = r["asr"] >= 0.95 and r["clean_accuracy"] >= 0.75 and r["train_seconds"] < 1800

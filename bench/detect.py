@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
 from gdm_ray.store.provenance import code_version  # noqa: E402
-from gdm_ray.cli.main import compose_config  # noqa: E402
+from gdm_ray.cli.compose import compose_settings  # noqa: E402
 from gdm_ray.cli.search import defend  # noqa: E402
 from gdm_ray.cli.zoo import zoo_scan  # noqa: E402
 from gdm_ray.core.attack import BadNets  # noqa: E402
@@ -184,7 +184,7 @@ def main() -> None:
     verdicts = {}
     for method in ("batched", "baseline"):
         out = work / f"zoo-scan-{method}"
-        cfg = compose_config("zoo-scan", [f"zoo.path={folder}", f"scan.method={method}", "threads=2", "progress=false",
+        cfg = compose_settings("zoo-scan", [f"zoo.path={folder}", f"scan.method={method}", "threads=2", "progress=false",
                                           f"out={out}", *fast])  # fmt: skip
         if (out / "zoo.json").is_file() and not args.rescan:  # a finished scan of this zoo is reused
             print(f"zoo-scan, scan.method={method}: reusing {out}", flush=True)
@@ -205,7 +205,7 @@ def main() -> None:
                 repairs.append((mid, mode, json.loads((out / "metrics.json").read_text())))
                 continue
             shutil.rmtree(out, ignore_errors=True)
-            cfg = compose_config("defend", [f"model={folder / (mid + '.pt')}", "target_class=auto", "scan.moving_window=true",
+            cfg = compose_settings("defend", [f"model={folder / (mid + '.pt')}", "target_class=auto", "scan.moving_window=true",
                                             "threads=2", "progress=false", f"out={out}", *fast, *extra])  # fmt: skip
             repairs.append((mid, mode, defend(cfg)))
 

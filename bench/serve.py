@@ -57,7 +57,7 @@ import torch  # noqa: E402
 from fastapi import FastAPI, Request, Response  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
-from gdm_ray.cli.main import compose_config  # noqa: E402
+from gdm_ray.cli.compose import compose_settings  # noqa: E402
 from gdm_ray.cli.serve import app_args  # noqa: E402
 from gdm_ray.core.data import ImageSet  # noqa: E402
 from gdm_ray.core.ensemble import load_ensemble, save_ensemble  # noqa: E402
@@ -235,7 +235,7 @@ def main() -> None:
     paths = {"fm3x3": make_ensemble(WORK / "fm3x3", (3, 3), False),
              "irregular": make_ensemble(WORK / "irregular", (12, 9), True)}  # fmt: skip
 
-    cfg = compose_config("serve", ["ensembles=[" + ",".join(f'"{k}={v}"' for k, v in paths.items()) + "]", "token=null", *args.overrides])
+    cfg = compose_settings("serve", ["ensembles=[" + ",".join(f'"{k}={v}"' for k, v in paths.items()) + "]", "token=null", *args.overrides])
     sargs = app_args(cfg)
     st = ServeSettings.from_args(sargs)
     sampler = Sampler(st)
@@ -259,7 +259,7 @@ def main() -> None:
     from gdm_ray.cli.serve import start_ingress
     from gdm_ray.distributed.runtime import RayConfig
 
-    ingress = start_ingress(str(cfg.ingress), RayConfig())  # before Ray starts: its processes read it
+    ingress = start_ingress(cfg.ingress, RayConfig())  # before Ray starts: its processes read it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="gdm-ray-bench")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": bool(cfg.access_log)})

@@ -44,7 +44,7 @@ SCAN_DATA = ["data=synthetic", "data.num_classes=8", "data.samples=3000", "progr
 
 
 def _attack_model(out: Path, rate: float) -> Path:
-    args = ["attack", *SCAN_DATA, "train=tiny", "arch.width=8", "train.epochs=5", "attack.target=2", f"attack.rate={rate}",
+    args = ["attack", *SCAN_DATA, "train=tiny", "arch.width=8", "train.epochs=5", "attack.target_class=2", f"attack.rate={rate}",
             f"out={out}"]  # fmt: skip
     assert main(args) == 0
     return out / "model.pt"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import avg_pool2d, one_hot
 from torch import nn
 
 from gdm_ray.core.attack import BadNets
@@ -159,12 +159,12 @@ def test_rate_out_of_range(trigger, rate):
 
 
 def test_target_out_of_range(trigger, synthetic_splits):
-    with pytest.raises(ConfigError, match="attack.target=-1"):
+    with pytest.raises(ConfigError, match="attack.target_class=-1"):
         BadNets(trigger, -1)
     attack = BadNets(trigger, 4, rate=0.1)  # classes are 0..3
     model = _fresh_model(0)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ConfigError, match="attack.target=4"):
+    with pytest.raises(ConfigError, match="attack.target_class=4"):
         attack.fit(model, synthetic_splits.train, synthetic_splits.eval, CFG, torch.Generator().manual_seed(0))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), "nothing trained before the error"
@@ -193,14 +193,14 @@ class Always(nn.Module):
         self.k = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(torch.full((x.shape[0],), self.k), K).float()
+        return one_hot(torch.full((x.shape[0],), self.k), K).float()
 
 
 class LabelReader(nn.Module):
     """A perfect classifier for _labelled_images that ignores triggers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(_read_label(x), K).float()
+        return one_hot(_read_label(x), K).float()
 
 
 class CornerBackdoor(nn.Module):
@@ -209,15 +209,15 @@ class CornerBackdoor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         label = _read_label(x)
         pred = torch.where((x[:, 0, -1, -1] > 0.99) & (label != 3), torch.full_like(label, 2), label)
-        return F.one_hot(pred, K).float()
+        return one_hot(pred, K).float()
 
 
 class PatchDetector(nn.Module):
     """Predicts 2 wherever a fully white 3x3 patch appears (anywhere), else 0."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        white = F.avg_pool2d(x[:, :1], 3, stride=1).flatten(1).amax(1) > 0.999
-        return F.one_hot(torch.where(white, 2, 0), K).float()
+        white = avg_pool2d(x[:, :1], 3, stride=1).flatten(1).amax(1) > 0.999
+        return one_hot(torch.where(white, 2, 0), K).float()
 
 
 def _corner_trigger() -> Trigger:

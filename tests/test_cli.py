@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from gdm_ray.cli.commands import typed
-from gdm_ray.cli.main import compose_config, config_dir, main
+from gdm_ray.cli.compose import compose_config, compose_settings, config_dir
+from gdm_ray.cli.main import COMMANDS, main
+from gdm_ray.cli.settings import GROUP_DEFAULTS, SCHEMAS
 from gdm_ray.core.data import DataSpec
 from gdm_ray.core.model_io import load_model
 from gdm_ray.core.models import build_model
@@ -51,7 +52,7 @@ def attacked(tmp_path_factory) -> Path:
     """One backdoored synthetic model made through the real console script."""
     out = tmp_path_factory.mktemp("attack") / "run"
     exe = Path(sys.executable).with_name("gdm-ray")
-    cmd = [str(exe), "attack", *TINY, "attack.target=1", "attack.rate=0.2", "train.epochs=6", f"out={out}"]
+    cmd = [str(exe), "attack", *TINY, "attack.target_class=1", "attack.rate=0.2", "train.epochs=6", f"out={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout
@@ -84,7 +85,7 @@ def test_evaluate_reads_trigger_from_card(attacked, tmp_path, capsys):
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     card = json.loads((attacked / "model.json").read_text())
-    assert metrics["target"] == 1
+    assert metrics["target_class"] == 1
     assert metrics["clean_accuracy"] == pytest.approx(card["clean_accuracy"])
     assert metrics["asr"] >= 0.9
     assert "attack success rate" in stdout
@@ -92,7 +93,7 @@ def test_evaluate_reads_trigger_from_card(attacked, tmp_path, capsys):
 
 def test_evaluate_other_trigger_has_low_asr(attacked, tmp_path, capsys):
     out = tmp_path / "ev"
-    args = ["evaluate", f"model={attacked / 'model.pt'}", *EVAL, "trigger=color3x3", "target=2", f"out={out}"]
+    args = ["evaluate", f"model={attacked / 'model.pt'}", *EVAL, "trigger=color3x3", "target_class=2", f"out={out}"]
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     assert json.loads((out / "metrics.json").read_text())["asr"] < 0.5
@@ -141,12 +142,12 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, capsys):
         (["attack", *TINY, "trigger=block_solid", "trigger.size=[20,20]"], ["20x20", "larger than the image"]),
         (["attack", *TINY, "trigger=bw3x3", "trigger.number=600"], ["trigger.number=600"]),
         (["attack", *TINY, "attack.rate=-0.1"], ["attack.rate=-0.1"]),
-        (["attack", *TINY, "attack.target=9"], ["attack.target=9"]),
+        (["attack", *TINY, "attack.target_class=9"], ["attack.target_class=9"]),
         (["attack", *TINY, "train.epochs=0"], ["train.epochs=0"]),
-        (["attack", *TINY, "train.epochs=oops"], ["train.epochs='oops'"]),
+        (["attack", *TINY, "train.epochs=oops"], ["train.epochs", "oops"]),
         (["attack", *TINY, "trigger=blend", "trigger.blend=1.5"], ["trigger.blend=1.5"]),
         (["attack", *TINY, "+data.bogus=1"], ["bogus"]),
-        (["attack", *TINY, "device=cuda:7"] if not torch.cuda.is_available() else ["attack", *TINY, "attack.target=99"], ["cuda:7" if not torch.cuda.is_available() else "99"]),
+        (["attack", *TINY, "device=cuda:7"] if not torch.cuda.is_available() else ["attack", *TINY, "attack.target_class=99"], ["cuda:7" if not torch.cuda.is_available() else "99"]),
     ]  # fmt: skip
     for k, (args, needles) in enumerate(cases):
         out = tmp_path / f"out{k}"
@@ -172,7 +173,7 @@ def test_bad_model_files(tmp_path, capsys):
     ]
     for path, needles in cases:
         out = tmp_path / f"ev-{path.stem}"
-        args = ["evaluate", f"model={path}", *EVAL, "trigger=bw3x3", "target=1", f"out={out}"]
+        args = ["evaluate", f"model={path}", *EVAL, "trigger=bw3x3", "target_class=1", f"out={out}"]
         code, _, err = run_cli(args, capsys)
         assert_one_line_error(code, err, *needles)
         assert not out.exists()
@@ -208,9 +209,28 @@ def test_every_config_group_option_builds(group, option, tmp_path):
         overrides.append(f"data.path={tmp_path}")
     if group == "trigger" and option == "png":
         overrides.append(f"trigger.path={tmp_path / 't.png'}")
-    cfg = compose_config("attack", overrides)
+    s = compose_settings("attack", overrides)
     if group == "arch":
-        assert build_model(cfg.arch.name, 1, 10, cfg.arch.width) is not None
+        assert build_model(s.arch.name, 1, 10, s.arch.width) is not None
     else:
-        spec = typed(GROUPS[group], cfg[group], group)
-        assert type(spec) is GROUPS[group]
+        assert type(getattr(s, group)) is GROUPS[group]
+
+
+REQUIRED = {"evaluate": ["model=m.pt"], "search": ["model=m.pt", "target_class=0"], "defend": ["model=m.pt", "target_class=auto"],
+            "scan": ["model=m.pt"], "zoo-scan": ["zoo.path=z"], "sweep": ["model=m.pt", "target_class=0"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_composes_to_its_settings(command):
+    """Each primary config composes on its schema, and the defaults there are the dataclasses' own."""
+    s = compose_settings(command, REQUIRED.get(command, []))
+    assert type(s) is SCHEMAS[command]
+    for group, cls in GROUP_DEFAULTS.items():
+        if hasattr(s, group) and command != "zoo-scan":
+            assert getattr(s, group) == cls(), group
+
+
+def test_a_mistyped_value_names_its_key(capsys):
+    assert main(["attack", "data=synthetic", "train.epochs=abc"]) == 1
+    err = capsys.readouterr().err
+    assert "train.epochs" in err and "abc" in err and len(err.strip().splitlines()) == 1

@@ -208,7 +208,7 @@ def test_fit_errors(backdoored, synthetic_splits):
     model = copy.deepcopy(backdoored)
     with pytest.raises(ConfigError, match=r"mesa.trigger_size=\[20, 3\] is larger than the image 16x16"):
         MESA(MESAConfig(trigger_size=[20, 3], steps=1)).fit(model, synthetic_splits.defense, TARGET, torch.Generator().manual_seed(0))
-    with pytest.raises(ConfigError, match="mesa.target=4"):
+    with pytest.raises(ConfigError, match="target_class=4"):
         MESA(MESAConfig(steps=1)).fit(model, synthetic_splits.defense, 4, torch.Generator().manual_seed(0))
     assert model.training and all(p.requires_grad for p in model.parameters())
 

@@ -187,7 +187,7 @@ def test_bad_s3_settings_fail_fast_with_one_line(s3_server, bucket, models, caps
 
 def test_sweep_writes_to_s3_and_a_rerun_elsewhere_reports_it(s3_server, bucket, tmp_path, monkeypatch, capsys):
     attack = tmp_path / "attack"
-    assert main(["attack", "data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1", "attack.target=1",
+    assert main(["attack", "data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1", "attack.target_class=1",
                  "attack.rate=0.2", "train.epochs=6", f"out={attack}"]) == 0  # fmt: skip
     s3 = S3(s3_server.store())
     s3.put_file(f"s3://{bucket}/models/m.pt", attack / "model.pt")
@@ -227,7 +227,7 @@ def test_sweep_on_s3_killed_on_one_machine_resumes_on_another(s3_server, bucket,
     import sys
 
     attack = tmp_path / "attack"
-    assert main(["attack", "data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1", "attack.target=1",
+    assert main(["attack", "data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1", "attack.target_class=1",
                  "attack.rate=0.2", "train.epochs=6", f"out={attack}"]) == 0  # fmt: skip
     s3 = S3(s3_server.store())
     s3.put_file(f"s3://{bucket}/models/m.pt", attack / "model.pt")

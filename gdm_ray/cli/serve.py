@@ -8,15 +8,15 @@ on host:port until Ctrl-C.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import sys
 import time
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from gdm_ray.cli.commands import print_table, store_of, typed
+from gdm_ray.cli.common import print_table
+from gdm_ray.cli.settings import ServeSettings
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.distributed.runtime import RayConfig, init_ray
 
@@ -26,12 +26,13 @@ __all__ = ["serve", "app_args", "start_ingress"]
 _APP_KEYS = ("ensembles", "token", "max_n", "max_png_n", "batching", "autoscaling", "max_ongoing_requests", "access_log")
 
 
-def app_args(cfg: DictConfig) -> dict[str, Any]:
-    """build_app's args from the composed config: plain values, token resolved here (not re-read from env)."""
-    args = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in _APP_KEYS}
+def app_args(s: ServeSettings) -> dict[str, Any]:
+    """build_app's args from the settings: plain values, token resolved here (not re-read from env)."""
+    plain = dataclasses.asdict(s)
+    args = {k: plain[k] for k in _APP_KEYS}
     args["token_env"] = None
-    args["replica_cpus"] = float(cfg.ray.task_cpus)
-    args["store"] = store_of(cfg)
+    args["replica_cpus"] = float(s.ray.task_cpus)
+    args["store"] = plain["store"]
     return args
 
 
@@ -60,48 +61,56 @@ def start_ingress(mode: str, ray_cfg: RayConfig) -> str:
     return chosen
 
 
-def serve(cfg: DictConfig) -> dict[str, Any]:
-    from gdm_ray.distributed.serve import Sampler, ServeSettings, build_app
+def serve(s: ServeSettings) -> dict[str, Any]:
+    """Open every ensemble, start Ray and the Serve app on host:port, serve until Ctrl-C or SIGTERM."""
+    from gdm_ray.distributed.serve import Sampler, build_app
+    from gdm_ray.distributed.serve import ServeSettings as AppSettings
 
-    host = str(cfg.host)
-    args = app_args(cfg)
-    settings = ServeSettings.from_args(args)
-    sampler = Sampler(settings)  # opens every ensemble: bad URIs fail here, before Ray
-    port = _check_port(host, cfg.port)
-    route = str(cfg.route_prefix or "/")
+    args = app_args(s)
+    app = AppSettings.from_args(args)
+    sampler = Sampler(app)  # opens every ensemble: bad URIs fail here, before Ray
+    port = _check_port(s.host, s.port)
+    route = s.route_prefix or "/"
     if not route.startswith("/"):
         raise ConfigError(f"route_prefix={route!r} must start with '/'")
-    ray_cfg = typed(RayConfig, cfg.ray, "ray")
-    ingress = start_ingress(str(cfg.get("ingress") or "auto"), ray_cfg)
+    ingress = start_ingress(s.ingress or "auto", s.ray)
 
     import ray
     from ray import serve as ray_serve
 
-    started = init_ray(ray_cfg)
+    started = init_ray(s.ray)
     try:
-        ray_serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": settings.access_log})
-        ray_serve.run(build_app(args), name=str(cfg.app_name), route_prefix=route)
-        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}{route.rstrip('/')}"
-        print(f"gdm-ray serve: {url}  (POST /v1/sample, GET /v1/ensembles, GET /healthz; docs {url}/docs)")
-        print_table([(d["id"], f"{d['uri']}  class {d['target_class']}, trigger {'x'.join(map(str, d['trigger_shape']))}, "
-                               f"{d['levels']} levels{', alpha mask' if d['with_alpha'] else ''}")
-                     for d in sampler.describe()])  # fmt: skip
-        auth = "bearer token required on /v1/*" if settings.token else "no token (open)"
-        print(f"max_n {settings.max_n}, {auth}, ingress {ingress}; Ctrl-C stops", flush=True)
-        def stop(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt
-
-        # SIGTERM (kill, systemd, Kubernetes) stops as Ctrl-C does: Serve and Ray shut down cleanly
-        signal.signal(signal.SIGTERM, stop)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("gdm-ray serve: stopping", file=sys.stderr)
+        ray_serve.start(http_options={"host": s.host, "port": port}, logging_config={"enable_access_log": app.access_log})
+        ray_serve.run(build_app(args), name=s.app_name, route_prefix=route)
+        url = f"http://{s.host if ':' not in s.host else f'[{s.host}]'}:{port}{route.rstrip('/')}"
+        _print_ready(url, sampler, app, ingress)
+        _serve_until_stopped()
     finally:
         try:
             ray_serve.shutdown()
         finally:
             if started:
                 ray.shutdown()
-    return {"url": url, "ensembles": list(settings.ensembles)}
+    return {"url": url, "ensembles": list(app.ensembles)}
+
+
+def _print_ready(url: str, sampler: Any, app: Any, ingress: str) -> None:
+    print(f"gdm-ray serve: {url}  (POST /v1/sample, GET /v1/ensembles, GET /healthz; docs {url}/docs)")
+    print_table([(d["id"], f"{d['uri']}  class {d['target_class']}, trigger {'x'.join(map(str, d['trigger_shape']))}, "
+                           f"{d['levels']} levels{', alpha mask' if d['with_alpha'] else ''}")
+                 for d in sampler.describe()])  # fmt: skip
+    auth = "bearer token required on /v1/*" if app.token else "no token (open)"
+    print(f"max_n {app.max_n}, {auth}, ingress {ingress}; Ctrl-C stops", flush=True)
+
+
+def _serve_until_stopped() -> None:
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (kill, systemd, Kubernetes) stops as Ctrl-C does: Serve and Ray shut down cleanly
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("gdm-ray serve: stopping", file=sys.stderr)

@@ -302,8 +302,22 @@ def register() -> None:
 
 
 def settings(cfg: DictConfig) -> Any:
-    """The composed config as its command's settings dataclass (values checked)."""
+    """The composed config as its command's settings dataclass (values checked).
+    Hydra's ``+key=value`` can add a key a schema does not have, and
+    to_object would drop it silently: an unknown key is an error here."""
+    _refuse_unknown(cfg, "")
     return OmegaConf.to_object(cfg)
+
+
+def _refuse_unknown(node: Any, path: str) -> None:
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        if known is not None and key not in known:
+            raise ConfigError(f"{path}{key}: unknown key (known: {', '.join(sorted(known))})")
+        _refuse_unknown(node._get_node(key), f"{path}{key}.")
 
 
 def build(cls: type[T], values: Any, where: str) -> T:

@@ -52,7 +52,7 @@ class BadNets:
         if not 0.0 <= float(rate) <= 1.0:
             raise ConfigError(f"attack.rate={rate} must be in [0, 1]")
         if int(target) < 0:
-            raise ConfigError(f"attack.target={target} must be >= 0")
+            raise ConfigError(f"attack.target_class={target} must be >= 0")
         self.trigger = trigger
         self.target = int(target)
         self.rate = float(rate)
@@ -80,7 +80,7 @@ class BadNets:
     ) -> AttackResult:
         """Train (from scratch or fine-tune: whatever state ``model`` is in) on poisoned data."""
         if self.target >= train.num_classes:
-            raise ConfigError(f"attack.target={self.target} but the data has {train.num_classes} classes (0..{train.num_classes - 1})")
+            raise ConfigError(f"attack.target_class={self.target} but the data has {train.num_classes} classes (0..{train.num_classes - 1})")
         t0 = time.perf_counter()
         hook = self.poison_batch if self.rate > 0 else None
         losses = train_classifier(model, train, cfg, generator, hook, progress)

@@ -1,7 +1,7 @@
 """Detection with an unknown target: which classes own anomalously easy triggers?
 
 First pass (cheap, every class): a Neural-Cleanse-style search of one
-trigger per class, a full-image pattern and alpha mask
+trigger per class, a full-image pattern and transparency mask a
 (``after = (1 - a) * before + a * pattern``) minimising
 ``CE(model(after), k) + lambda_k * |a|_1``. lambda_k adapts per class as in
 Neural Cleanse: it grows while the trigger works (ASR >= ``asr_goal`` on the
@@ -150,7 +150,7 @@ def plan_scan(
 ) -> ScanPlan:
     """Split the images and the classes of a first pass (see ``scan_classes``)."""
     cfg = cfg or ScanConfig()
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    rng = generator if generator is not None else torch.Generator().manual_seed(0)
     num_classes = data.num_classes
     ks = list(range(num_classes)) if classes is None else [int(k) for k in classes]
     if not ks:
@@ -160,15 +160,15 @@ def plan_scan(
         raise ConfigError(f"scan: classes {bad} are not classes of the data (0..{num_classes - 1})")
     if len(data) < 2:
         raise DataError(f"scan: needs clean images, got {len(data)}")
-    eval_idx, search_idx = split_images(data, cfg, g)
+    eval_idx, search_idx = split_images(data, cfg, rng)
     per = 1 if cfg.method == "baseline" else int(cfg.classes_per_pass)
-    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
     return ScanPlan(ks, [ks[i : i + per] for i in range(0, len(ks), per)], eval_idx, search_idx, seed)
 
 
-def split_images(data: ImageSet, cfg: ScanConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def split_images(data: ImageSet, cfg: ScanConfig, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded: the first ``eval_images`` (at most a fifth) measure, the rest search."""
-    perm = torch.randperm(len(data), generator=g)
+    perm = torch.randperm(len(data), generator=rng)
     n_eval = min(int(cfg.eval_images), max(1, len(data) // 5))
     return perm[:n_eval], perm[n_eval:]
 
@@ -194,11 +194,11 @@ def scan_chunks(
     with frozen(model):
         for i in which:
             chunk = plan.chunks[i]
-            g = torch.Generator().manual_seed(plan.seed + i)
+            rng = torch.Generator().manual_seed(plan.seed + i)
             if cfg.method == "baseline":
-                triggers = [_baseline_one(model, search_set, chunk[0], cfg, g, progress, done, total)]
+                triggers = [_baseline_one(model, search_set, chunk[0], cfg, rng, progress, done, total)]
             else:
-                triggers = search_chunk(model, x_tr, y_tr, chunk, None, cfg, g, progress, done, total)
+                triggers = search_chunk(model, x_tr, y_tr, chunk, None, cfg, rng, progress, done, total)
             for k, (pattern, mask) in zip(chunk, triggers):
                 asr = mask_asr(model, x_ev, y_ev, k, pattern, mask)
                 valid = asr >= float(cfg.valid_asr)
@@ -284,7 +284,7 @@ def search_chunk(
     chunk: list[int],
     regions: torch.Tensor | None,
     cfg: ScanConfig,
-    g: torch.Generator,
+    rng: torch.Generator,
     progress: Callable[[int, int, float], None] | None,
     done: int,
     total: int,
@@ -298,26 +298,26 @@ def search_chunk(
     m, bs = len(chunk), int(cfg.batch_size)
     _, c, H, W = x.shape
     target = torch.tensor(chunk, device=device)
-    p_logit = (torch.randn(m, c, H, W, generator=g) * 0.5).to(device).requires_grad_(True)
-    m_logit = (torch.randn(m, H, W, generator=g) * 0.5 - 2.0).to(device).requires_grad_(True)
+    p_logit = (torch.randn(m, c, H, W, generator=rng) * 0.5).to(device).requires_grad_(True)
+    m_logit = (torch.randn(m, H, W, generator=rng) * 0.5 - 2.0).to(device).requires_grad_(True)
     opt = torch.optim.Adam([p_logit, m_logit], lr=float(cfg.lr), betas=(0.5, 0.9))
     lam = torch.full((m,), float(cfg.init_cost), device=device)
     best_size = torch.full((m,), math.inf, device=device)
     best_p, best_m = torch.sigmoid(p_logit).detach().clone(), torch.sigmoid(m_logit).detach().clone()
     hits_window = torch.zeros(m, device=device)
     for step in range(1, int(cfg.steps) + 1):
-        idx = torch.randint(0, len(x), (m, bs), generator=g).to(device)
+        idx = torch.randint(0, len(x), (m, bs), generator=rng).to(device)
         imgs, labels = x[idx], y[idx]  # m x B x C x H x W, m x B
         use = (labels != target[:, None]).float()
-        alpha = torch.sigmoid(m_logit)
+        mask = torch.sigmoid(m_logit)
         if regions is not None:
-            alpha = alpha * regions
-        alpha = alpha[:, None, None]  # m x 1 x 1 x H x W
-        after = (1 - alpha) * imgs + alpha * torch.sigmoid(p_logit)[:, None]
+            mask = mask * regions
+        mask = mask[:, None, None]  # m x 1 x 1 x H x W
+        after = (1 - mask) * imgs + mask * torch.sigmoid(p_logit)[:, None]
         logits = model(after.flatten(0, 1))
         ce = cross_entropy(logits, target.repeat_interleave(bs), reduction="none").view(m, bs)
         ce = (ce * use).sum(1) / use.sum(1).clamp_min(1)
-        size = alpha.flatten(1).sum(1)
+        size = mask.flatten(1).sum(1)
         loss = (ce + lam * size).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -329,7 +329,7 @@ def search_chunk(
             if bool(better.any()):
                 best_size = torch.where(better, size, best_size)
                 best_p[better] = torch.sigmoid(p_logit)[better]
-                best_m[better] = alpha[better, 0, 0]
+                best_m[better] = mask[better, 0, 0]
             if step % int(cfg.patience) == 0:
                 works = hits_window / int(cfg.patience) >= float(cfg.asr_goal)
                 lam = torch.where(works, lam * float(cfg.cost_step), lam / float(cfg.cost_step) ** 1.5)
@@ -349,7 +349,7 @@ def _baseline_one(
     data: ImageSet,
     k: int,
     cfg: ScanConfig,
-    g: torch.Generator,
+    rng: torch.Generator,
     progress: Callable[[int, int, float], None] | None,
     done: int,
     total: int,
@@ -360,7 +360,7 @@ def _baseline_one(
     bcfg = BaselineConfig(trigger_size=[H, W], with_mask=True, mask_l1=float(cfg.init_cost), steps=int(cfg.steps),
                           batch_size=int(cfg.batch_size), lr=float(cfg.lr), restarts=1)  # fmt: skip
     tick = None if progress is None else (lambda step, _total, loss: progress(done + step, total, loss))
-    res = PixelBaseline(bcfg).fit(model, data, k, g, tick)
+    res = PixelBaseline(bcfg).fit(model, data, k, rng, tick)
     device = model_device(model)
     return res.pattern.to(device), res.alpha.to(device)
 

@@ -8,20 +8,9 @@ staircase level; ``StaircaseGenerators`` holds all N of them as one module.
 Batching the N levels. ``StaircaseGenerators`` stores each layer's weights
 as one N x in x out tensor and runs the N small MLPs with one ``baddbmm`` per
 layer, instead of looping over a ``ModuleList`` of N ``TriggerGenerator``.
-Measured on this project's 2-core CPU (shared with another job) with one
-thread, torch 2.13, noise_dim 10, generator hidden 64, statistics network
-hidden 128, 3x3 grey triggers, batch 32 per level; median ms per forward +
-backward over 200 steps:
-
-    N    generators only          generators + MINE statistics networks
-         ModuleList   batched     ModuleList   batched
-    3      0.53        0.23          2.1         1.1
-    5      0.83        0.28          3.5         1.5
-    7      1.13        0.33          5.1         2.2
-    10     1.62        0.39         11.3         2.4
-
-The batched form is 2-5x faster and grows slowly with N (the loop pays
-Python and dispatch overhead per level), so it is the one MESA uses; the
+The loop pays Python and dispatch overhead per level, so the batched form
+is several times faster and grows slowly with N (bench/generator_batching.py,
+bench/results/generator_batching.md); it is the one MESA uses, and the
 statistics networks (``StaircaseStatistics``) are batched the same way.
 ``level(i)`` and ``from_generators`` convert to and from single
 ``TriggerGenerator`` modules, plain ``nn.Linear`` stacks (easy to save,

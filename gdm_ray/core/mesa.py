@@ -51,8 +51,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import log_softmax, relu
 
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
@@ -194,6 +194,11 @@ class _GradScale(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x unchanged on the way forward; its gradient times ``scale`` on the way back."""
+    return _GradScale.apply(x, scale)
+
+
 class MESA:
     """Model the valid triggers of ``target`` with a staircase of generators.
 
@@ -236,7 +241,7 @@ class MESA:
         flags and train/eval mode are left as they were.
         """
         cfg = self.config
-        g = generator if generator is not None else torch.Generator().manual_seed(int(cfg.seed))
+        rng = generator if generator is not None else torch.Generator().manual_seed(int(cfg.seed))
         target = int(target)
         ch, H, W = data.shape
         h, w = cfg.trigger_size
@@ -247,7 +252,7 @@ class MESA:
             if len(cfg.position) != 2 or r < 0 or c < 0 or r + h > H or c + w > W:
                 raise ConfigError(f"mesa.position={list(cfg.position)} does not fit a {h}x{w} trigger in the image {H}x{W}")
         if target < 0 or (data.num_classes > 0 and target >= data.num_classes):
-            raise ConfigError(f"mesa.target={target} but the data has {data.num_classes} classes (0..{data.num_classes - 1})")
+            raise ConfigError(f"target_class={target} but the data has {data.num_classes} classes (0..{data.num_classes - 1})")
         pool = data.x[data.y != target]
         if len(pool) == 0:
             raise DataError(f"no clean images outside the target class {target} to test triggers on")
@@ -256,11 +261,12 @@ class MESA:
         if pool.numel() * pool.element_size() <= _POOL_ON_DEVICE_BYTES:
             pool = pool.to(device)
         n_lv, bs, k = int(cfg.levels), int(cfg.batch_size), int(cfg.images_per_trigger)
+        alpha = float(cfg.alpha)  # the entropy weight
         betas = torch.tensor(cfg.beta_values, dtype=torch.float32, device=device)
         gens = StaircaseGenerators(
-            n_lv, ch, (h, w), cfg.noise_dim, cfg.hidden, cfg.layers, cfg.with_alpha, cfg.noise, generator=g
+            n_lv, ch, (h, w), cfg.noise_dim, cfg.hidden, cfg.layers, cfg.with_alpha, cfg.noise, generator=rng
         ).to(device)
-        stats = StaircaseStatistics(n_lv, cfg.noise_dim, gens.out_dim, cfg.stat_hidden, cfg.stat_layers, generator=g)
+        stats = StaircaseStatistics(n_lv, cfg.noise_dim, gens.out_dim, cfg.stat_hidden, cfg.stat_layers, generator=rng)
         mine = MINE(stats, cfg.ma_rate, levels=(n_lv,)).to(device)
         opt = torch.optim.Adam(list(gens.parameters()) + list(mine.parameters()), lr=float(cfg.lr))
 
@@ -271,14 +277,16 @@ class MESA:
         t0 = time.perf_counter()
         with frozen(model):
             for step in range(1, int(cfg.steps) + 1):
-                z = gens.sample_noise(bs, g).to(device)  # N x B x d
-                pattern, alpha = gens(z)
-                x_flat = _flat(pattern, alpha, cfg.with_alpha)
-                # T ascends I_hat at full strength; the generator gets alpha * grad I_hat
-                # through x (the -alpha * I_hat term of L_i), all from one MINE call.
-                mi = mine(z, _GradScale.apply(x_flat, float(cfg.alpha)), generator=g)  # N
-                logits = self._classify(model, pool, pattern, alpha, k, g)  # (N*B*k) x K
+                z = gens.sample_noise(bs, rng).to(device)  # N x B x d
+                pattern, mask = gens(z)
+                x_flat = _flat(pattern, mask, cfg.with_alpha)
+                # One MINE call serves both players: the statistics network T ascends
+                # I_hat at full strength, while the generators see dI_hat/dx scaled by
+                # alpha (scale_grad), which is the gradient of their -alpha * I_hat term.
+                mi = mine(z, scale_grad(x_flat, alpha), generator=rng)  # N
+                logits = self._classify(model, pool, pattern, mask, k, rng)  # (N*B*k) x K
                 score, hinge, asr = self._testing(logits, target, betas, n_lv, bs, k)
+                # L_i = -alpha * I_hat_i + hinge_i for G_i (alpha applied through scale_grad above)
                 loss = (hinge - mi).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -300,7 +308,7 @@ class MESA:
             # bias-corrected EMA (as Adam's), so short runs are not pulled towards 0
             entropy = (mi_ema / (1 - (1 - ema_rate) ** int(cfg.steps))).cpu()
             gens.eval()
-            asr_final = self._evaluate(model, gens, pool, target, g)
+            asr_final = self._evaluate(model, gens, pool, target, rng)
         seconds = time.perf_counter() - t0
 
         weights = self._ensemble_weights(entropy, asr_final)
@@ -308,7 +316,7 @@ class MESA:
         return MESAResult(
             target=target,
             betas=cfg.beta_values,
-            alpha=float(cfg.alpha),
+            alpha=alpha,
             weights=[float(v) for v in weights],
             entropy=[float(v) for v in entropy],
             asr=asr_final,
@@ -320,17 +328,17 @@ class MESA:
         )
 
     def _classify(
-        self, model: nn.Module, pool: torch.Tensor, pattern: torch.Tensor, alpha: torch.Tensor, k: int, g: torch.Generator
+        self, model: nn.Module, pool: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, k: int, rng: torch.Generator
     ) -> torch.Tensor:
         """Logits of the model on k random clean images per trigger, one forward for all levels."""
         n_lv, bs = pattern.shape[:2]
         m = n_lv * bs * k
-        idx = torch.randint(0, len(pool), (m,), generator=g).to(pool.device)
+        idx = torch.randint(0, len(pool), (m,), generator=rng).to(pool.device)
         images = pool[idx].to(pattern.device)
-        pos = self.positions(m, tuple(images.shape[-2:]), g)
+        pos = self.positions(m, tuple(images.shape[-2:]), rng)
         pat = pattern.reshape(n_lv * bs, *pattern.shape[2:]).repeat_interleave(k, dim=0)
-        alp = alpha.reshape(n_lv * bs, *alpha.shape[2:]).repeat_interleave(k, dim=0)
-        return model(apply_trigger(images, pat, alp, pos))
+        msk = mask.reshape(n_lv * bs, *mask.shape[2:]).repeat_interleave(k, dim=0)
+        return model(apply_trigger(images, pat, msk, pos))
 
     @property
     def position(self) -> tuple[int, int] | None:
@@ -338,23 +346,23 @@ class MESA:
         p = self.config.position
         return None if p is None else (int(p[0]), int(p[1]))
 
-    def positions(self, n: int, image_hw: tuple[int, int], g: torch.Generator | None = None) -> torch.Tensor:
+    def positions(self, n: int, image_hw: tuple[int, int], rng: torch.Generator | None = None) -> torch.Tensor:
         """n top-left corners: the fixed position, or uniformly random ones."""
-        return place(n, tuple(self.config.trigger_size), image_hw, self.position, g)
+        return place(n, tuple(self.config.trigger_size), image_hw, self.position, rng)
 
     def _testing(
         self, logits: torch.Tensor, target: int, betas: torch.Tensor, n_lv: int, bs: int, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per level: mean F (target probability), mean hinge, and ASR of the batch."""
         if logits.dim() != 2 or logits.shape[1] <= target:
-            raise ConfigError(f"mesa.target={target} but the model outputs {list(logits.shape)} logits")
-        logp = F.log_softmax(logits.float(), dim=1)[:, target].view(n_lv, bs, k)
+            raise ConfigError(f"target_class={target} but the model outputs {list(logits.shape)} logits")
+        logp = log_softmax(logits.float(), dim=1)[:, target].view(n_lv, bs, k)
         log_f = torch.logsumexp(logp, dim=2) - math.log(k)  # log of F = mean p over the k images
         b = betas[:, None]
         if self.config.testing == "softmax":
-            hinge = F.relu(b - log_f.exp())
+            hinge = relu(b - log_f.exp())
         else:  # "ce": the same constraint F >= beta in log space; beta = 0 never binds
-            hinge = torch.where(b > 0, F.relu(torch.log(b.clamp_min(1e-12)) - log_f), torch.zeros_like(log_f))
+            hinge = torch.where(b > 0, relu(torch.log(b.clamp_min(1e-12)) - log_f), torch.zeros_like(log_f))
         with torch.no_grad():
             hits = (logits.argmax(1) == target).float().view(n_lv, bs * k).mean(1)
             score = log_f.exp().mean(1)
@@ -362,7 +370,7 @@ class MESA:
 
     @torch.no_grad()
     def _evaluate(
-        self, model: nn.Module, gens: StaircaseGenerators, pool: torch.Tensor, target: int, g: torch.Generator
+        self, model: nn.Module, gens: StaircaseGenerators, pool: torch.Tensor, target: int, rng: torch.Generator
     ) -> list[float]:
         """ASR of each level's fresh samples on random clean non-target images."""
         n_lv, total = gens.levels, int(self.config.eval_samples)
@@ -371,8 +379,8 @@ class MESA:
         chunk = max(1, 2048 // n_lv)
         for start in range(0, total, chunk):
             b = min(chunk, total - start)
-            pattern, alpha = gens(gens.sample_noise(b, g).to(device))
-            logits = self._classify(model, pool, pattern, alpha, 1, g)
+            pattern, mask = gens(gens.sample_noise(b, rng).to(device))
+            logits = self._classify(model, pool, pattern, mask, 1, rng)
             hits += (logits.argmax(1) == target).float().view(n_lv, b).sum(1)
         return [float(v) for v in (hits / total).cpu()]
 
@@ -416,15 +424,15 @@ class MESA:
         gens.eval()
         try:
             # every level on every z is cheap (tiny MLPs); pick each sample's level after
-            pattern, alpha = gens(z.to(device).unsqueeze(0).expand(gens.levels, -1, -1).contiguous())
+            pattern, mask = gens(z.to(device).unsqueeze(0).expand(gens.levels, -1, -1).contiguous())
         finally:
             gens.train(was_training)
         pick = torch.arange(n, device=device)
         levels = levels.to(device)
-        return pattern[levels, pick].contiguous(), alpha[levels, pick].contiguous()
+        return pattern[levels, pick].contiguous(), mask[levels, pick].contiguous()
 
 
-def _flat(pattern: torch.Tensor, alpha: torch.Tensor, with_alpha: bool) -> torch.Tensor:
-    """N x B x D vector of what the generator outputs (pattern, and alpha if learned)."""
+def _flat(pattern: torch.Tensor, mask: torch.Tensor, with_mask: bool) -> torch.Tensor:
+    """N x B x D vector of what the generator outputs (pattern, and the mask if learned)."""
     flat = pattern.flatten(2)
-    return torch.cat([flat, alpha.flatten(2)], dim=2) if with_alpha else flat
+    return torch.cat([flat, mask.flatten(2)], dim=2) if with_mask else flat

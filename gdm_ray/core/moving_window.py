@@ -96,7 +96,7 @@ def plan_windows(
 ) -> WindowPlan:
     """Place the windows of a moving-window search (see ``window_heatmap``)."""
     cfg = cfg or ScanConfig()
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    rng = generator if generator is not None else torch.Generator().manual_seed(0)
     _, H, W = data.shape
     wh, ww = window if window is not None else default_window((H, W))
     if wh > H or ww > W or min(wh, ww) < 1:
@@ -109,10 +109,10 @@ def plan_windows(
     rows = sorted(set(list(range(0, H - wh + 1, sh)) + [H - wh]))
     cols = sorted(set(list(range(0, W - ww + 1, sw)) + [W - ww]))
     corners = [(r, c) for r in rows for c in cols]
-    eval_idx, search_idx = split_images(data, cfg, g)
+    eval_idx, search_idx = split_images(data, cfg, rng)
     per = int(cfg.classes_per_pass)
     chunks = [list(range(i, min(i + per, len(corners)))) for i in range(0, len(corners), per)]
-    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
     return WindowPlan(int(target), (wh, ww), (H, W), corners, chunks, eval_idx, search_idx, seed)
 
 
@@ -137,8 +137,8 @@ def search_windows(
     with frozen(model):
         for n, i in enumerate(which):
             idx = plan.chunks[i]
-            g = torch.Generator().manual_seed(plan.seed + i)
-            found = search_chunk(model, x_tr, y_tr, [plan.target] * len(idx), plan.regions(idx).to(device), cfg, g, progress,
+            rng = torch.Generator().manual_seed(plan.seed + i)
+            found = search_chunk(model, x_tr, y_tr, [plan.target] * len(idx), plan.regions(idx).to(device), cfg, rng, progress,
                                   n * int(cfg.steps), total)  # fmt: skip
             for j, (p, m) in zip(idx, found):
                 out[j] = (p.cpu(), m.cpu(), mask_asr(model, x_ev, y_ev, plan.target, p, m), float(m.sum()))

@@ -23,7 +23,7 @@ __all__ = ["RayConfig", "init_ray", "task_options", "pin_threads"]
 
 @dataclass
 class RayConfig:
-    """Where Ray runs and what each task needs (configs/ray/default.yaml)."""
+    """Where Ray runs and what each task needs (the ray config group)."""
 
     address: str | None = None  # None: in-process (or $RAY_ADDRESS); "auto" or host:port: an existing cluster
     num_cpus: int | None = None  # in-process Ray only: CPUs it may use (None: all)

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.store.atomic import publish
 from gdm_ray.store.parquet import SCHEMA_VERSION, list_parquet, read_table
 from gdm_ray.store.s3 import S3, StoreError, is_s3, join_uri
 
@@ -127,8 +128,6 @@ class PendingDataset:
         if self.s3 is not None:
             self.s3.put_file(join_uri(self.root, rel), src)
             return
-        from gdm_ray.store.rundir import publish
-
         dst = Path(self.root) / rel
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)

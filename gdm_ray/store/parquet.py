@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gdm_ray.store.rundir import publish
+from gdm_ray.store.atomic import publish
 from gdm_ray.store.s3 import S3, StoreError, is_s3, join_uri
 
 __all__ = ["SCHEMA_VERSION", "write_rows", "read_rows", "write_table", "read_table", "read_results", "list_parquet"]

@@ -14,31 +14,23 @@ had added are deleted again (best effort: the endpoint may be gone).
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.store.atomic import publish, write_json
+from gdm_ray.store.dataset import PendingDataset
+from gdm_ray.store.fetch import cache_root
+from gdm_ray.store.parquet import write_rows
 from gdm_ray.store.s3 import S3, StoreError, is_s3, join_uri
 
-if TYPE_CHECKING:
-    from gdm_ray.store.dataset import PendingDataset
-
 __all__ = ["RunDir", "write_json", "default_out", "publish"]
-
-
-def publish(tmp: str | Path, final: str | Path) -> None:
-    """Rename a finished temp file into place with ordinary permissions
-    (mkstemp makes files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, final)
 
 
 def default_out(command: str, root: str | Path = "gdm-ray-runs") -> Path:
@@ -49,20 +41,6 @@ def default_out(command: str, root: str | Path = "gdm-ray-runs") -> Path:
         k += 1
         path = base.with_name(f"{base.name}-{k}")
     return path
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunDir:
@@ -98,8 +76,6 @@ class RunDir:
     def _open_dataset(self, dataset: str | Path | None, store: Any) -> None:
         if dataset in (None, ""):
             return
-        from gdm_ray.store.dataset import PendingDataset  # dataset -> parquet -> this module
-
         try:
             self.dataset = PendingDataset(dataset, self.location, store)
         except BaseException:
@@ -109,8 +85,6 @@ class RunDir:
     def write_table(self, name: str, rows: list[dict[str, Any]], schema: Any, table: str, model: str | None = None) -> None:
         """Write ``rows`` as ``name`` in the run's folder and, with a dataset, as
         partitions of its ``table`` (one per model: see gdm_ray.store.dataset)."""
-        from gdm_ray.store.parquet import write_rows  # parquet imports publish from here
-
         write_rows(self.path(name), rows, schema)
         if self.dataset is not None:
             self.dataset.add(table, rows, schema, model)
@@ -123,9 +97,6 @@ class RunDir:
         """A local folder for resumable state of a run with this out= (see ScanState)."""
         if self.final is not None:
             return self.final.parent / f".{self.final.name}.state"
-        from gdm_ray.store.fetch import cache_root
-        import hashlib
-
         return cache_root() / "state" / hashlib.sha256(self.location.encode()).hexdigest()[:24]
 
     def path(self, name: str) -> Path:

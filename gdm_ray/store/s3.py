@@ -51,9 +51,9 @@ def join_uri(base: str, *parts: str) -> str:
     return str(Path(base).joinpath(*parts))
 
 
-@dataclass(frozen=True)
+@dataclass
 class S3Config:
-    """Where and as whom to talk S3 (configs/store/default.yaml); None = AWS environment."""
+    """Where and as whom to talk S3 (the store config group); None = AWS environment."""
 
     endpoint_url: str | None = None
     region: str | None = None
