@@ -10,7 +10,7 @@ two chunks of 5 (scan.classes_per_pass=5), so two workers have equal halves.
 Four ways, interleaved (every other repeat in reverse order), each repeated
 --repeats times, median wall time:
 - core, 1 thread: `scan_classes` in this process, torch pinned to 1 thread;
-- Ray, 1 worker: the same chunks as Ray tasks (gdm_ray.distributed.scan), Ray
+- Ray, 1 worker: the same chunks as Ray tasks (the scan workflow on RayExecutor), Ray
   started in-process with num_cpus=1, each task 1 CPU (1 torch thread);
 - core, 2 threads: `scan_classes` with torch on 2 threads;
 - Ray, 2 workers: num_cpus=2, two 1-CPU tasks at once.
@@ -44,15 +44,17 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
-from gdm_ray.store.provenance import code_version  # noqa: E402
 from gdm_ray.cli.main import compose_config  # noqa: E402
 from gdm_ray.cli.sweep import sweep  # noqa: E402
 from gdm_ray.core.allocator import keep_freed_memory  # noqa: E402
 from gdm_ray.core.data import DataSpec, load_splits  # noqa: E402
-from gdm_ray.core.first_pass import ScanConfig, plan_scan, scan_classes, scan_result  # noqa: E402
+from gdm_ray.core.executor import ModelBlob  # noqa: E402
+from gdm_ray.core.first_pass import ScanConfig, scan_classes  # noqa: E402
 from gdm_ray.core.model_io import file_sha256, load_model  # noqa: E402
+from gdm_ray.core.scan_workflow import plan_model_scan, run_zoo_scan  # noqa: E402
+from gdm_ray.distributed.executor import RayExecutor  # noqa: E402
 from gdm_ray.distributed.runtime import RayConfig, init_ray  # noqa: E402
-from gdm_ray.distributed.scan import ScanState, TaskLog, put_model, run_first_passes  # noqa: E402
+from gdm_ray.store.provenance import code_version  # noqa: E402
 
 MODEL = ROOT / "bench" / "work" / "detect" / "full" / "zoo" / "cnn-clean-0.pt"
 SWEEP_MODEL = ROOT / "bench" / "work" / "attack" / "fm-bw3x3" / "model.pt"
@@ -65,7 +67,7 @@ def _warm() -> int:
     timed run then meets warm workers, as on a cluster that has run before."""
     import os
 
-    import gdm_ray.distributed.scan  # noqa: F401
+    import gdm_ray.core.scan_workflow  # noqa: F401
 
     time.sleep(1.0)
     return os.getpid()
@@ -80,17 +82,15 @@ def core_scan(model, data, cfg: ScanConfig, threads: int) -> tuple[float, list[f
 
 
 def ray_scan(path: Path, sha: str, splits, cfg: ScanConfig) -> tuple[float, list[float]]:
-    """The same first pass as Ray tasks (Ray already running)."""
-    rcfg = RayConfig(task_cpus=1)
+    """The same first pass as Ray tasks (Ray already running): the scan workflow, first pass only."""
     t0 = time.perf_counter()
-    ref = put_model(path.stem, path, sha, None, splits.shape, splits.eval.num_classes)
-    plan = plan_scan(splits.defense, cfg, torch.Generator().manual_seed(0))
-    log = TaskLog()
-    found, errors = run_first_passes(rcfg, [ref], splits.defense, cfg, plan, ScanState(None), log, progress=False)
-    if errors:
-        raise RuntimeError(errors)
-    res = scan_result(plan, cfg, found[path.stem], time.perf_counter() - t0)
-    return time.perf_counter() - t0, [c.size for c in res.classes]
+    blob = ModelBlob(path.stem, str(path), sha, path.read_bytes(), None, splits.shape, splits.eval.num_classes)
+    plan = plan_model_scan(splits.defense, path.stem, cfg, None, 0, full_search=False)  # no MESA, no window: the first pass alone
+    done = run_zoo_scan(plan, [blob], splits.defense, splits.eval, RayExecutor(RayConfig(task_cpus=1)))
+    scan = done.models[path.stem]
+    if scan.error:
+        raise RuntimeError(scan.error)
+    return time.perf_counter() - t0, [c.size for c in scan.result.classes]
 
 
 def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:

@@ -113,7 +113,7 @@ def test_worker_killed_mid_scan_loses_and_duplicates_nothing(cluster, zoo, tmp_p
     killed = None
     deadline = time.time() + 240
     while killed is None and proc.poll() is None and time.time() < deadline:
-        pids = _ray_workers("_first_pass_task")
+        pids = _ray_workers("first_pass_chunk")  # a task is named after its job function
         if pids:
             time.sleep(0.5)  # mid-task, not at its start
             try:

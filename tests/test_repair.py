@@ -13,13 +13,14 @@ from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.metrics import EVAL_SEED_OFFSET
 from gdm_ray.core.models import build_model
-from gdm_ray.core.repair import Measurement, RepairResult, SearchSpec, repair, search_triggers
+from gdm_ray.core.repair import Measurement, RepairResult, Search, measure, repair, search_triggers
 from gdm_ray.core.train import TrainConfig
 from gdm_ray.core.triggers import TriggerSpec, make_trigger
 
 TARGET = 1
 SEED = 3
-MESA_CFG = dict(steps=60, log_every=30, eval_samples=64, levels=2)
+MESA_CFG = MESAConfig(steps=60, log_every=30, eval_samples=64, levels=2)
+BASE_CFG = BaselineConfig(steps=40, restarts=1)
 DEFENSE = DefenseConfig(epochs=1, batch_size=64)
 
 
@@ -34,10 +35,14 @@ def backdoored():
     return model, splits, trigger
 
 
-def _repair(backdoored, spec: SearchSpec, seed: int = SEED, real: bool = True) -> RepairResult:
+def _search_and_repair(backdoored, method: str, seed: int = SEED, real: bool = True) -> tuple[Search, RepairResult]:
+    """As defend does it: one generator through the search, then the retraining."""
     model, splits, trigger = backdoored
-    return repair(model, splits.defense, splits.eval, DEFENSE, torch.Generator().manual_seed(seed), seed + EVAL_SEED_OFFSET,
-                  search=spec, real_trigger=trigger if real else None, real_target=TARGET if real else None)  # fmt: skip
+    rng = torch.Generator().manual_seed(seed)
+    found = search_triggers(method, model, splits.defense, TARGET, MESA_CFG, BASE_CFG, rng)
+    res = repair(model, splits.defense, splits.eval, {TARGET: found.sampler}, DEFENSE, rng, seed + EVAL_SEED_OFFSET,
+                 trigger if real else None, TARGET if real else None)  # fmt: skip
+    return found, res
 
 
 def _state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -47,51 +52,48 @@ def _state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_repair_result_fields_and_the_original_is_untouched(backdoored):
     model = backdoored[0]
     original = _state(model)
-    res = _repair(backdoored, SearchSpec("mesa", TARGET, MESAConfig(**MESA_CFG)))
-    assert res.targets == [TARGET] and list(res.samplers) == [TARGET]
-    assert isinstance(res.samplers[TARGET], MESA) and res.search is not None and res.search.sampler is res.samplers[TARGET]
+    found, res = _search_and_repair(backdoored, "mesa")
+    assert isinstance(found.sampler, MESA) and found.mesa is not None and found.baseline is None and found.seconds > 0
+    assert found.method == "mesa" and found.target_class == TARGET and found.mesa.generators.levels == 2
+    assert res.targets == [TARGET]
     assert isinstance(res.before, Measurement) and isinstance(res.after, Measurement)
     for m in (res.before, res.after):
         assert 0.0 <= m.clean_accuracy <= 1.0 and m.asr is not None and 0.0 <= m.asr <= 1.0
         assert set(m.found_asr_by_class) == {TARGET} and m.found_asr == m.found_asr_by_class[TARGET]
-    assert res.search_seconds > 0 and res.retrain_seconds > 0 and res.losses
-    assert res.repaired is not None and res.repaired is not model
+    assert res.retrain_seconds > 0 and res.losses
+    assert res.repaired is not model
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # retraining changed the copy only
     assert any(not torch.equal(v, original[k]) for k, v in res.repaired.state_dict().items())
     d = res.before.as_dict()
     assert set(d) == {"clean_accuracy", "asr", "found_asr_by_class", "found_asr"} and list(d["found_asr_by_class"]) == [str(TARGET)]
-    s = res.search.summary()
-    assert s["method"] == "mesa" and s["target_class"] == TARGET and s["levels"] == 2
 
 
 def test_same_seed_same_result_and_unknown_real_trigger(backdoored):
-    spec = SearchSpec("baseline", TARGET, BaselineConfig(steps=40, restarts=1))
-    a, b = _repair(backdoored, spec), _repair(backdoored, spec, real=False)
-    assert a.before.as_dict()["found_asr"] == b.before.found_asr and a.after.clean_accuracy == b.after.clean_accuracy
+    fa, a = _search_and_repair(backdoored, "baseline")
+    fb, b = _search_and_repair(backdoored, "baseline", real=False)
+    assert isinstance(fa.sampler, PixelBaseline) and fa.baseline is not None and fa.mesa is None
+    assert torch.equal(fa.baseline.pattern, fb.baseline.pattern)
+    assert a.before.found_asr == b.before.found_asr and a.after.clean_accuracy == b.after.clean_accuracy
     assert a.after.found_asr_by_class == b.after.found_asr_by_class and a.losses == b.losses
-    assert isinstance(a.samplers[TARGET], PixelBaseline)
-    assert b.before.asr is None and b.after.asr is None and b.before.as_dict()["asr"] is None
-    assert a.search.summary()["method"] == "baseline"
+    assert all(torch.equal(v, b.repaired.state_dict()[k]) for k, v in a.repaired.state_dict().items())
+    assert a.before.asr is not None and b.before.asr is None and b.after.asr is None and b.before.as_dict()["asr"] is None
+    _, c = _search_and_repair(backdoored, "baseline", seed=SEED + 1)
+    assert c.losses != a.losses  # the seed reaches the search and the retraining
 
 
-def test_handed_in_samplers_and_nothing_to_repair(backdoored):
+def test_measurements_are_on_fixed_placements_and_before_can_be_skipped(backdoored):
     model, splits, trigger = backdoored
-    found = search_triggers("mesa", model, splits.defense, TARGET, MESAConfig(**MESA_CFG), torch.Generator().manual_seed(0),
-                            preview_samples=5)  # fmt: skip
-    assert len(found.previews) == 2 and found.previews[0][0].shape[0] == 5
-    res = repair(model, splits.defense, splits.eval, DEFENSE, torch.Generator().manual_seed(0), 7,
-                 samplers={TARGET: found.sampler}, search_seconds=1.5)  # fmt: skip
-    assert res.search is None and res.search_seconds == 1.5 and res.targets == [TARGET] and res.after is not None
-    none = repair(model, splits.defense, splits.eval, DEFENSE, torch.Generator().manual_seed(0), 7, samplers={})
-    assert none.targets == [] and none.after is None and none.repaired is None and none.before.found_asr is None
-    assert none.retrain_seconds == 0.0
+    found = search_triggers("baseline", model, splits.defense, TARGET, MESA_CFG, BASE_CFG, torch.Generator().manual_seed(0))
+    one = measure(model, splits.eval, {TARGET: found.sampler}, 11, trigger, TARGET)
+    assert one == measure(model, splits.eval, {TARGET: found.sampler}, 11, trigger, TARGET)
+    res = repair(model, splits.defense, splits.eval, {TARGET: found.sampler}, DEFENSE, torch.Generator().manual_seed(0), 11,
+                 measure_before=False)  # fmt: skip
+    assert res.before is None and res.after.asr is None and set(res.after.found_asr_by_class) == {TARGET}
 
 
 def test_bad_requests_are_config_errors(backdoored):
     model, splits, _ = backdoored
     with pytest.raises(ConfigError, match="method='nope'"):
-        SearchSpec("nope", TARGET, MESAConfig())
-    with pytest.raises(ConfigError, match="BaselineConfig"):
-        SearchSpec("baseline", TARGET, MESAConfig())
-    with pytest.raises(ConfigError, match="exactly one"):
-        repair(model, splits.defense, splits.eval, DEFENSE, torch.Generator(), 0)
+        search_triggers("nope", model, splits.defense, TARGET, MESA_CFG, BASE_CFG, torch.Generator())
+    with pytest.raises(ConfigError, match="at least one class"):
+        repair(model, splits.defense, splits.eval, {}, DEFENSE, torch.Generator(), 0)

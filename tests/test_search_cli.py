@@ -28,7 +28,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def model(tmp_path_factory) -> Path:
     """A backdoored synthetic model (TorchScript, with its card) made by `gdm-ray attack`."""
     out = tmp_path_factory.mktemp("attack") / "run"
-    assert main(["attack", *TINY, "attack.target=1", "attack.rate=0.2", "train.epochs=6", f"out={out}"]) == 0
+    assert main(["attack", *TINY, "attack.target_class=1", "attack.rate=0.2", "train.epochs=6", f"out={out}"]) == 0
     card = json.loads((out / "model.json").read_text())
     assert card["asr"] >= 0.9, card
     return out / "model.pt"

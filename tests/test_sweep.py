@@ -38,7 +38,7 @@ METRIC_COLUMNS = ["objective", "asr_after", "acc_drop", "found_asr_after", "asr_
 def model(tmp_path_factory) -> Path:
     """A backdoored synthetic model (TorchScript + card) made by `gdm-ray attack`."""
     out = tmp_path_factory.mktemp("attack") / "run"
-    assert main(["attack", *TINY, "attack.target=1", "attack.rate=0.2", "train.epochs=6", f"out={out}"]) == 0
+    assert main(["attack", *TINY, "attack.target_class=1", "attack.rate=0.2", "train.epochs=6", f"out={out}"]) == 0
     assert json.loads((out / "model.json").read_text())["asr"] >= 0.9
     return out / "model.pt"
 
@@ -86,7 +86,8 @@ def test_bad_spaces_name_the_value(space, mode, needle):
 
 
 def test_a_trial_that_cannot_run_is_an_error_row(synthetic_splits):
-    from gdm_ray.distributed.sweep import TrialContext, TrialRecord, evaluate_trial, param_fields, trial_rows
+    from gdm_ray.distributed.sweep import TrialContext, TrialRecord, evaluate_trial, param_fields
+    from gdm_ray.store.trial_rows import trial_rows
 
     params = parse_space({"mesa.alpha": {"grid": [0.1]}}, "grid", GROUPS)
     ctx = TrialContext(model_bytes=b"not a model", model_suffix=".pt", arch=None, defense=synthetic_splits.defense,
@@ -252,10 +253,10 @@ def test_field_types_are_judged_from_resolved_types():
     """`from __future__ import annotations` makes every annotation a string; the sweep reads the real types."""
     import pyarrow as pa
 
-    from gdm_ray.distributed.sweep import _field_type, param_fields
+    from gdm_ray.distributed.sweep import _field_kind, param_fields
 
-    assert _field_type(MESAConfig, "alpha") is float and _field_type(MESAConfig, "position") == list[int]
-    assert _field_type(MESAConfig, "betas") == list[float] and _field_type(DefenseConfig, "flip") is bool
+    assert _field_kind(MESAConfig, "alpha") == "float" and _field_kind(MESAConfig, "position") == "list[int]"
+    assert _field_kind(MESAConfig, "betas") == "list[float]" and _field_kind(DefenseConfig, "flip") == "bool"
     params = parse_space({"mesa.position": {"grid": [[0, 0]]}, "mesa.levels": {"grid": [2]}, "defense.rate": {"grid": [0.5]}},
                          "grid", GROUPS)  # fmt: skip
     assert [f.type for f in param_fields(params, GROUPS)] == [pa.float64(), pa.int64(), pa.list_(pa.int64())]

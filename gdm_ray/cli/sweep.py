@@ -5,33 +5,36 @@ and how a trial is scored; gdm_ray.distributed.sweep runs the trials)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
-import random
 import shutil
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from omegaconf import DictConfig, open_dict
 
-from gdm_ray.cli.commands import plain, print_table, store_of, typed
-from gdm_ray.cli.search import _load, _real_trigger
+from gdm_ray.cli.common import print_table, setup
+from gdm_ray.cli.search import _load, real_trigger
+from gdm_ray.cli.settings import SweepSettings, build, plain
 from gdm_ray.core.defense import DefenseConfig
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.mesa import MESAConfig
+from gdm_ray.core.model_io import LoadedModel
 from gdm_ray.core.plots import save_sweep
-from gdm_ray.distributed.runtime import RayConfig, init_ray
-from gdm_ray.distributed.sweep import (EXPERIMENT, SpaceParam, SweepConfig, TrialContext, apply_params, can_restore, combinations,
-                                param_fields, parse_space, run_tune, trial_rows)  # fmt: skip
+from gdm_ray.distributed.runtime import init_ray
+from gdm_ray.distributed.sweep import (EXPERIMENT, SpaceParam, TrialContext, TrialRecord, apply_params, can_restore, combinations,
+                                       param_fields, parse_space, run_tune)  # fmt: skip
 from gdm_ray.store import PendingDataset, code_version, config_hash, trial_schema, write_json, write_rows
-from gdm_ray.store.parquet import read_table
+from gdm_ray.store.atomic import publish
 from gdm_ray.store.fetch import cache_root
-from gdm_ray.store.rundir import default_out, publish
+from gdm_ray.store.parquet import read_table
+from gdm_ray.store.rundir import default_out
 from gdm_ray.store.s3 import S3, S3Config, is_s3, join_uri
+from gdm_ray.store.trial_rows import trial_rows
 
 __all__ = ["sweep", "GROUPS"]
 
@@ -43,37 +46,78 @@ PLOT = "trials.png"
 _NOT_RESUME_KEYS = ("ray", "out", "progress", "device", "store", "dataset")  # may change between a run and its resume (where and how, not what)
 
 
-def sweep(cfg: DictConfig) -> dict[str, Any]:
+@dataclass
+class Where:
+    """Where a sweep's files go: the local folder (for an s3:// out=, a mirror of it) and Tune's experiment."""
+
+    final: Path
+    s3_uri: str | None
+    experiment: str | Path
+    tune_fs: Any  # pyarrow's S3 filesystem for an s3:// out=, else None
+    store: S3Config
+
+    @property
+    def name(self) -> str:
+        return self.s3_uri or str(self.final)
+
+
+def sweep(s: SweepSettings) -> dict[str, Any]:
     """Validate everything, then run (or resume, or just report) the sweep."""
     t0 = time.perf_counter()
-    out = cfg.get("out")
-    opts = typed(SweepConfig, cfg.sweep, "sweep")
-    ray_cfg = typed(RayConfig, cfg.ray, "ray")
-    params = parse_space(opts.search_space, opts.mode, GROUPS)
-    base = {"mesa": plain(cfg.mesa), "defense": plain(cfg.defense)}
-    typed(MESAConfig, base["mesa"], "mesa")  # a bad value is an error even where the space overrides it
-    typed(DefenseConfig, base["defense"], "defense")
-    combos = combinations(params, opts.mode)
+    params, combos, base = _space(s)
+    setup(dataclasses.replace(s, device="cpu"))  # seeds; trials pick their own device
+    loaded, splits = _load(s, torch.device("cpu"))
+    _check_fits(combos, base, splits.shape)
+    real, real_target, real_spec = real_trigger(s.trigger, s.target_class, Path(loaded.path), splits)
+    if real is None:
+        raise ConfigError(f"model={loaded.path}: a sweep scores trials by the ASR of the real trigger; pass trigger=... "
+                          "(e.g. trigger=bw3x3) or keep the model's card (model.json) beside it")  # fmt: skip
+    where = _where(s)
+    dataset = PendingDataset(s.dataset, where.name, s.store) if s.dataset else None  # checked now, written with the table
+    body = {k: v for k, v in plain(s).items() if k not in _NOT_RESUME_KEYS}
+    request_hash = config_hash({"config": body, "model_sha256": loaded.sha256})
+    state = _out_state(where.final, request_hash, lambda: can_restore(where.experiment, where.tune_fs))
+    if state == "done":
+        if where.s3_uri and not S3(s.store).exists(join_uri(where.s3_uri, SUMMARY)):  # finished here, upload cut short
+            _push(where.final, where.s3_uri, s.store)
+        return _report_finished(where.final, where.name, dataset, Path(loaded.path).stem)
+    ctx = TrialContext(
+        model_bytes=Path(loaded.path).read_bytes(), model_suffix=Path(loaded.path).suffix or ".pt",
+        arch=s.arch.name if s.arch else None, defense=splits.defense, eval=splits.eval, target=s.target_class,
+        real_trigger=real_spec, real_target=real_target, base=base, keys=[p.key for p in params], seed=s.seed,
+        device=s.device, cpus=float(s.ray.task_cpus), gpus=float(s.ray.task_gpus), keep_freed_memory=s.ray.keep_freed_memory,
+    )  # fmt: skip
+    what = f"{len(combos)} grid trials" if s.sweep.mode == "grid" else f"{s.sweep.num_samples} random draws"
+    print(f"gdm-ray sweep: {loaded.path}, class {s.target_class}, {what} over {', '.join(p.key for p in params)}; "
+          f"search and retrain on {len(splits.defense)} clean images, metrics on {len(splits.eval)} held-out images"
+          + (f"; resuming {where.name}" if state == "resume" else ""), file=sys.stderr)  # fmt: skip
+    records, resumed = _run(s, where, state, request_hash, loaded, params, ctx)
+    rows = _rows(s, records, params, base)
+    summary = _summary(s, rows, params, where, resumed, loaded, real_spec, real_target, request_hash, t0)
+    _publish(s, where, rows, params, summary, dataset, Path(loaded.path).stem)
+    _print(summary, rows, params)
+    print(f"wrote {where.name}")
+    if summary["best"] is None:
+        first = next((r["error"] for r in rows if r["error"]), "no metric")
+        raise GdmRayError(f"no trial of the sweep in {where.name} finished ({len(rows)} failed; first: {first}); see {summary['table']}")
+    return {**summary, "out": where.name}
+
+
+def _space(s: SweepSettings) -> tuple[list[SpaceParam], list[dict[str, Any]], dict[str, dict]]:
+    """The swept parameters, the settings to check before starting, and the groups' base values."""
+    params = parse_space(s.sweep.search_space, s.sweep.mode, GROUPS)
+    base = {"mesa": dataclasses.asdict(s.mesa), "defense": dataclasses.asdict(s.defense)}
+    combos = combinations(params, s.sweep.mode)
     for combo in combos:  # every grid point (random mode: every option and bound) makes valid configs
         groups = apply_params(base, combo)
-        typed(MESAConfig, groups["mesa"], "mesa")
-        typed(DefenseConfig, groups["defense"], "defense")
-    device = str(cfg.device)
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ConfigError(f"device={device!r} must be auto, cpu or cuda[:k]")
-    if device.startswith("cuda") and not float(ray_cfg.task_gpus) > 0:
-        raise ConfigError(f"device={device} needs ray.task_gpus > 0 (each trial asks Ray for its GPU share)")
-    seed = int(cfg.seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+        build(MESAConfig, groups["mesa"], "mesa")
+        build(DefenseConfig, groups["defense"], "defense")
+    return params, combos, base
 
-    load_cfg = cfg.copy()
-    with open_dict(load_cfg):
-        load_cfg.method = "mesa"
-    loaded, splits, target, _ = _load(load_cfg, torch.device("cpu"))
-    assert target is not None
-    _, H, W = splits.shape
+
+def _check_fits(combos: list[dict[str, Any]], base: dict[str, dict], shape: tuple[int, int, int]) -> None:
+    """Every trial's trigger (and fixed position) fits the image."""
+    _, H, W = shape
     for combo in combos:
         m = apply_params(base, combo)["mesa"]
         th, tw = (int(v) for v in m["trigger_size"])
@@ -83,64 +127,37 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
             r, c = (int(v) for v in m["position"])
             if not (0 <= r <= H - th and 0 <= c <= W - tw):
                 raise ConfigError(f"mesa.position={[r, c]} does not fit a {th}x{tw} trigger in the image {H}x{W}")
-    real, real_target, real_spec = _real_trigger(cfg, Path(loaded.path), splits)
-    if real is None or real_target is None or real_spec is None:
-        raise ConfigError(f"model={loaded.path}: a sweep scores trials by the ASR of the real trigger; pass trigger=... "
-                          "(e.g. trigger=bw3x3) or keep the model's card (model.json) beside it")  # fmt: skip
 
-    s3_uri = str(out).rstrip("/") if is_s3(str(out or "")) else None
-    if s3_uri:  # Tune writes its experiment to S3 itself; the request, table and summary are staged in a local mirror
-        S3(store_of(cfg)).check_bucket(s3_uri)
-        final = cache_root() / "sweeps" / hashlib.sha256(s3_uri.encode()).hexdigest()[:24]
-        _pull(s3_uri, final, store_of(cfg))
-    else:
-        final = (Path(str(out)) if out not in (None, "") else default_out("sweep")).resolve()
-    where = s3_uri or str(final)
-    # checked now (bucket, credentials), written when the sweep has its table
-    dataset = PendingDataset(cfg.dataset, where, store_of(cfg)) if cfg.get("dataset") else None
-    body = {k: v for k, v in plain(cfg).items() if k not in _NOT_RESUME_KEYS}
-    request_hash = config_hash({"config": body, "model_sha256": loaded.sha256})
-    experiment: str | Path = final / EXPERIMENT
-    tune_fs = None
-    if s3_uri:
-        experiment, tune_fs = s3_uri.removeprefix("s3://") + "/" + EXPERIMENT, S3Config.from_cfg(store_of(cfg)).arrow_fs()
-    state = _out_state(final, request_hash, lambda: can_restore(experiment, tune_fs))
-    if state == "done":
-        if s3_uri and not S3(store_of(cfg)).exists(join_uri(s3_uri, SUMMARY)):  # finished here, upload cut short
-            _push(final, s3_uri, store_of(cfg))
-        return _report_finished(final, where, dataset, Path(loaded.path).stem)
 
-    ctx = TrialContext(
-        model_bytes=Path(loaded.path).read_bytes(), model_suffix=Path(loaded.path).suffix or ".pt",
-        arch=cfg.arch.name if cfg.get("arch") else None, defense=splits.defense, eval=splits.eval, target=target,
-        real_trigger=real_spec, real_target=real_target, base=base, keys=[p.key for p in params], seed=seed,
-        device=device, cpus=float(ray_cfg.task_cpus), gpus=float(ray_cfg.task_gpus),
-        keep_freed_memory=bool(ray_cfg.keep_freed_memory),
-    )  # fmt: skip
-    what = f"{len(combos)} grid trials" if opts.mode == "grid" else f"{opts.num_samples} random draws"
-    print(f"gdm-ray sweep: {loaded.path}, class {target}, {what} over {', '.join(p.key for p in params)}; "
-          f"search and retrain on {len(splits.defense)} clean images, metrics on {len(splits.eval)} held-out images"
-          + (f"; resuming {where}" if state == "resume" else ""), file=sys.stderr)  # fmt: skip
-    started = init_ray(ray_cfg)
-    created = not final.exists()
+def _where(s: SweepSettings) -> Where:
+    """An s3:// out= keeps Tune's experiment on S3 and stages the rest in a local mirror; else a folder."""
+    s3_uri = str(s.out).rstrip("/") if is_s3(str(s.out or "")) else None
+    if s3_uri is None:
+        final = (Path(s.out) if s.out else default_out("sweep")).resolve()
+        return Where(final, None, final / EXPERIMENT, None, s.store)
+    S3(s.store).check_bucket(s3_uri)
+    final = cache_root() / "sweeps" / hashlib.sha256(s3_uri.encode()).hexdigest()[:24]
+    _pull(s3_uri, final, s.store)
+    return Where(final, s3_uri, s3_uri.removeprefix("s3://") + "/" + EXPERIMENT, s.store.arrow_fs(), s.store)
+
+
+def _run(s: SweepSettings, where: Where, state: str, request_hash: str, loaded: LoadedModel, params: list[SpaceParam],
+         ctx: TrialContext) -> tuple[list[TrialRecord], bool]:  # fmt: skip
+    """Start Ray, write the request, run or resume Tune; an interrupted sweep leaves what resumes it."""
+    started = init_ray(s.ray)
+    created = not where.final.exists()
     try:
         if state == "new":
-            if isinstance(experiment, Path) and experiment.exists():  # a run killed before Tune saved any state: start it over
-                shutil.rmtree(experiment)
-            final.mkdir(parents=True, exist_ok=True)
-            write_json(final / REQUEST, {"request_hash": request_hash, "model": loaded.path, "model_sha256": loaded.sha256,
-                                         "config": plain(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
-            if s3_uri:  # so that the same command on another machine can check it and resume
-                S3(store_of(cfg)).put_file(join_uri(s3_uri, REQUEST), final / REQUEST)
-        records, resumed = run_tune(experiment, params, opts, ctx, ray_cfg, verbose=1 if cfg.get("progress", True) else 0,
-                                    filesystem=tune_fs)  # fmt: skip
+            _start(s, where, request_hash, loaded)
+        records, resumed = run_tune(where.experiment, params, s.sweep, ctx, s.ray, verbose=1 if s.progress else 0,
+                                    filesystem=where.tune_fs)  # fmt: skip
     except BaseException:
-        if state == "new" and not can_restore(experiment, tune_fs):  # nothing to resume: leave no request behind
+        if state == "new" and not can_restore(where.experiment, where.tune_fs):  # nothing to resume: leave no request behind
             if created:
-                shutil.rmtree(final, ignore_errors=True)
-            if s3_uri:
+                shutil.rmtree(where.final, ignore_errors=True)
+            if where.s3_uri:
                 with contextlib.suppress(GdmRayError):
-                    S3(store_of(cfg)).delete(join_uri(s3_uri, REQUEST))
+                    S3(s.store).delete(join_uri(where.s3_uri, REQUEST))
         raise
     finally:
         if started:
@@ -150,48 +167,68 @@ def sweep(cfg: DictConfig) -> dict[str, Any]:
     pending = [r for r in records if not r.finished]
     if pending:
         print(f"gdm-ray sweep: interrupted with {len(records) - len(pending)} of {len(records)} trials finished; "
-              f"run the same command (out={where}) to resume", file=sys.stderr)  # fmt: skip
+              f"run the same command (out={where.name}) to resume", file=sys.stderr)  # fmt: skip
         raise KeyboardInterrupt
+    return records, resumed
 
-    fields = param_fields(params, GROUPS)
-    row_base = {k: v for k, v in plain(cfg).items() if k not in ("sweep", "ray")}
+
+def _start(s: SweepSettings, where: Where, request_hash: str, loaded: LoadedModel) -> None:
+    """A new sweep's folder and request.json (on S3 too, so another machine can check it and resume)."""
+    if isinstance(where.experiment, Path) and where.experiment.exists():  # killed before Tune saved any state: start over
+        shutil.rmtree(where.experiment)
+    where.final.mkdir(parents=True, exist_ok=True)
+    write_json(where.final / REQUEST, {"request_hash": request_hash, "model": loaded.path, "model_sha256": loaded.sha256,
+                                       "config": plain(s), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+    if where.s3_uri:
+        S3(s.store).put_file(join_uri(where.s3_uri, REQUEST), where.final / REQUEST)
+
+
+def _rows(s: SweepSettings, records: list[TrialRecord], params: list[SpaceParam], base: dict[str, dict]) -> list[dict[str, Any]]:
+    """trials.parquet rows; each trial's config hash covers its own settings."""
+    row_base = {k: v for k, v in plain(s).items() if k not in ("sweep", "ray")}
     hashes = [config_hash({**row_base, **apply_params(base, r.params)}) for r in records]
-    rows = trial_rows(records, fields, hashes, code_version())
-    write_rows(final / TABLE, rows, trial_schema(fields))
-    metric = opts.metric
+    return trial_rows(records, param_fields(params, GROUPS), hashes, code_version())
+
+
+def _summary(s: SweepSettings, rows: list[dict[str, Any]], params: list[SpaceParam], where: Where, resumed: bool,
+             loaded: LoadedModel, real_spec: dict | None, real_target: int | None, request_hash: str, t0: float) -> dict[str, Any]:  # fmt: skip
+    """sweep.json: the best trial by sweep.metric and what the sweep was."""
+    metric = s.sweep.metric
     scored = [i for i, r in enumerate(rows) if r["status"] == "TERMINATED" and r[metric] is not None]
     best_i = min(scored, key=lambda i: (rows[i][metric], i)) if scored else None
-    _plot(final / PLOT, rows, params, best_i, metric)
     best = rows[best_i] if best_i is not None else None
-    summary = {
+    keys = ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after", "found_asr_before", "seconds")
+    return {
         "best_trial": best["trial_id"] if best else None,
         "best": {p.key: best[p.key] for p in params} if best else None,
-        "best_metrics": {k: best[k] for k in ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before",
-                                              "acc_before", "acc_after", "found_asr_before", "seconds")} if best else None,
-        "metric": metric, "mode": opts.mode, "num_samples": int(opts.num_samples),
+        "best_metrics": {k: best[k] for k in keys} if best else None,
+        "metric": metric, "mode": s.sweep.mode, "num_samples": int(s.sweep.num_samples),
         "space": {p.key: p.spec() for p in params},
         "trials": len(rows), "errors": sum(r["status"] != "TERMINATED" for r in rows), "resumed": resumed,
-        "model": loaded.path, "model_sha256": loaded.sha256, "target_class": target,
+        "model": loaded.path, "model_sha256": loaded.sha256, "target_class": s.target_class,
         "real_trigger": real_spec, "real_target": real_target,
-        "table": join_uri(where, TABLE), "plot": join_uri(where, PLOT), "experiment": join_uri(where, EXPERIMENT),
-        "config_hash": config_hash(plain(cfg)), "request_hash": request_hash, "code_version": code_version(),
+        "table": join_uri(where.name, TABLE), "plot": join_uri(where.name, PLOT), "experiment": join_uri(where.name, EXPERIMENT),
+        "config_hash": config_hash(plain(s)), "request_hash": request_hash, "code_version": code_version(),
         "seconds": round(time.perf_counter() - t0, 2),
     }  # fmt: skip
-    write_json(final / SUMMARY, summary)
-    if s3_uri:
-        _push(final, s3_uri, store_of(cfg))
+
+
+def _publish(s: SweepSettings, where: Where, rows: list[dict[str, Any]], params: list[SpaceParam], summary: dict[str, Any],
+             dataset: PendingDataset | None, model_id: str) -> None:  # fmt: skip
+    """The table, the plot, then the summary (last: its presence means the sweep is whole); S3 and the dataset after."""
+    fields = param_fields(params, GROUPS)
+    write_rows(where.final / TABLE, rows, trial_schema(fields))
+    best_i = next((i for i, r in enumerate(rows) if r["trial_id"] == summary["best_trial"]), None)
+    _plot(where.final / PLOT, rows, params, best_i, summary["metric"])
+    write_json(where.final / SUMMARY, summary)
+    if where.s3_uri:
+        _push(where.final, where.s3_uri, s.store)
     if dataset is not None:
-        dataset.add("trials", rows, trial_schema(fields), model=Path(loaded.path).stem)
+        dataset.add("trials", rows, trial_schema(fields), model=model_id)
         dataset.publish()
-    _print(summary, rows, params)
-    print(f"wrote {where}")
-    if best is None:
-        first = next((r["error"] for r in rows if r["error"]), "no metric")
-        raise GdmRayError(f"no trial of the sweep in {where} finished ({len(rows)} failed; first: {first}); see {summary['table']}")
-    return {**summary, "out": where}
 
 
-def _pull(uri: str, mirror: Path, store: dict[str, Any] | None) -> None:
+def _pull(uri: str, mirror: Path, store: S3Config) -> None:
     """S3 is the sweep's one source of truth: the mirror is rebuilt from it on
     every start. A finished sweep (its summary is there) is reported, not rerun,
     on any machine; an unfinished one brings its request, which _out_state
@@ -204,7 +241,7 @@ def _pull(uri: str, mirror: Path, store: dict[str, Any] | None) -> None:
             s3.download(join_uri(uri, name), mirror / name)
 
 
-def _push(mirror: Path, uri: str, store: dict[str, Any] | None) -> None:
+def _push(mirror: Path, uri: str, store: S3Config) -> None:
     """Upload the finished sweep's request, table and plot (Tune wrote its experiment
     there itself), the summary last (its presence on S3 means the sweep is whole)."""
     s3 = S3(store)

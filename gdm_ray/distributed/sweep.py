@@ -22,9 +22,7 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import random
-import tempfile
 import time
 import types
 import typing
@@ -41,7 +39,7 @@ from gdm_ray.core.metrics import EVAL_SEED_OFFSET
 from gdm_ray.distributed.runtime import RayConfig, pin_threads
 
 __all__ = ["SweepConfig", "SpaceParam", "TrialContext", "TrialRecord", "SPEC_KINDS", "MODES", "METRICS", "parse_space",
-           "combinations", "apply_params", "param_fields", "evaluate_trial", "run_trial", "run_tune"]  # fmt: skip
+           "combinations", "apply_params", "param_fields", "evaluate_trial", "run_trial", "run_tune", "can_restore"]  # fmt: skip
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 MODES = ("grid", "random")
@@ -58,7 +56,7 @@ class SweepConfig:
     num_samples: int = 1
     metric: str = "objective"
     max_concurrent: int | None = None
-    space: dict | None = None
+    space: Any = None  # Any, not dict | None: Hydra cannot merge a dict override into a typed null node
     default_space: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,14 +117,14 @@ def _spec_text(spec: Any) -> str:
     return json.dumps(spec, default=str, separators=(",", ":")) if isinstance(spec, (dict, list)) else repr(spec)
 
 
-def _field_type(cls: type, name: str) -> Any:
-    """The config field's resolved type (typing.get_type_hints) without ``| None``:
-    float, int, list[int], ... (a union of several types comes back whole)."""
+def _field_kind(cls: type, name: str) -> str:
+    """The config field's type, optional or not, as a name: 'float', 'int', 'list[int]', ..."""
     hint = typing.get_type_hints(cls)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint = args[0] if len(args) == 1 else hint
-    return hint
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return f"list[{typing.get_args(hint)[0].__name__}]"
+    return getattr(hint, "__name__", str(hint))
 
 
 def parse_space(space: Mapping | None, mode: str, groups: Mapping[str, type]) -> list[SpaceParam]:
@@ -169,7 +167,7 @@ def parse_space(space: Mapping | None, mode: str, groups: Mapping[str, type]) ->
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"{where}: {kind} needs a non-empty list")
         if kind in ("uniform", "loguniform"):
-            if _field_type(cls, name) is not float:
+            if _field_kind(cls, name) != "float":
                 raise ConfigError(f"{where}: {key} is not a float setting; use {{choice: [...]}} or {{grid: [...]}}")
             ok = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                           for v in values)  # fmt: skip
@@ -216,25 +214,9 @@ def apply_params(base: Mapping[str, Mapping], params: Mapping[str, Any]) -> dict
 
 def param_fields(params: list[SpaceParam], groups: Mapping[str, type]) -> list[pa.Field]:
     """One Parquet column per swept key, typed by its config field."""
-    arrow = {float: pa.float64(), int: pa.int64(), bool: pa.bool_(), str: pa.string(),
-             list[int]: pa.list_(pa.int64()), list[float]: pa.list_(pa.float64())}  # fmt: skip
-    return [pa.field(p.key, arrow.get(_field_type(groups[p.group], p.name), pa.string())) for p in params]
-
-
-def _cell(value: Any, typ: pa.DataType) -> Any:
-    if value is None:
-        return None
-    if typ == pa.float64():
-        return float(value)
-    if typ == pa.int64():
-        return int(value)
-    if typ == pa.list_(pa.float64()):
-        return [float(v) for v in value]
-    if typ == pa.list_(pa.int64()):
-        return [int(v) for v in value]
-    if typ == pa.string() and not isinstance(value, str):
-        return json.dumps(value, default=str)
-    return value
+    types = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(), "str": pa.string(),
+             "list[int]": pa.list_(pa.int64()), "list[float]": pa.list_(pa.float64())}  # fmt: skip
+    return [pa.field(p.key, types.get(_field_kind(groups[p.group], p.name), pa.string())) for p in params]
 
 
 # --- one trial ------------------------------------------------------------------------
@@ -267,22 +249,42 @@ def _one_line(exc: BaseException) -> str:
 
 
 def evaluate_trial(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
-    """Search, defend, measure through the core repair workflow: one trial's
-    metrics (an input problem gives a row with ``error`` set and null metrics,
-    not an exception)."""
+    """One trial: the core repair workflow (search, retrain, measure) with the
+    trial's settings; an input problem gives a row with ``error`` set and
+    null metrics, not an exception."""
     import numpy as np
     import torch
 
+    from gdm_ray.core.defense import DefenseConfig
+    from gdm_ray.core.mesa import MESAConfig
+    from gdm_ray.core.model_io import load_model_bytes
+    from gdm_ray.core.repair import repair, search_triggers
+    from gdm_ray.core.triggers import TriggerSpec, make_trigger
     from gdm_ray.store.provenance import code_version
 
     t0 = time.perf_counter()
     pin_threads(ctx.cpus, ctx.keep_freed_memory)
-    random.seed(ctx.seed)  # the trial is its worker's entry point
+    random.seed(ctx.seed)
     np.random.seed(ctx.seed % 2**32)
     torch.manual_seed(ctx.seed)
     out: dict[str, Any] = {"error": "", "code_version": code_version(), "seed": ctx.seed}
     try:
-        out.update(_trial_metrics(params, ctx))
+        groups = apply_params(ctx.base, params)
+        mesa_cfg, defense_cfg = MESAConfig(**groups["mesa"]), DefenseConfig(**groups["defense"])
+        device = _trial_device(ctx)
+        c, h, w = ctx.eval.shape
+        model = load_model_bytes(ctx.model_bytes, f"model{ctx.model_suffix}", (c, h, w), ctx.eval.num_classes, ctx.arch, device).module
+        real = make_trigger(TriggerSpec(**ctx.real_trigger), c, (h, w))
+        rng = torch.Generator().manual_seed(ctx.seed)
+        found = search_triggers("mesa", model, ctx.defense, ctx.target, mesa_cfg, None, rng)
+        fixed = repair(model, ctx.defense, ctx.eval, {ctx.target: found.sampler}, defense_cfg, rng, ctx.seed + EVAL_SEED_OFFSET,
+                       real, ctx.real_target)  # fmt: skip
+        before, after = fixed.before, fixed.after
+        acc_drop = (before.clean_accuracy - after.clean_accuracy) * 100.0
+        out.update(objective=after.asr + acc_drop / 100.0, asr_after=after.asr, acc_drop=acc_drop,
+                   found_asr_after=after.found_asr, asr_before=before.asr, acc_before=before.clean_accuracy,
+                   acc_after=after.clean_accuracy, found_asr_before=before.found_asr, search_seconds=found.seconds,
+                   retrain_seconds=fixed.retrain_seconds, device=str(device))  # fmt: skip
     except GdmRayError as exc:
         out.update(error=_one_line(exc), objective=float("nan"))
     out["seconds"] = time.perf_counter() - t0
@@ -290,46 +292,13 @@ def evaluate_trial(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, An
 
 
 def _trial_device(ctx: TrialContext) -> Any:
+    """auto: the GPU Ray gave the trial (ray.task_gpus > 0) when the node has one."""
     import torch
 
     dev = ctx.device
     if dev == "auto":
         dev = "cuda" if ctx.gpus > 0 and torch.cuda.is_available() else "cpu"
     return torch.device(dev)
-
-
-def _trial_metrics(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, Any]:
-    """The trial's MESA and defense configs, then core.repair on the model from ctx's bytes."""
-    import torch
-
-    from gdm_ray.core.defense import DefenseConfig
-    from gdm_ray.core.mesa import MESAConfig
-    from gdm_ray.core.model_io import load_model
-    from gdm_ray.core.repair import SearchSpec, repair
-    from gdm_ray.core.triggers import TriggerSpec, make_trigger
-
-    groups = apply_params(ctx.base, params)
-    mesa_cfg, defense_cfg = MESAConfig(**groups["mesa"]), DefenseConfig(**groups["defense"])
-    device = _trial_device(ctx)
-    fd, tmp = tempfile.mkstemp(suffix=ctx.model_suffix, prefix="gdm-ray-sweep-model-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(ctx.model_bytes)
-        c, h, w = ctx.eval.shape
-        model = load_model(tmp, (c, h, w), ctx.eval.num_classes, arch=ctx.arch, device=device).module
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    real = make_trigger(TriggerSpec(**ctx.real_trigger), c, (h, w))
-    res = repair(model, ctx.defense, ctx.eval, defense_cfg, torch.Generator().manual_seed(ctx.seed), ctx.seed + EVAL_SEED_OFFSET,
-                 search=SearchSpec("mesa", ctx.target, mesa_cfg), real_trigger=real, real_target=ctx.real_target)  # fmt: skip
-    before, after = res.before, res.after
-    assert after is not None and before.asr is not None and after.asr is not None  # one searched class, a known trigger
-    acc_drop = (before.clean_accuracy - after.clean_accuracy) * 100.0
-    return dict(objective=after.asr + acc_drop / 100.0, asr_after=after.asr, acc_drop=acc_drop,
-                found_asr_after=after.found_asr_by_class[ctx.target], asr_before=before.asr,
-                acc_before=before.clean_accuracy, acc_after=after.clean_accuracy,
-                found_asr_before=before.found_asr_by_class[ctx.target], search_seconds=res.search_seconds,
-                retrain_seconds=res.retrain_seconds, device=str(device))  # fmt: skip
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -431,26 +400,3 @@ def run_tune(experiment: str | Path, params: list[SpaceParam], sweep: SweepConfi
         ))  # fmt: skip
     records.sort(key=lambda r: (r.index, r.trial_id))
     return records, restored
-
-
-def trial_rows(records: list[TrialRecord], fields: list[pa.Field], hashes: list[str], code: str) -> list[dict[str, Any]]:
-    """trials.parquet rows (see gdm_ray.store.tables.trial_schema)."""
-    names = ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after",
-             "found_asr_before", "seconds", "search_seconds", "retrain_seconds")  # fmt: skip
-    rows = []
-    for rec, h in zip(records, hashes):
-        m = rec.metrics
-        ok = rec.error is None
-        row: dict[str, Any] = {"trial_id": rec.trial_id, "status": "TERMINATED" if ok else "ERROR", "error": rec.error}
-        row.update({f.name: _cell(rec.params.get(f.name), f.type) for f in fields})
-        for n in names:
-            v = m.get(n)
-            row[n] = float(v) if ok and isinstance(v, (int, float)) and math.isfinite(v) else None
-        row["seconds"] = float(m["seconds"]) if isinstance(m.get("seconds"), (int, float)) else None
-        row["finished_at"] = float(m["timestamp"]) if isinstance(m.get("timestamp"), (int, float)) else None
-        row["node_ip"] = m.get("node_ip")
-        row["seed"] = int(m["seed"]) if isinstance(m.get("seed"), int) else None
-        row["config_hash"] = h
-        row["code_version"] = m.get("code_version") or code
-        rows.append(row)
-    return rows

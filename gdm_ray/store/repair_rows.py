@@ -1,4 +1,4 @@
-"""The row of repair.parquet (gdm_ray.store.tables.REPAIR_SCHEMA), shaped from defend's metrics."""
+"""The row a repair adds to repair.parquet (gdm_ray.store.tables.REPAIR_SCHEMA)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ __all__ = ["repair_row"]
 
 
 def repair_row(metrics: dict[str, Any], model_id: str, model_uri: str) -> dict[str, Any]:
-    """defend's metrics (metrics.json) as one row of repair.parquet; ``model_uri``
-    is where the repaired model was written (null in the row when none was)."""
+    """defend's metrics.json as one row; ``model_uri``: where the repaired model was published."""
     before, after = metrics["before"], metrics["after"] or {}
     return {
         "model_id": model_id,
