@@ -49,18 +49,20 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from report import markdown_table, write_result  # noqa: E402
 
-from gdm_ray.store.provenance import code_version  # noqa: E402
-from gdm_ray.cli.commands import attack, load_data, typed  # noqa: E402
-from gdm_ray.cli.main import compose_config  # noqa: E402
+from gdm_ray.cli.attack import attack  # noqa: E402
+from gdm_ray.cli.common import load_data  # noqa: E402
+from gdm_ray.cli.compose import compose_settings  # noqa: E402
 from gdm_ray.cli.search import defend  # noqa: E402
+from gdm_ray.cli.settings import DefendSettings, build  # noqa: E402
 from gdm_ray.core.baseline import PixelBaseline, load_trigger  # noqa: E402
-from gdm_ray.core.defense import DefenseConfig, retrain  # noqa: E402
 from gdm_ray.core.ensemble import load_ensemble  # noqa: E402
-from gdm_ray.core.mesa import MESA, MESAConfig  # noqa: E402
-from gdm_ray.core.metrics import EVAL_SEED_OFFSET, attack_success_rate, clean_accuracy  # noqa: E402
-from gdm_ray.core.model_io import clone_model, load_model  # noqa: E402
+from gdm_ray.core.mesa import MESA  # noqa: E402
+from gdm_ray.core.metrics import EVAL_SEED_OFFSET, attack_success_rate  # noqa: E402
+from gdm_ray.core.model_io import load_model  # noqa: E402
+from gdm_ray.core.repair import repair  # noqa: E402
 from gdm_ray.core.train import frozen  # noqa: E402
 from gdm_ray.core.triggers import TriggerSpec, make_trigger  # noqa: E402
+from gdm_ray.store.provenance import code_version  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpg.tar.gz"
 
@@ -107,23 +109,23 @@ def cached(out: Path, name: str, make) -> dict:
 
 
 def model_for(ds: dict, overrides: list[str], out: Path) -> dict:
-    cfg = compose_config("attack", [*overrides, *ds["data"], f"out={out}", "progress=false"])
-    return cached(out, "model.json", lambda: attack(cfg))
+    s = compose_settings("attack", [*overrides, *ds["data"], f"out={out}", "progress=false"])
+    return cached(out, "model.json", lambda: attack(s))
 
 
-def defend_config(ds: dict, model: Path, target: int, method: str, out: Path, extra: list[str]):
+def defend_settings(ds: dict, model: Path, target: int, method: str, out: Path, extra: list[str]) -> DefendSettings:
     over = [f"model={model}", f"target_class={target}", f"method={method}", f"out={out}", "progress=false"]
-    return compose_config("defend", [*over, *ds["data"], *ds["defend"], *extra])
+    return compose_settings("defend", [*over, *ds["data"], *ds["defend"], *extra])
 
 
 def defend_one(ds: dict, model: Path, target: int, method: str, out: Path, extra: list[str]) -> dict:
-    cfg = defend_config(ds, model, target, method, out, extra)
-    return cached(out, "metrics.json", lambda: defend(cfg))
+    s = defend_settings(ds, model, target, method, out, extra)
+    return cached(out, "metrics.json", lambda: defend(s))
 
 
 def real_trigger(splits, card: dict):
     c, h, w = splits.shape
-    return make_trigger(TriggerSpec(**card["trigger"]), c, (h, w))
+    return make_trigger(build(TriggerSpec, card["trigger"], "model card trigger"), c, (h, w))
 
 
 def floor_asr(splits, clean: torch.nn.Module, trigger, target: int, n: int) -> float:
@@ -146,16 +148,17 @@ def retrains(ds: dict, splits, trigger, model: Path, target: int, method: str, o
     done = {r["seed"]: r for r in json.loads(f.read_text())} if f.is_file() else {}
     if all(s in done for s in range(1, n)):
         return runs + [done[s] for s in range(1, n)]
-    dcfg = typed(DefenseConfig, defend_config(ds, model, target, method, out, extra).defense, "defense")
+    dcfg = defend_settings(ds, model, target, method, out, extra).defense
     net = load_model(model, splits.shape, splits.eval.num_classes).module
     sampler = load_ensemble(out / "ensemble") if method == "mesa" else PixelBaseline.from_result(
         load_trigger(out / "trigger.safetensors", target))
     for s in range(1, n):
         if s not in done:
-            m = clone_model(net)
-            retrain(m, splits.defense, [sampler], dcfg, torch.Generator().manual_seed(s))
-            asr = attack_success_rate(m, splits.eval, trigger, target, torch.Generator().manual_seed(s + EVAL_SEED_OFFSET))
-            done[s] = {"seed": s, "asr": asr, "clean_accuracy": clean_accuracy(m, splits.eval), "code_version": code_version()}
+            # the core repair `defend seed=s` would run, against the saved triggers (the "before" is the defend run's)
+            after = repair(net, splits.defense, splits.eval, {target: sampler}, dcfg, torch.Generator().manual_seed(s),
+                           s + EVAL_SEED_OFFSET, trigger, target, measure_before=False).after  # fmt: skip
+            asr = after.asr
+            done[s] = {"seed": s, "asr": asr, "clean_accuracy": after.clean_accuracy, "code_version": code_version()}
             f.write_text(json.dumps(sorted(done.values(), key=lambda r: r["seed"]), indent=1) + "\n")
             print(f"  {out.name} retraining seed {s}: ASR {pct(asr)}, acc {pct(done[s]['clean_accuracy'])}", flush=True)
     return runs + [done[s] for s in range(1, n)]
@@ -164,8 +167,7 @@ def retrains(ds: dict, splits, trigger, model: Path, target: int, method: str, o
 def overhead(splits, ds: dict, model: Path, target: int, extra: list[str], steps: int, repeats: int) -> list[tuple[float, float]]:
     """(MESA seconds, bare-loop seconds) per repeat, interleaved so drift hits both."""
     mesa_over = [o for o in extra if o.startswith("mesa.")]
-    cfg = compose_config("search", [f"model={model}", f"target_class={target}", *ds["data"], *mesa_over])
-    mcfg = typed(MESAConfig, cfg.mesa, "mesa")
+    mcfg = compose_settings("search", [f"model={model}", f"target_class={target}", *ds["data"], *mesa_over]).mesa
     mcfg.steps = steps
     loaded = load_model(model, splits.shape, splits.eval.num_classes)
     net = loaded.module
@@ -208,13 +210,13 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
     clean = model_for(ds, clean_over, clean_dir)
     print(f"{ds['label']} clean model: {clean['clean_accuracy']:.2%} ({clean_dir})", flush=True)
     rows, res, versions, retrain_versions = [], [], set(), set()
-    splits = load_data(compose_config("defend", ["model=x", "target_class=0", *ds["data"]]))  # the floors' and the overhead's
+    splits = load_data(compose_settings("defend", ["model=x", "target_class=0", *ds["data"]]).data)  # the floors' and the overhead's
     clean_net = load_model(clean_dir / "model.pt", splits.shape, splits.eval.num_classes).module
     models = [ds.get("models", {}).get(i, m) for i, m in enumerate(MODELS)]
     for label, trig, target in models[:n_models]:
         tag = f"{name}-{trig[0].split('=')[1]}-t{target}"
         backdoor = [o.format(clean=clean_dir / "model.pt") for o in ds["backdoor"]]
-        card = model_for(ds, [*backdoor, *trig, f"attack.target={target}"], work / tag)
+        card = model_for(ds, [*backdoor, *trig, f"attack.target_class={target}"], work / tag)
         model = work / tag / "model.pt"
         trigger = real_trigger(splits, card)
         runs = {}

@@ -18,6 +18,7 @@ from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.metrics import attack_success_rate, clean_accuracy, sampled_asr
 from gdm_ray.core.models import build_model
+from gdm_ray.core.repair import repair
 from gdm_ray.core.train import TrainConfig
 from gdm_ray.core.triggers import TriggerSpec, make_trigger
 
@@ -157,16 +158,31 @@ def test_corrupted_ensemble_is_rejected(fitted, tmp_path):
 def test_mesa_defense_lowers_asr_and_keeps_accuracy(backdoored, fitted):
     model, splits, trigger = backdoored
     mesa, _ = fitted
-    repaired = copy.deepcopy(model)
-    acc0 = clean_accuracy(model, splits.eval)
-    asr0 = attack_success_rate(repaired, splits.eval, trigger, TARGET)
-    retrain(repaired, splits.defense, [mesa], DefenseConfig(epochs=3, rate=0.5, lr=0.01), torch.Generator().manual_seed(0))
-    acc1 = clean_accuracy(repaired, splits.eval)
-    asr1 = attack_success_rate(repaired, splits.eval, trigger, TARGET)
+    cfg = DefenseConfig(epochs=3, rate=0.5, lr=0.01)
+    # eval_seed 0: attack_success_rate's own default placements
+    res = repair(model, splits.defense, splits.eval, {TARGET: mesa}, cfg, torch.Generator().manual_seed(0), 0, trigger, TARGET)
+    acc0, asr0, acc1, asr1 = res.before.clean_accuracy, res.before.asr, res.after.clean_accuracy, res.after.asr
     assert asr0 > 0.9 and asr1 < 0.1, (asr0, asr1)
     assert acc1 >= acc0 - 0.05, (acc0, acc1)
+    assert res.after.found_asr < res.before.found_asr
     # the original is untouched
     assert attack_success_rate(model, splits.eval, trigger, TARGET) == asr0
+
+
+def test_repair_is_clone_retrain_measure_with_the_same_draws(backdoored, fitted):
+    """core.repair is the sequence defend, sweep trials and bench/defense ran by hand:
+    retrain a copy from the caller's generator, every ASR on fresh eval_seed placements."""
+    model, splits, trigger = backdoored
+    mesa, _ = fitted
+    cfg = DefenseConfig(epochs=1, rate=0.5, lr=0.01)
+    res = repair(model, splits.defense, splits.eval, {TARGET: mesa}, cfg, torch.Generator().manual_seed(4), 9, trigger, TARGET)
+    by_hand = copy.deepcopy(model)
+    losses = retrain(by_hand, splits.defense, [mesa], cfg, torch.Generator().manual_seed(4))
+    assert res.losses == losses
+    assert res.after.clean_accuracy == clean_accuracy(by_hand, splits.eval)
+    assert res.after.asr == attack_success_rate(by_hand, splits.eval, trigger, TARGET, torch.Generator().manual_seed(9))
+    assert res.after.found_asr_by_class == {TARGET: sampled_asr(by_hand, splits.eval, mesa, TARGET, torch.Generator().manual_seed(9))}
+    assert res.before.asr == attack_success_rate(model, splits.eval, trigger, TARGET, torch.Generator().manual_seed(9))
 
 
 def test_defense_config_rejects_bad_rate():

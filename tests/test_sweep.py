@@ -247,3 +247,18 @@ def test_out_holding_something_else_is_refused(model, tmp_path, capsys):
     code = main(["sweep", f"model={model}", "target_class=1", *FAST, f"out={out}"])
     assert code == 1 and "holds no sweep" in _error_line(capsys.readouterr().err)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_field_types_are_judged_from_resolved_types():
+    """`from __future__ import annotations` makes every annotation a string; the sweep reads the real types."""
+    import pyarrow as pa
+
+    from gdm_ray.distributed.sweep import _field_kind, param_fields
+
+    assert _field_kind(MESAConfig, "alpha") == "float" and _field_kind(MESAConfig, "position") == "list[int]"
+    assert _field_kind(MESAConfig, "betas") == "list[float]" and _field_kind(DefenseConfig, "flip") == "bool"
+    params = parse_space({"mesa.position": {"grid": [[0, 0]]}, "mesa.levels": {"grid": [2]}, "defense.rate": {"grid": [0.5]}},
+                         "grid", GROUPS)  # fmt: skip
+    assert [f.type for f in param_fields(params, GROUPS)] == [pa.float64(), pa.int64(), pa.list_(pa.int64())]
+    with pytest.raises(ConfigError, match="not a float setting"):
+        parse_space({"mesa.levels": {"uniform": [1, 3]}}, "random", GROUPS)

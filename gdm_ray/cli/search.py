@@ -96,7 +96,8 @@ def search(s: SearchSettings) -> dict[str, Any]:
     return {**summary, "out": run_dir.location}
 
 
-def real_trigger(spec: TriggerSpec | None, target_class: Any, model_path: Path, splits: Splits) -> tuple[Trigger | None, int | None, dict | None]:
+def real_trigger(spec: TriggerSpec | None, target_class: Any, model_path: Path,
+                 splits: Splits) -> tuple[Trigger | None, int | None, dict | None]:  # fmt: skip
     """The trigger the model was actually poisoned with, when known (trigger= or the model card)."""
     card = card_for(model_path)
     card_target = card.get("target_class", card.get("target"))
@@ -159,7 +160,8 @@ def defend(s: DefendSettings) -> dict[str, Any]:
 
             before = measure(loaded.module, splits.eval, {}, eval_seed, real, real_target)
             metrics.update(before=before.as_dict(), after=None, retrain_seconds=0.0, repaired_sha256=None)
-        run_dir.write_table("repair.parquet", [repair_row(metrics, Path(loaded.path).stem, run_dir.join("model.pt"))], REPAIR_SCHEMA, "repairs")
+        row = repair_row(metrics, Path(loaded.path).stem, run_dir.join("model.pt"))
+        run_dir.write_table("repair.parquet", [row], REPAIR_SCHEMA, "repairs")
         write_json(run_dir.path("metrics.json"), metrics)
     if state is not None:
         state.clear()  # published: nothing left to resume

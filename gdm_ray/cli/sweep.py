@@ -26,8 +26,18 @@ from gdm_ray.core.mesa import MESAConfig
 from gdm_ray.core.model_io import LoadedModel
 from gdm_ray.core.plots import save_sweep
 from gdm_ray.distributed.runtime import init_ray
-from gdm_ray.distributed.sweep import (EXPERIMENT, SpaceParam, TrialContext, TrialRecord, apply_params, can_restore, combinations,
-                                       param_fields, parse_space, run_tune)  # fmt: skip
+from gdm_ray.distributed.sweep import (
+    EXPERIMENT,
+    SpaceParam,
+    TrialContext,
+    TrialRecord,
+    apply_params,
+    can_restore,
+    combinations,
+    param_fields,
+    parse_space,
+    run_tune,
+)
 from gdm_ray.store import PendingDataset, code_version, config_hash, trial_schema, write_json, write_rows
 from gdm_ray.store.atomic import publish
 from gdm_ray.store.fetch import cache_root
@@ -43,7 +53,8 @@ REQUEST = "request.json"  # what the sweep in a folder was started with (resume 
 SUMMARY = "sweep.json"  # written last: its presence means the sweep finished
 TABLE = "trials.parquet"
 PLOT = "trials.png"
-_NOT_RESUME_KEYS = ("ray", "out", "progress", "device", "store", "dataset")  # may change between a run and its resume (where and how, not what)
+# may change between a run and its resume (where and how, not what)
+_NOT_RESUME_KEYS = ("ray", "out", "progress", "device", "store", "dataset")
 
 
 @dataclass
@@ -191,13 +202,15 @@ def _rows(s: SweepSettings, records: list[TrialRecord], params: list[SpaceParam]
 
 
 def _summary(s: SweepSettings, rows: list[dict[str, Any]], params: list[SpaceParam], where: Where, resumed: bool,
-             loaded: LoadedModel, real_spec: dict | None, real_target: int | None, request_hash: str, t0: float) -> dict[str, Any]:  # fmt: skip
+             loaded: LoadedModel, real_spec: dict | None, real_target: int | None, request_hash: str,
+             t0: float) -> dict[str, Any]:  # fmt: skip
     """sweep.json: the best trial by sweep.metric and what the sweep was."""
     metric = s.sweep.metric
     scored = [i for i, r in enumerate(rows) if r["status"] == "TERMINATED" and r[metric] is not None]
     best_i = min(scored, key=lambda i: (rows[i][metric], i)) if scored else None
     best = rows[best_i] if best_i is not None else None
-    keys = ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after", "found_asr_before", "seconds")
+    keys = ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after",
+            "found_asr_before", "seconds")  # fmt: skip
     return {
         "best_trial": best["trial_id"] if best else None,
         "best": {p.key: best[p.key] for p in params} if best else None,

@@ -133,6 +133,12 @@ def parse_space(space: Mapping | None, mode: str, groups: Mapping[str, type]) ->
     ``space`` maps dotted keys (or nested dicts, ``{mesa: {alpha: spec}}``) to
     specs; a null spec drops a key. ``groups`` maps each sweepable config
     group to its dataclass (e.g. ``{"mesa": MESAConfig}``)."""
+    flat = _flat_space(space)
+    return [_param(key, flat[key], mode, groups) for key in sorted(flat)]
+
+
+def _flat_space(space: Mapping | None) -> dict[str, Any]:
+    """The space as {dotted key: spec}, null specs dropped; an empty space is an error."""
     if space is not None and not isinstance(space, Mapping):
         raise ConfigError(f"sweep.space={_spec_text(space)} must map config keys to specs, e.g. {{mesa.alpha: {{grid: [0.01, 0.1]}}}}")
     flat: dict[str, Any] = {}
@@ -148,38 +154,43 @@ def parse_space(space: Mapping | None, mode: str, groups: Mapping[str, type]) ->
     walk(dict(space or {}), "")
     if not flat:
         raise ConfigError("sweep.space is empty: name at least one key to sweep, e.g. 'sweep.space={mesa.alpha:{grid:[0.01,0.1]}}'")
-    params = []
-    for key in sorted(flat):
-        spec = flat[key]
-        group, _, name = key.partition(".")
-        cls = groups.get(group)
-        if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
-            known = ", ".join(f"{g}.<field>" for g in groups)
-            raise ConfigError(f"sweep.space: unknown key {key!r} (sweepable: {known}, e.g. mesa.alpha, mesa.trigger_size, "
-                              "mesa.levels, mesa.betas)")  # fmt: skip
-        where = f"sweep.space.{key}={_spec_text(spec)}"
-        if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
-            raise ConfigError(f"{where}: a spec is one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [low, high]}}, "
-                              "{loguniform: [low, high]}")  # fmt: skip
-        kind, values = next(iter(spec.items()))
-        if mode == "grid" and kind != "grid":
-            raise ConfigError(f"{where}: sweep.mode=grid takes {{grid: [...]}} specs only (use sweep.mode=random for {kind})")
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ConfigError(f"{where}: {kind} needs a non-empty list")
-        if kind in ("uniform", "loguniform"):
-            if _field_kind(cls, name) != "float":
-                raise ConfigError(f"{where}: {key} is not a float setting; use {{choice: [...]}} or {{grid: [...]}}")
-            ok = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                          for v in values)  # fmt: skip
-            if not ok or not values[0] < values[1]:
-                raise ConfigError(f"{where}: {kind} needs [low, high] with low < high")
-            if kind == "loguniform" and values[0] <= 0:
-                raise ConfigError(f"{where}: loguniform needs low > 0")
-            values = [float(v) for v in values]
-        elif len({_spec_text(v) for v in values}) != len(values):
-            raise ConfigError(f"{where}: {kind} lists a value twice")
-        params.append(SpaceParam(key, kind, tuple(_freeze(v) for v in values)))
-    return params
+    return flat
+
+
+def _param(key: str, spec: Any, mode: str, groups: Mapping[str, type]) -> SpaceParam:
+    """One key's spec checked against its config field: a SpaceParam."""
+    group, _, name = key.partition(".")
+    cls = groups.get(group)
+    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
+        known = ", ".join(f"{g}.<field>" for g in groups)
+        raise ConfigError(f"sweep.space: unknown key {key!r} (sweepable: {known}, e.g. mesa.alpha, mesa.trigger_size, "
+                          "mesa.levels, mesa.betas)")  # fmt: skip
+    where = f"sweep.space.{key}={_spec_text(spec)}"
+    if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
+        raise ConfigError(f"{where}: a spec is one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [low, high]}}, "
+                          "{loguniform: [low, high]}")  # fmt: skip
+    kind, values = next(iter(spec.items()))
+    if mode == "grid" and kind != "grid":
+        raise ConfigError(f"{where}: sweep.mode=grid takes {{grid: [...]}} specs only (use sweep.mode=random for {kind})")
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(f"{where}: {kind} needs a non-empty list")
+    if kind in ("uniform", "loguniform"):
+        if _field_kind(cls, name) != "float":
+            raise ConfigError(f"{where}: {key} is not a float setting; use {{choice: [...]}} or {{grid: [...]}}")
+        values = _bounds(where, kind, values)
+    elif len({_spec_text(v) for v in values}) != len(values):
+        raise ConfigError(f"{where}: {kind} lists a value twice")
+    return SpaceParam(key, kind, tuple(_freeze(v) for v in values))
+
+
+def _bounds(where: str, kind: str, values: list | tuple) -> list[float]:
+    """[low, high] of a uniform or loguniform spec, checked."""
+    ok = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    if not ok or not values[0] < values[1]:
+        raise ConfigError(f"{where}: {kind} needs [low, high] with low < high")
+    if kind == "loguniform" and values[0] <= 0:
+        raise ConfigError(f"{where}: loguniform needs low > 0")
+    return [float(v) for v in values]
 
 
 def _freeze(v: Any) -> Any:
@@ -350,53 +361,59 @@ def can_restore(experiment: str | Path, filesystem: Any = None) -> bool:
 
 
 def run_tune(experiment: str | Path, params: list[SpaceParam], sweep: SweepConfig, ctx: TrialContext, ray_cfg: RayConfig,
-             verbose: int = 1, filesystem: Any = None) -> tuple[list[TrialRecord], bool]:
+             verbose: int = 1, filesystem: Any = None) -> tuple[list[TrialRecord], bool]:  # fmt: skip
     """Run (or, when ``experiment`` holds one, restore and finish) the Tune
     experiment; Ray must be running. ``experiment`` is a local folder or, with
     ``filesystem`` (pyarrow's S3), ``bucket/prefix/name`` there: Tune then keeps
     its state on S3, and any machine can resume it. Returns the trials in
     order and whether the experiment was restored."""
+    restored = can_restore(experiment, filesystem)
+    grid = _tuner(experiment, restored, params, sweep, ctx, ray_cfg, verbose, filesystem).fit()
+    records = [_record(result, params) for result in grid]
+    records.sort(key=lambda r: (r.index, r.trial_id))
+    return records, restored
+
+
+def _tuner(experiment: str | Path, restored: bool, params: list[SpaceParam], sweep: SweepConfig, ctx: TrialContext,
+           ray_cfg: RayConfig, verbose: int, filesystem: Any) -> Any:  # fmt: skip
+    """The Tune experiment: restored from ``experiment``, or a new one there."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _resources(ray_cfg))
-    restored = can_restore(experiment, filesystem)
-    parent, name = str(experiment).rstrip("/").rsplit("/", 1)
     if restored:
         # finished trials keep their results; unfinished and crashed ones run again
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=filesystem)  # fmt: skip
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={p.key: p.domain() for p in params},
-            tune_config=tune.TuneConfig(
-                num_samples=int(sweep.num_samples),
-                search_alg=BasicVariantGenerator(random_state=ctx.seed),  # seeded random draws
-                max_concurrent_trials=sweep.max_concurrent,
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=parent,
-                storage_filesystem=filesystem,
-                failure_config=tune.FailureConfig(max_failures=int(ray_cfg.max_retries)),
-                verbose=verbose,
-            ),
-        )
-    grid = tuner.fit()
-    records = []
-    for result in grid:
-        metrics = dict(result.metrics or {})
-        trial_id = str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"))
-        crashed = _one_line(result.error) if result.error is not None else None
-        reported = "objective" in metrics
-        records.append(TrialRecord(
-            trial_id=trial_id,
-            params={p.key: _thaw((result.config or {}).get(p.key)) for p in params},
-            metrics=metrics if reported else {},
-            error=crashed or (metrics.get("error") or None if reported else None),
-            finished=reported or crashed is not None,
-        ))  # fmt: skip
-    records.sort(key=lambda r: (r.index, r.trial_id))
-    return records, restored
+        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem)  # fmt: skip
+    parent, name = str(experiment).rstrip("/").rsplit("/", 1)
+    return tune.Tuner(
+        trainable,
+        param_space={p.key: p.domain() for p in params},
+        tune_config=tune.TuneConfig(
+            num_samples=int(sweep.num_samples),
+            search_alg=BasicVariantGenerator(random_state=ctx.seed),  # seeded random draws
+            max_concurrent_trials=sweep.max_concurrent,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=parent,
+            storage_filesystem=filesystem,
+            failure_config=tune.FailureConfig(max_failures=int(ray_cfg.max_retries)),
+            verbose=verbose,
+        ),
+    )
+
+
+def _record(result: Any, params: list[SpaceParam]) -> TrialRecord:
+    """One Tune result as a TrialRecord (a trial that never reported has no metrics)."""
+    metrics = dict(result.metrics or {})
+    crashed = _one_line(result.error) if result.error is not None else None
+    reported = "objective" in metrics
+    return TrialRecord(
+        trial_id=str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")),
+        params={p.key: _thaw((result.config or {}).get(p.key)) for p in params},
+        metrics=metrics if reported else {},
+        error=crashed or (metrics.get("error") or None if reported else None),
+        finished=reported or crashed is not None,
+    )
