@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -184,7 +184,7 @@ def overhead(splits, ds: dict, model: Path, target: int, extra: list[str], steps
         with frozen(net):  # the same passes: frozen weights, gradient w.r.t. the input
             for _ in range(steps):
                 x = pool[torch.randint(0, len(pool), (batch,), generator=g)].requires_grad_(True)
-                F.cross_entropy(net(x), y).backward()
+                cross_entropy(net(x), y).backward()
         out.append((t_mesa, time.perf_counter() - t0))
         print(f"  overhead repeat {r}: MESA {t_mesa:.1f}s, bare {out[-1][1]:.1f}s, ratio {t_mesa / out[-1][1]:.2f}", flush=True)
     return out

@@ -44,7 +44,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
-from gdm_ray.cli.main import compose_config  # noqa: E402
+from gdm_ray.cli.compose import compose_settings  # noqa: E402
 from gdm_ray.cli.sweep import sweep  # noqa: E402
 from gdm_ray.core.allocator import keep_freed_memory  # noqa: E402
 from gdm_ray.core.data import DataSpec, load_splits  # noqa: E402
@@ -176,7 +176,7 @@ def sweep_bench(quick: bool) -> tuple[str, list[tuple[bool, str]]]:
     space = "{mesa.alpha:{grid:[" + ",".join(map(str, alphas)) + "]},mesa.trigger_size:{grid:[[3,3],[5,5]]}}"
     overrides = [f"model={SWEEP_MODEL}", "target_class=0", f"sweep.space={space}", "ray.num_cpus=2", "ray.task_cpus=1",
                  "progress=false", f"out={out}"] + (["mesa.steps=100", "defense.epochs=1"] if quick else [])  # fmt: skip
-    cfg = compose_config("sweep", overrides)
+    cfg = compose_settings("sweep", overrides)
     t0 = time.perf_counter()
     res = sweep(cfg)
     seconds = time.perf_counter() - t0
