@@ -59,8 +59,9 @@ def child(steps: int, threads: int, keep: bool) -> None:
 
 
 def spawn(steps: int, threads: int, keep: bool) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(steps), str(threads), "1" if keep else "0"],
-                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(steps), str(threads), "1" if keep else "0"], capture_output=True, text=True, cwd=ROOT
+    )
     if out.returncode:
         raise SystemExit(f"child failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -83,28 +84,53 @@ def main() -> None:
         order = [(t, v) for t in (1, 2) for v in VARIANTS]
         for t, v in order if rep % 2 == 0 else order[::-1]:
             res[(t, v)].append(spawn(steps, t, v == "kept"))
-        print(f"repeat {rep + 1}/{repeats}: " + ", ".join(
-            f"{t} thr {v} {res[(t, v)][-1]['runs'][0][0]:.2f}s" for t in (1, 2) for v in VARIANTS), flush=True)  # fmt: skip
+        print(
+            f"repeat {rep + 1}/{repeats}: "
+            + ", ".join(f"{t} thr {v} {res[(t, v)][-1]['runs'][0][0]:.2f}s" for t in (1, 2) for v in VARIANTS),
+            flush=True,
+        )
     rows, checks = [], []
     for t in (1, 2):
         for v in VARIANTS:
             times = [r[0] for p in res[(t, v)] for r in p["runs"]]
             faults = [r[1] for p in res[(t, v)] for r in p["runs"]]
             ratio = "-" if v == "default" else f"{_paired(res[(t, 'kept')], res[(t, 'default')]):.3f}"
-            rows.append([v, str(t), f"{statistics.median(times):.2f}", f"{min(times):.2f}-{max(times):.2f}",
-                         f"{(max(times) - min(times)) / statistics.median(times):.0%}", f"{statistics.median(faults) / 1000:.0f}k",
-                         f"{statistics.median(p['rss_mb'] for p in res[(t, v)]):.0f}", ratio])  # fmt: skip
+            rows.append(
+                [
+                    v,
+                    str(t),
+                    f"{statistics.median(times):.2f}",
+                    f"{min(times):.2f}-{max(times):.2f}",
+                    f"{(max(times) - min(times)) / statistics.median(times):.0%}",
+                    f"{statistics.median(faults) / 1000:.0f}k",
+                    f"{statistics.median(p['rss_mb'] for p in res[(t, v)]):.0f}",
+                    ratio,
+                ]
+            )
         kept_vs = _paired(res[(t, "kept")], res[(t, "default")])
         checks.append((kept_vs < 1.0, f"freed memory kept is faster at {t} thread(s) (time ratio {kept_vs:.3f})"))
-    body = "\n\n".join([
-        f"One chunk (5 classes, {steps} steps, batch 32 per class) of `{MODEL.name}`'s first pass, in a fresh process each time; "
-        f"{repeats} interleaved repeats, every other one in reverse order; each process times two searches after a 3-step warm-up.",
-        markdown_table(["malloc", "threads", "median s", "range s", "spread", "minor faults per search (median)",
-                        "peak RSS MB", "time ratio kept / default (median, same repeat)"], rows),
-        "Spread: (max - min) / median over every timed search. default: glibc's own settings; kept: "
-        "`keep_freed_memory()` (no mmap, trim above 1 GiB), what every gdm-ray command and Ray task does unless told not to.",
-        "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
-    ])  # fmt: skip
+    body = "\n\n".join(
+        [
+            f"One chunk (5 classes, {steps} steps, batch 32 per class) of `{MODEL.name}`'s first pass, in a fresh process each time; "
+            f"{repeats} interleaved repeats, every other one in reverse order; each process times two searches after a 3-step warm-up.",
+            markdown_table(
+                [
+                    "malloc",
+                    "threads",
+                    "median s",
+                    "range s",
+                    "spread",
+                    "minor faults per search (median)",
+                    "peak RSS MB",
+                    "time ratio kept / default (median, same repeat)",
+                ],
+                rows,
+            ),
+            "Spread: (max - min) / median over every timed search. default: glibc's own settings; kept: "
+            "`keep_freed_memory()` (no mmap, trim above 1 GiB), what every gdm-ray command and Ray task does unless told not to.",
+            "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
+        ]
+    )
     path = write_result("allocator-quick" if args.quick else "allocator", "Allocator: freed tensor memory kept vs glibc's default", body)
     print(body)
     print(f"wrote {path}")

@@ -57,9 +57,19 @@ def bench_fashion_mnist(work: Path, quick: bool) -> list[list[str]]:
         drop = 100 * (clean["clean_accuracy"] - r["clean_accuracy"])
         ok = r["asr"] >= 0.97 and drop <= 1.5
         rows.append(
-            ["Fashion-MNIST", label, str(target), "scratch", f"{clean['clean_accuracy']:.2%}", f"{r['clean_accuracy']:.2%}",
-             f"{drop:+.2f}", f"{r['asr']:.2%}", f"{r['train_seconds']:.0f}", "yes" if ok else "NO"]
-        )  # fmt: skip
+            [
+                "Fashion-MNIST",
+                label,
+                str(target),
+                "scratch",
+                f"{clean['clean_accuracy']:.2%}",
+                f"{r['clean_accuracy']:.2%}",
+                f"{drop:+.2f}",
+                f"{r['asr']:.2%}",
+                f"{r['train_seconds']:.0f}",
+                "yes" if ok else "NO",
+            ]
+        )
         print(rows[-1], flush=True)
     return rows, clean
 
@@ -72,9 +82,19 @@ def bench_cifar10(work: Path, quick: bool) -> list[list[str]]:
     clean = run(clean_over, work / "c10-clean")
     clean_path = Path(clean["out"]) / "model.pt"
     rows = [
-        ["CIFAR-10", "none (clean model)", "-", "scratch", f"{clean['clean_accuracy']:.2%}", "-", "-", f"{clean['asr']:.2%}",
-         f"{clean['train_seconds']:.0f}", "yes" if clean["clean_accuracy"] >= 0.75 and clean["train_seconds"] < 1800 else "NO"]
-    ]  # fmt: skip
+        [
+            "CIFAR-10",
+            "none (clean model)",
+            "-",
+            "scratch",
+            f"{clean['clean_accuracy']:.2%}",
+            "-",
+            "-",
+            f"{clean['asr']:.2%}",
+            f"{clean['train_seconds']:.0f}",
+            "yes" if clean["clean_accuracy"] >= 0.75 and clean["train_seconds"] < 1800 else "NO",
+        ]
+    ]
     print(rows[-1], flush=True)
     for label, trig, target in CIFAR_TRIGGERS:
         over = ["+experiment=attack_cifar10_finetune", *data, f"attack.init={clean_path}", *trig, f"attack.target_class={target}"]
@@ -82,9 +102,19 @@ def bench_cifar10(work: Path, quick: bool) -> list[list[str]]:
         drop = 100 * (clean["clean_accuracy"] - r["clean_accuracy"])
         ok = r["asr"] >= 0.95 and r["clean_accuracy"] >= 0.75 and r["train_seconds"] < 1800
         rows.append(
-            ["CIFAR-10", label, str(target), "fine-tune", f"{clean['clean_accuracy']:.2%}", f"{r['clean_accuracy']:.2%}",
-             f"{drop:+.2f}", f"{r['asr']:.2%}", f"{r['train_seconds']:.0f}", "yes" if ok else "NO"]
-        )  # fmt: skip
+            [
+                "CIFAR-10",
+                label,
+                str(target),
+                "fine-tune",
+                f"{clean['clean_accuracy']:.2%}",
+                f"{r['clean_accuracy']:.2%}",
+                f"{drop:+.2f}",
+                f"{r['asr']:.2%}",
+                f"{r['train_seconds']:.0f}",
+                "yes" if ok else "NO",
+            ]
+        )
         print(rows[-1], flush=True)
     return rows, clean
 
@@ -95,14 +125,34 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small subsets, short training (smoke run)")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "attack", help="where models go")
     args = ap.parse_args()
-    header = ["data set", "trigger", "target", "training", "clean-model acc", "backdoored acc", "acc drop (pts)", "ASR",
-              "train s", "target met"]  # fmt: skip
+    header = [
+        "data set",
+        "trigger",
+        "target",
+        "training",
+        "clean-model acc",
+        "backdoored acc",
+        "acc drop (pts)",
+        "ASR",
+        "train s",
+        "target met",
+    ]
     rows: list[list[str]] = []
     notes = []
     if args.only in (None, "fashion_mnist"):
         fm_rows, fm_clean = bench_fashion_mnist(args.work, args.quick)
-        fm_clean_row = ["Fashion-MNIST", "none (clean model)", "-", "scratch", f"{fm_clean['clean_accuracy']:.2%}", "-", "-",
-                        f"{fm_clean['asr']:.2%}", f"{fm_clean['train_seconds']:.0f}", "-"]  # fmt: skip
+        fm_clean_row = [
+            "Fashion-MNIST",
+            "none (clean model)",
+            "-",
+            "scratch",
+            f"{fm_clean['clean_accuracy']:.2%}",
+            "-",
+            "-",
+            f"{fm_clean['asr']:.2%}",
+            f"{fm_clean['train_seconds']:.0f}",
+            "-",
+        ]
         rows += [fm_clean_row, *fm_rows]
         notes.append("Fashion-MNIST target: ASR >= 97% and clean accuracy within 1.5 points of the clean model.")
     if args.only in (None, "cifar10"):

@@ -133,30 +133,51 @@ def floor_asr(splits, clean: torch.nn.Module, trigger, target: int, n: int) -> f
     seeds 0..n-1 (those the repairs are measured on): how often the trigger's pixels alone
     already give the target, a floor no retraining that keeps natural features can be
     expected to go far below."""
-    return statistics.median(attack_success_rate(clean, splits.eval, trigger, target, torch.Generator().manual_seed(s + EVAL_SEED_OFFSET))
-                             for s in range(n))  # fmt: skip
+    return statistics.median(
+        attack_success_rate(clean, splits.eval, trigger, target, torch.Generator().manual_seed(s + EVAL_SEED_OFFSET)) for s in range(n)
+    )
 
 
-def retrains(ds: dict, splits, trigger, model: Path, target: int, method: str, out: Path, extra: list[str],
-             first: dict, n: int) -> list[dict]:  # fmt: skip
+def retrains(
+    ds: dict, splits, trigger, model: Path, target: int, method: str, out: Path, extra: list[str], first: dict, n: int
+) -> list[dict]:
     """(ASR, clean accuracy) after each of n retrainings against the triggers the `defend` run
     in ``out`` found: its own (seed 0), then seeds 1..n-1 from its saved ensemble or trigger.
     Cached in out/retrains.json (removed with out when the defense is redone)."""
-    runs = [{"seed": 0, "asr": first["after"]["asr"], "clean_accuracy": first["after"]["clean_accuracy"],
-             "code_version": first.get("code_version")}]  # fmt: skip
+    runs = [
+        {
+            "seed": 0,
+            "asr": first["after"]["asr"],
+            "clean_accuracy": first["after"]["clean_accuracy"],
+            "code_version": first.get("code_version"),
+        }
+    ]
     f = out / "retrains.json"
     done = {r["seed"]: r for r in json.loads(f.read_text())} if f.is_file() else {}
     if all(s in done for s in range(1, n)):
         return runs + [done[s] for s in range(1, n)]
     dcfg = defend_settings(ds, model, target, method, out, extra).defense
     net = load_model(model, splits.shape, splits.eval.num_classes).module
-    sampler = load_ensemble(out / "ensemble") if method == "mesa" else PixelBaseline.from_result(
-        load_trigger(out / "trigger.safetensors", target))
+    sampler = (
+        load_ensemble(out / "ensemble")
+        if method == "mesa"
+        else PixelBaseline.from_result(load_trigger(out / "trigger.safetensors", target))
+    )
     for s in range(1, n):
         if s not in done:
             # the core repair `defend seed=s` would run, against the saved triggers (the "before" is the defend run's)
-            after = repair(net, splits.defense, splits.eval, {target: sampler}, dcfg, torch.Generator().manual_seed(s),
-                           s + EVAL_SEED_OFFSET, trigger, target, measure_before=False).after  # fmt: skip
+            after = repair(
+                net,
+                splits.defense,
+                splits.eval,
+                {target: sampler},
+                dcfg,
+                torch.Generator().manual_seed(s),
+                s + EVAL_SEED_OFFSET,
+                trigger,
+                target,
+                measure_before=False,
+            ).after
             asr = after.asr
             done[s] = {"seed": s, "asr": asr, "clean_accuracy": after.clean_accuracy, "code_version": code_version()}
             f.write_text(json.dumps(sorted(done.values(), key=lambda r: r["seed"]), indent=1) + "\n")
@@ -229,34 +250,70 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
         before = m["before"]
         floor = floor_asr(splits, clean_net, trigger, target, n_retrains)
         after = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-        res.append({"before": before["asr"], "mesa": after(m_runs, "asr"), "base": after(b_runs, "asr"), "floor": floor,
-                    "mesa_drop": 100 * (before["clean_accuracy"] - after(m_runs, "clean_accuracy")),
-                    "base_drop": 100 * (before["clean_accuracy"] - after(b_runs, "clean_accuracy")),
-                    "mesa_single": m["after"]["asr"], "base_single": b["after"]["asr"]})  # fmt: skip
+        res.append(
+            {
+                "before": before["asr"],
+                "mesa": after(m_runs, "asr"),
+                "base": after(b_runs, "asr"),
+                "floor": floor,
+                "mesa_drop": 100 * (before["clean_accuracy"] - after(m_runs, "clean_accuracy")),
+                "base_drop": 100 * (before["clean_accuracy"] - after(b_runs, "clean_accuracy")),
+                "mesa_single": m["after"]["asr"],
+                "base_single": b["after"]["asr"],
+            }
+        )
         secs = lambda r: r["search"]["search_seconds"] + r["retrain_seconds"]  # noqa: E731
-        rows.append([ds["label"], label, str(target), pct(floor), pct(before["asr"]), pct(before["clean_accuracy"]),
-                     spread(m_runs), pct(after(m_runs, "clean_accuracy")), f"{res[-1]['mesa_drop']:+.2f}",
-                     f"{secs(m):.0f}", spread(b_runs), pct(after(b_runs, "clean_accuracy")),
-                     f"{res[-1]['base_drop']:+.2f}", f"{secs(b):.0f}"])  # fmt: skip
+        rows.append(
+            [
+                ds["label"],
+                label,
+                str(target),
+                pct(floor),
+                pct(before["asr"]),
+                pct(before["clean_accuracy"]),
+                spread(m_runs),
+                pct(after(m_runs, "clean_accuracy")),
+                f"{res[-1]['mesa_drop']:+.2f}",
+                f"{secs(m):.0f}",
+                spread(b_runs),
+                pct(after(b_runs, "clean_accuracy")),
+                f"{res[-1]['base_drop']:+.2f}",
+                f"{secs(b):.0f}",
+            ]
+        )
         print(" | ".join(rows[-1]), f"(attack {card.get('train_seconds', 0):.0f}s)", flush=True)
     med = lambda k: statistics.median(r[k] for r in res)  # noqa: E731
     worst = lambda k: max(r[k] for r in res)  # noqa: E731
     summary = {
-        "before_min": min(r["before"] for r in res), "mesa_median": med("mesa"), "mesa_worst": worst("mesa"),
-        "base_median": med("base"), "base_worst": worst("base"), "mesa_drop_worst": worst("mesa_drop"),
-        "base_drop_worst": worst("base_drop"), "versions": sorted(str(v) for v in versions),
-        "mesa_excess_worst": max(r["mesa"] - r["floor"] for r in res), "base_excess_worst": max(r["base"] - r["floor"] for r in res),
-        "mesa_single_worst": worst("mesa_single"), "base_single_worst": worst("base_single"), "retrains": n_retrains,
+        "before_min": min(r["before"] for r in res),
+        "mesa_median": med("mesa"),
+        "mesa_worst": worst("mesa"),
+        "base_median": med("base"),
+        "base_worst": worst("base"),
+        "mesa_drop_worst": worst("mesa_drop"),
+        "base_drop_worst": worst("base_drop"),
+        "versions": sorted(str(v) for v in versions),
+        "mesa_excess_worst": max(r["mesa"] - r["floor"] for r in res),
+        "base_excess_worst": max(r["base"] - r["floor"] for r in res),
+        "mesa_single_worst": worst("mesa_single"),
+        "base_single_worst": worst("base_single"),
+        "retrains": n_retrains,
         "retrain_versions": sorted(str(v) for v in retrain_versions),
-    }  # fmt: skip
+    }
     first_label, first_trig, first_target = MODELS[0]
     first = work / f"{name}-{first_trig[0].split('=')[1]}-t{first_target}" / "model.pt"
     steps = 100 if quick else 300
     runs = overhead(splits, ds, first, first_target, extra, steps, repeats)
     ratios = [a / b for a, b in runs]
-    summary.update({"overhead_ratio": statistics.median(ratios), "overhead_ratios": ratios,
-                    "overhead_steps": steps, "mesa_seconds": statistics.median(a for a, _ in runs),
-                    "bare_seconds": statistics.median(b for _, b in runs)})  # fmt: skip
+    summary.update(
+        {
+            "overhead_ratio": statistics.median(ratios),
+            "overhead_ratios": ratios,
+            "overhead_steps": steps,
+            "mesa_seconds": statistics.median(a for a, _ in runs),
+            "bare_seconds": statistics.median(b for _, b in runs),
+        }
+    )
     return rows, summary
 
 
@@ -266,8 +323,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small subsets, short searches (smoke run)")
     ap.add_argument("--models", type=int, default=5, help="backdoored models per data set (at most 5)")
     ap.add_argument("--repeats", type=int, default=3, help="overhead measurements (median reported)")
-    ap.add_argument("--retrains", type=int, default=5,
-                    help="retrainings per repair, against the same found triggers (median reported)")
+    ap.add_argument("--retrains", type=int, default=5, help="retrainings per repair, against the same found triggers (median reported)")
     ap.add_argument("--work", type=Path, default=None, help="where models and defenses go")
     ap.add_argument("--fresh", action="store_true", help="ignore finished models and defenses in --work")
     args = ap.parse_args()
@@ -279,9 +335,22 @@ def main() -> int:
     if args.retrains < 1:
         ap.error(f"--retrains={args.retrains} must be >= 1")
     n_retrains = min(args.retrains, 2) if args.quick else args.retrains
-    header = ["data set", "trigger", "target", "clean model's ASR", "ASR before", "acc before", "ASR after MESA", "acc after MESA",
-              "MESA drop (pts)", "MESA s", "ASR after baseline", "acc after baseline", "baseline drop (pts)",
-              "baseline s"]  # fmt: skip
+    header = [
+        "data set",
+        "trigger",
+        "target",
+        "clean model's ASR",
+        "ASR before",
+        "acc before",
+        "ASR after MESA",
+        "acc after MESA",
+        "MESA drop (pts)",
+        "MESA s",
+        "ASR after baseline",
+        "acc after baseline",
+        "baseline drop (pts)",
+        "baseline s",
+    ]
     rows, sums, checks = [], {}, []
     for name in [args.only] if args.only else list(DATASETS):
         r, s = bench(name, work, args.quick, n_models, args.repeats, n_retrains)
@@ -290,25 +359,50 @@ def main() -> int:
         label = DATASETS[name]["label"]
         checks += [
             (f"{label}: ASR before >= 95% (lowest {pct(s['before_min'])})", s["before_min"] >= 0.95),
-            (f"{label}: ASR after MESA, median <= 3% ({pct(s['mesa_median'])}) and worst <= 6% ({pct(s['mesa_worst'])})",
-             s["mesa_median"] <= 0.03 and s["mesa_worst"] <= 0.06),
-            (f"{label}: clean-accuracy drop after MESA <= 1.5 points (worst {s['mesa_drop_worst']:+.2f})",
-             s["mesa_drop_worst"] <= 1.5),
-            (f"{label}: MESA's worst ASR ({pct(s['mesa_worst'])}) below the baseline's worst ({pct(s['base_worst'])})",
-             s["mesa_worst"] < s["base_worst"]),
-            (f"{label}: (for information) one retraining per repair, the `defend` run's own (seed 0): MESA worst "
-             f"{pct(s['mesa_single_worst'])}, baseline worst {pct(s['base_single_worst'])}", None),
-            (f"{label}: MESA search overhead ratio <= 1.3 (median {s['overhead_ratio']:.2f} of "
-             f"{', '.join(f'{v:.2f}' for v in s['overhead_ratios'])}; {s['overhead_steps']} steps, MESA "
-             f"{s['mesa_seconds']:.1f}s vs bare loop {s['bare_seconds']:.1f}s)", s["overhead_ratio"] <= 1.3),
-        ]  # fmt: skip
-    summ_header = ["data set", "ASR after MESA: median", "worst", "ASR after baseline: median", "worst",
-                   "worst acc drop MESA / baseline (pts)", "worst ASR above the clean model's, MESA / baseline (pts)",
-                   "MESA overhead ratio"]  # fmt: skip
-    summ = [[DATASETS[n]["label"], pct(s["mesa_median"]), pct(s["mesa_worst"]), pct(s["base_median"]),
-             pct(s["base_worst"]), f"{s['mesa_drop_worst']:+.2f} / {s['base_drop_worst']:+.2f}",
-             f"{100 * s['mesa_excess_worst']:+.2f} / {100 * s['base_excess_worst']:+.2f}",
-             f"{s['overhead_ratio']:.2f}"] for n, s in sums.items()]  # fmt: skip
+            (
+                f"{label}: ASR after MESA, median <= 3% ({pct(s['mesa_median'])}) and worst <= 6% ({pct(s['mesa_worst'])})",
+                s["mesa_median"] <= 0.03 and s["mesa_worst"] <= 0.06,
+            ),
+            (f"{label}: clean-accuracy drop after MESA <= 1.5 points (worst {s['mesa_drop_worst']:+.2f})", s["mesa_drop_worst"] <= 1.5),
+            (
+                f"{label}: MESA's worst ASR ({pct(s['mesa_worst'])}) below the baseline's worst ({pct(s['base_worst'])})",
+                s["mesa_worst"] < s["base_worst"],
+            ),
+            (
+                f"{label}: (for information) one retraining per repair, the `defend` run's own (seed 0): MESA worst "
+                f"{pct(s['mesa_single_worst'])}, baseline worst {pct(s['base_single_worst'])}",
+                None,
+            ),
+            (
+                f"{label}: MESA search overhead ratio <= 1.3 (median {s['overhead_ratio']:.2f} of "
+                f"{', '.join(f'{v:.2f}' for v in s['overhead_ratios'])}; {s['overhead_steps']} steps, MESA "
+                f"{s['mesa_seconds']:.1f}s vs bare loop {s['bare_seconds']:.1f}s)",
+                s["overhead_ratio"] <= 1.3,
+            ),
+        ]
+    summ_header = [
+        "data set",
+        "ASR after MESA: median",
+        "worst",
+        "ASR after baseline: median",
+        "worst",
+        "worst acc drop MESA / baseline (pts)",
+        "worst ASR above the clean model's, MESA / baseline (pts)",
+        "MESA overhead ratio",
+    ]
+    summ = [
+        [
+            DATASETS[n]["label"],
+            pct(s["mesa_median"]),
+            pct(s["mesa_worst"]),
+            pct(s["base_median"]),
+            pct(s["base_worst"]),
+            f"{s['mesa_drop_worst']:+.2f} / {s['base_drop_worst']:+.2f}",
+            f"{100 * s['mesa_excess_worst']:+.2f} / {100 * s['base_excess_worst']:+.2f}",
+            f"{s['overhead_ratio']:.2f}",
+        ]
+        for n, s in sums.items()
+    ]
     body = markdown_table(header, rows) + "\n\n" + markdown_table(summ_header, summ) + "\n\n"
     body += "\n".join(f"- {'info' if ok is None else 'met' if ok else 'NOT MET'}: {text}" for text, ok in checks)
     body += (
@@ -325,8 +419,11 @@ def main() -> int:
         " the trigger's pixels send to the target with no backdoor at all. A repaired model near it has no"
         " backdoor left to remove, and a few tenths of a point between two repairs there can be retraining noise."
     )
-    body += "\n- Defenses made by code version(s) " + ", ".join(sorted({v for s in sums.values() for v in s["versions"]})) + (
-        " (finished defenses are reused from --work; --fresh redoes them)")
+    body += (
+        "\n- Defenses made by code version(s) "
+        + ", ".join(sorted({v for s in sums.values() for v in s["versions"]}))
+        + (" (finished defenses are reused from --work; --fresh redoes them)")
+    )
     later = sorted({v for s in sums.values() for v in s["retrain_versions"]})
     if later:
         body += "; their retrainings with seeds 1.. by " + ", ".join(later)

@@ -44,7 +44,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from report import markdown_table, write_result  # noqa: E402
 
-from gdm_ray.store.provenance import code_version  # noqa: E402
 from gdm_ray.cli.compose import compose_settings  # noqa: E402
 from gdm_ray.cli.search import defend  # noqa: E402
 from gdm_ray.cli.zoo import zoo_scan  # noqa: E402
@@ -55,6 +54,7 @@ from gdm_ray.core.model_io import save_torchscript  # noqa: E402
 from gdm_ray.core.models import build_model  # noqa: E402
 from gdm_ray.core.train import TrainConfig, train_classifier  # noqa: E402
 from gdm_ray.core.triggers import TriggerSpec, make_trigger  # noqa: E402
+from gdm_ray.store.provenance import code_version  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "detect"
 WIDTH = {"small_cnn": 32, "resnet9": 8}
@@ -86,19 +86,34 @@ def irregular_png(path: Path) -> Path:
 def zoo_spec(png: Path, quick: bool) -> list[ZooModel]:
     irregular = {"family": "png", "path": str(png), "placement": "fixed", "row": 20, "col": 3}
     zoo = [
-        ZooModel("cnn-clean-0", "small_cnn", 0), ZooModel("cnn-clean-1", "small_cnn", 1), ZooModel("cnn-clean-2", "small_cnn", 2),
-        ZooModel("res-clean-0", "resnet9", 0), ZooModel("res-clean-1", "resnet9", 1), ZooModel("res-clean-2", "resnet9", 2),
+        ZooModel("cnn-clean-0", "small_cnn", 0),
+        ZooModel("cnn-clean-1", "small_cnn", 1),
+        ZooModel("cnn-clean-2", "small_cnn", 2),
+        ZooModel("res-clean-0", "resnet9", 0),
+        ZooModel("res-clean-1", "resnet9", 1),
+        ZooModel("res-clean-2", "resnet9", 2),
         ZooModel("cnn-bw3x3-t0", "small_cnn", 10, [({"family": "bw3x3", "number": 341}, 0)], "3x3 b/w, random location"),
         ZooModel("res-color3x3-t3", "resnet9", 11, [({"family": "color3x3", "seed": 1}, 3)], "3x3 colour, random location"),
-        ZooModel("cnn-blend-t7", "small_cnn", 12, [({"family": "blend", "blend": 0.15, "seed": 0, "placement": "fixed"}, 7)],
-                 "blended noise 0.15"),
-        ZooModel("res-blend-t5", "resnet9", 13, [({"family": "blend", "blend": 0.15, "seed": 3, "placement": "fixed"}, 5)],
-                 "blended noise 0.15"),
+        ZooModel(
+            "cnn-blend-t7",
+            "small_cnn",
+            12,
+            [({"family": "blend", "blend": 0.15, "seed": 0, "placement": "fixed"}, 7)],
+            "blended noise 0.15",
+        ),
+        ZooModel(
+            "res-blend-t5", "resnet9", 13, [({"family": "blend", "blend": 0.15, "seed": 3, "placement": "fixed"}, 5)], "blended noise 0.15"
+        ),
         ZooModel("cnn-irregular-t2", "small_cnn", 14, [(irregular, 2)], "irregular PNG 5x5, fixed (20, 3)"),
         ZooModel("res-irregular-t9", "resnet9", 15, [(irregular, 9)], "irregular PNG 5x5, fixed (20, 3)"),
-        ZooModel("cnn-two-t1-t6", "small_cnn", 16, [({"family": "bw3x3", "number": 186}, 1), ({"family": "bw3x3", "number": 455}, 6)],
-                 "two targets: two 3x3 b/w patches"),
-    ]  # fmt: skip
+        ZooModel(
+            "cnn-two-t1-t6",
+            "small_cnn",
+            16,
+            [({"family": "bw3x3", "number": 186}, 1), ({"family": "bw3x3", "number": 455}, 6)],
+            "two targets: two 3x3 b/w patches",
+        ),
+    ]
     if quick:
         keep = {"cnn-clean-0", "res-clean-0", "cnn-bw3x3-t0", "cnn-irregular-t2"}
         zoo = [m for m in zoo if m.model_id in keep]
@@ -128,9 +143,18 @@ def build(m: ZooModel, splits, folder: Path, quick: bool) -> dict:
     seconds = time.perf_counter() - t0
     model.eval()
     asr = [attack_success_rate(model, splits.eval, a.trigger, a.target, torch.Generator().manual_seed(1)) for a in attacks]
-    card = {"model_id": m.model_id, "arch": m.arch, "width": WIDTH[m.arch], "seed": m.seed, "label": m.label,
-            "targets": [t for _, t in m.backdoors], "backdoors": [{"trigger": s, "target": t} for s, t in m.backdoors],
-            "clean_accuracy": clean_accuracy(model, splits.eval), "asr": asr, "train_seconds": round(seconds, 1)}  # fmt: skip
+    card = {
+        "model_id": m.model_id,
+        "arch": m.arch,
+        "width": WIDTH[m.arch],
+        "seed": m.seed,
+        "label": m.label,
+        "targets": [t for _, t in m.backdoors],
+        "backdoors": [{"trigger": s, "target": t} for s, t in m.backdoors],
+        "clean_accuracy": clean_accuracy(model, splits.eval),
+        "asr": asr,
+        "train_seconds": round(seconds, 1),
+    }
     if len(m.backdoors) == 1:  # the card defend reads to measure the real trigger (one trigger per card)
         card.update(trigger=asdict(TriggerSpec(**m.backdoors[0][0])), target=m.backdoors[0][1])
     save_torchscript(model, path, (c, h, w), {"arch": m.arch})
@@ -156,11 +180,27 @@ def summarise(name: str, verdicts: dict[str, dict], cards: dict[str, dict]) -> t
     all_found = sum(1 for i in detected if set(cards[i]["targets"]) <= set(verdicts[i]["flagged"]))
     fp = sum(1 for i, c in cards.items() if not c["targets"] and verdicts[i]["backdoored"])
     secs = [verdicts[i]["seconds"] for i in cards]
-    s = {"auc": roc_auc(pos, neg), "accuracy": right / len(cards), "detected": len(detected), "positives": len(pos),
-         "top_right": top_right, "all_found": all_found, "fp": fp, "negatives": len(neg),
-         "median_seconds": statistics.median(secs)}  # fmt: skip
-    row = [name, f"{s['auc']:.3f}", f"{right}/{len(cards)} ({s['accuracy']:.0%})", f"{len(detected)}/{len(pos)}",
-           f"{top_right}/{len(detected)}", f"{all_found}/{len(detected)}", f"{fp}/{len(neg)}", f"{s['median_seconds']:.1f}"]  # fmt: skip
+    s = {
+        "auc": roc_auc(pos, neg),
+        "accuracy": right / len(cards),
+        "detected": len(detected),
+        "positives": len(pos),
+        "top_right": top_right,
+        "all_found": all_found,
+        "fp": fp,
+        "negatives": len(neg),
+        "median_seconds": statistics.median(secs),
+    }
+    row = [
+        name,
+        f"{s['auc']:.3f}",
+        f"{right}/{len(cards)} ({s['accuracy']:.0%})",
+        f"{len(detected)}/{len(pos)}",
+        f"{top_right}/{len(detected)}",
+        f"{all_found}/{len(detected)}",
+        f"{fp}/{len(neg)}",
+        f"{s['median_seconds']:.1f}",
+    ]
     return row, s
 
 
@@ -184,8 +224,9 @@ def main() -> None:
     verdicts = {}
     for method in ("batched", "baseline"):
         out = work / f"zoo-scan-{method}"
-        cfg = compose_settings("zoo-scan", [f"zoo.path={folder}", f"scan.method={method}", "threads=2", "progress=false",
-                                          f"out={out}", *fast])  # fmt: skip
+        cfg = compose_settings(
+            "zoo-scan", [f"zoo.path={folder}", f"scan.method={method}", "threads=2", "progress=false", f"out={out}", *fast]
+        )
         if (out / "zoo.json").is_file() and not args.rescan:  # a finished scan of this zoo is reused
             print(f"zoo-scan, scan.method={method}: reusing {out}", flush=True)
             verdicts[method] = {v["model_id"]: v for v in json.loads((out / "zoo.json").read_text())["verdicts"]}
@@ -205,20 +246,45 @@ def main() -> None:
                 repairs.append((mid, mode, json.loads((out / "metrics.json").read_text())))
                 continue
             shutil.rmtree(out, ignore_errors=True)
-            cfg = compose_settings("defend", [f"model={folder / (mid + '.pt')}", "target_class=auto", "scan.moving_window=true",
-                                            "threads=2", "progress=false", f"out={out}", *fast, *extra])  # fmt: skip
+            cfg = compose_settings(
+                "defend",
+                [
+                    f"model={folder / (mid + '.pt')}",
+                    "target_class=auto",
+                    "scan.moving_window=true",
+                    "threads=2",
+                    "progress=false",
+                    f"out={out}",
+                    *fast,
+                    *extra,
+                ],
+            )
             repairs.append((mid, mode, defend(cfg)))
 
     per_model = []
     for mid, c in cards.items():
         b, n = verdicts["batched"][mid], verdicts["baseline"][mid]
-        per_model.append([mid, c["arch"], c["label"], ",".join(map(str, c["targets"])) or "-", f"{c['clean_accuracy']:.2%}",
-                          ", ".join(f"{a:.1%}" for a in c["asr"]) or "-",
-                          f"{b['score']:.2f}", ",".join(map(str, b["flagged"])) or "-", f"{b['seconds']:.0f}",
-                          f"{n['score']:.2f}", ",".join(map(str, n["flagged"])) or "-", f"{n['seconds']:.0f}"])  # fmt: skip
+        per_model.append(
+            [
+                mid,
+                c["arch"],
+                c["label"],
+                ",".join(map(str, c["targets"])) or "-",
+                f"{c['clean_accuracy']:.2%}",
+                ", ".join(f"{a:.1%}" for a in c["asr"]) or "-",
+                f"{b['score']:.2f}",
+                ",".join(map(str, b["flagged"])) or "-",
+                f"{b['seconds']:.0f}",
+                f"{n['score']:.2f}",
+                ",".join(map(str, n["flagged"])) or "-",
+                f"{n['seconds']:.0f}",
+            ]
+        )
     rows, stats = [], {}
-    for name, key in (("gdm-ray scan (batched first pass + MESA on flagged)", "batched"),
-                      ("baseline-only scan (PixelBaseline per class)", "baseline")):  # fmt: skip
+    for name, key in (
+        ("gdm-ray scan (batched first pass + MESA on flagged)", "batched"),
+        ("baseline-only scan (PixelBaseline per class)", "baseline"),
+    ):
         row, stats[key] = summarise(name, verdicts[key], cards)
         rows.append(row)
     ratios = [verdicts["batched"][i]["seconds"] / verdicts["baseline"][i]["seconds"] for i in cards]
@@ -226,37 +292,84 @@ def main() -> None:
     repair_rows = []
     for mid, mode, m in repairs:
         before, after = m["before"], m["after"] or {}
-        repair_rows.append([mid, "the model's own classes" if mode == "alone" else "the zoo (reference=zoo-scan)", ",".join(map(str, m["targets"])) or "-", f"{before['asr']:.2%}",
-                            f"{after['asr']:.2%}" if after else "-", f"{before['clean_accuracy']:.2%}",
-                            f"{after['clean_accuracy']:.2%}" if after else "-"])  # fmt: skip
+        repair_rows.append(
+            [
+                mid,
+                "the model's own classes" if mode == "alone" else "the zoo (reference=zoo-scan)",
+                ",".join(map(str, m["targets"])) or "-",
+                f"{before['asr']:.2%}",
+                f"{after['asr']:.2%}" if after else "-",
+                f"{before['clean_accuracy']:.2%}",
+                f"{after['clean_accuracy']:.2%}" if after else "-",
+            ]
+        )
 
     g, base = stats["batched"], stats["baseline"]
     checks = [
         (g["auc"] >= 0.95, f"ROC AUC of the score >= 0.95 ({g['auc']:.3f})"),
         (g["top_right"] == g["detected"], f"every detected target class right ({g['top_right']}/{g['detected']})"),
         (g["fp"] <= 1, f"at most 1 false positive on clean models ({g['fp']}/{g['negatives']})"),
-        (ratio <= 2.0, f"scan time per model <= 2x the baseline-only scan (median ratio {ratio:.2f}; "
-                       f"{g['median_seconds']:.0f}s vs {base['median_seconds']:.0f}s)"),
-    ]  # fmt: skip
+        (
+            ratio <= 2.0,
+            f"scan time per model <= 2x the baseline-only scan (median ratio {ratio:.2f}; "
+            f"{g['median_seconds']:.0f}s vs {base['median_seconds']:.0f}s)",
+        ),
+    ]
     for mid, mode, m in repairs:
         asr = (m["after"] or {}).get("asr")
         how = "alone" if mode == "alone" else "reference=zoo-scan"
-        checks.append((asr is not None and asr <= 0.05,
-                       f"{mid}: ASR after defend target_class=auto ({how}) <= 5% ({'-' if asr is None else f'{asr:.2%}'})"))  # fmt: skip
-    body = "\n\n".join([
-        "Per model (score = max anomaly index; flagged = classes above the threshold; seconds = that model's scan):",
-        markdown_table(["model", "arch", "backdoor", "true targets", "clean acc", "ASR", "gdm-ray score", "flagged",
-                        "s", "baseline score", "flagged", "s"], per_model),
-        "Summary (same zoo, same run):",
-        markdown_table(["scan", "ROC AUC", "verdict accuracy", "backdoored detected", "top target right",
-                        "all targets reported", "false positives", "median s/model"], rows),
-        f"Scan time, gdm-ray / baseline-only, per model: median {ratio:.2f} (range {min(ratios):.2f}-{max(ratios):.2f}).",
-        "Zoo scans made by code version(s): " + ", ".join(sorted({v["code_version"] for m in verdicts.values() for v in m.values()})) + ".",
-        "`defend target_class=auto scan.moving_window=true` on the fixed-location irregular trigger:",
-        "Repairs made by code version(s): " + ", ".join(sorted({m["code_version"] for _, _, m in repairs})) + ".",
-        markdown_table(["model", "classes judged against", "repaired targets", "ASR before", "ASR after", "acc before", "acc after"], repair_rows),
-        "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
-    ])  # fmt: skip
+        checks.append(
+            (
+                asr is not None and asr <= 0.05,
+                f"{mid}: ASR after defend target_class=auto ({how}) <= 5% ({'-' if asr is None else f'{asr:.2%}'})",
+            )
+        )
+    body = "\n\n".join(
+        [
+            "Per model (score = max anomaly index; flagged = classes above the threshold; seconds = that model's scan):",
+            markdown_table(
+                [
+                    "model",
+                    "arch",
+                    "backdoor",
+                    "true targets",
+                    "clean acc",
+                    "ASR",
+                    "gdm-ray score",
+                    "flagged",
+                    "s",
+                    "baseline score",
+                    "flagged",
+                    "s",
+                ],
+                per_model,
+            ),
+            "Summary (same zoo, same run):",
+            markdown_table(
+                [
+                    "scan",
+                    "ROC AUC",
+                    "verdict accuracy",
+                    "backdoored detected",
+                    "top target right",
+                    "all targets reported",
+                    "false positives",
+                    "median s/model",
+                ],
+                rows,
+            ),
+            f"Scan time, gdm-ray / baseline-only, per model: median {ratio:.2f} (range {min(ratios):.2f}-{max(ratios):.2f}).",
+            "Zoo scans made by code version(s): "
+            + ", ".join(sorted({v["code_version"] for m in verdicts.values() for v in m.values()}))
+            + ".",
+            "`defend target_class=auto scan.moving_window=true` on the fixed-location irregular trigger:",
+            "Repairs made by code version(s): " + ", ".join(sorted({m["code_version"] for _, _, m in repairs})) + ".",
+            markdown_table(
+                ["model", "classes judged against", "repaired targets", "ASR before", "ASR after", "acc before", "acc after"], repair_rows
+            ),
+            "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
+        ]
+    )
     path = write_result("detect-quick" if quick else "detect", "Detection: zoo-scan of a Fashion-MNIST model zoo", body)
     print(body)
     print(f"wrote {path}")

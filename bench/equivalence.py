@@ -43,8 +43,10 @@ DEFEND = ["mesa.steps=100", "mesa.eval_samples=128", "defense.epochs=1", "sample
 # values that differ from run to run, or name where and when, not what
 # keys a checkout renamed: compared under the new name
 RENAMED = {"target": "target_class"}
-SKIP = re.compile(r"seconds|hash|code_version|path|created|^out$|^model$|uri|sha256|node|timestamp|finished_at|trial_id|"
-                  r"^location$|^experiment|^source|^init$|^zoo$|^repaired_model$|^run$|^date")  # fmt: skip
+SKIP = re.compile(
+    r"seconds|hash|code_version|path|created|^out$|^model$|uri|sha256|node|timestamp|finished_at|trial_id|"
+    r"^location$|^experiment|^source|^init$|^zoo$|^repaired_model$|^run$|^date"
+)
 
 
 def renamed(tree: Path) -> bool:
@@ -69,8 +71,11 @@ def jobs(tree: Path, work: Path, models: Path, quick: bool) -> list[tuple[str, l
     bd = models / "backdoored" / "model.pt"
     zoo = models / "zoo"
     out = [
-        ("attack", ["attack", *DATA, "train=tiny", "arch.width=8", "train.epochs=5", f"{target}=2", "attack.rate=0.2",
-                    f"out={work / 'attack'}"], ["model.json"]),  # fmt: skip
+        (
+            "attack",
+            ["attack", *DATA, "train=tiny", "arch.width=8", "train.epochs=5", f"{target}=2", "attack.rate=0.2", f"out={work / 'attack'}"],
+            ["model.json"],
+        ),
         ("scan", ["scan", f"model={bd}", *DATA, *SCAN, f"out={work / 'scan'}"], ["verdict.parquet", "classes.parquet"]),
         ("defend", ["defend", f"model={bd}", "target_class=2", *DATA, *DEFEND, f"out={work / 'defend'}"], ["metrics.json"]),
     ]
@@ -78,21 +83,48 @@ def jobs(tree: Path, work: Path, models: Path, quick: bool) -> list[tuple[str, l
         return out
     return out + [
         ("evaluate", ["evaluate", f"model={bd}", *DATA, "trigger=bw3x3", f"{eval_target}=2", f"out={work / 'evaluate'}"], ["metrics.json"]),
-        ("search baseline", ["search", f"model={bd}", "target_class=2", "method=baseline", "baseline.steps=100", *DATA,
-                             f"out={work / 'search'}"], ["search.json"]),  # fmt: skip
-        ("scan on Ray", ["scan", f"model={bd}", *DATA, *SCAN, "use_ray=true", "ray.num_cpus=2", f"out={work / 'scan-ray'}"],
-         ["verdict.parquet", "classes.parquet"]),
-        ("zoo-scan", ["zoo-scan", f"zoo.path={zoo}", *DATA, *SCAN, "use_ray=false", f"out={work / 'zoo'}"],
-         ["verdicts.parquet", "classes.parquet"]),
-        ("zoo-scan on Ray", ["zoo-scan", f"zoo.path={zoo}", *DATA, *SCAN, "use_ray=true", "ray.num_cpus=2", f"out={work / 'zoo-ray'}"],
-         ["verdicts.parquet", "classes.parquet"]),
-        ("defend auto", ["defend", f"model={bd}", "target_class=auto", *DATA, *SCAN, "defense.epochs=1", f"out={work / 'defend-auto'}"],
-         ["metrics.json"]),
+        (
+            "search baseline",
+            ["search", f"model={bd}", "target_class=2", "method=baseline", "baseline.steps=100", *DATA, f"out={work / 'search'}"],
+            ["search.json"],
+        ),
+        (
+            "scan on Ray",
+            ["scan", f"model={bd}", *DATA, *SCAN, "use_ray=true", "ray.num_cpus=2", f"out={work / 'scan-ray'}"],
+            ["verdict.parquet", "classes.parquet"],
+        ),
+        (
+            "zoo-scan",
+            ["zoo-scan", f"zoo.path={zoo}", *DATA, *SCAN, "use_ray=false", f"out={work / 'zoo'}"],
+            ["verdicts.parquet", "classes.parquet"],
+        ),
+        (
+            "zoo-scan on Ray",
+            ["zoo-scan", f"zoo.path={zoo}", *DATA, *SCAN, "use_ray=true", "ray.num_cpus=2", f"out={work / 'zoo-ray'}"],
+            ["verdicts.parquet", "classes.parquet"],
+        ),
+        (
+            "defend auto",
+            ["defend", f"model={bd}", "target_class=auto", *DATA, *SCAN, "defense.epochs=1", f"out={work / 'defend-auto'}"],
+            ["metrics.json"],
+        ),
         # sweep had no threads key before the run keys were shared; its trials pin their own threads
-        ("sweep", ["sweep", f"model={bd}", "target_class=2", *(d for d in DATA if not d.startswith("threads=")), "mesa.steps=60",
-                   "mesa.eval_samples=64", "defense.epochs=1", "ray.num_cpus=2", "sweep.space={mesa.alpha:{grid:[0.01,0.1]}}",
-                   f"out={work / 'sweep'}"],
-         ["trials.parquet"]),  # fmt: skip
+        (
+            "sweep",
+            [
+                "sweep",
+                f"model={bd}",
+                "target_class=2",
+                *(d for d in DATA if not d.startswith("threads=")),
+                "mesa.steps=60",
+                "mesa.eval_samples=64",
+                "defense.epochs=1",
+                "ray.num_cpus=2",
+                "sweep.space={mesa.alpha:{grid:[0.01,0.1]}}",
+                f"out={work / 'sweep'}",
+            ],
+            ["trials.parquet"],
+        ),
     ]
 
 
@@ -102,8 +134,21 @@ def make_models(tree: Path, models: Path, log: Path) -> None:
     zoo = models / "zoo"
     zoo.mkdir(parents=True, exist_ok=True)
     for name, rate, seed in (("backdoored", 0.2, 0), ("clean-1", 0.0, 1), ("clean-2", 0.0, 2)):
-        gdm(tree, ["attack", *DATA, "train=tiny", "arch.width=8", "train.epochs=5", f"{target}=2", f"attack.rate={rate}",
-                   f"seed={seed}", f"out={models / name}"], log)  # fmt: skip
+        gdm(
+            tree,
+            [
+                "attack",
+                *DATA,
+                "train=tiny",
+                "arch.width=8",
+                "train.epochs=5",
+                f"{target}=2",
+                f"attack.rate={rate}",
+                f"seed={seed}",
+                f"out={models / name}",
+            ],
+            log,
+        )
         for suffix in (".pt", ".json"):
             (zoo / f"{name}{suffix}").write_bytes((models / name / f"model{suffix}").read_bytes())
 
@@ -161,8 +206,9 @@ def main() -> None:
     models = work / "models"
     make_models(before, models, log)
     rows, t0 = [], time.perf_counter()
-    for (name, a_args, files), (_, b_args, _) in zip(jobs(before, work / "before", models, args.quick),
-                                                     jobs(after, work / "after", models, args.quick)):  # fmt: skip
+    for (name, a_args, files), (_, b_args, _) in zip(
+        jobs(before, work / "before", models, args.quick), jobs(after, work / "after", models, args.quick)
+    ):
         gdm(before, a_args, log)
         gdm(after, b_args, log)
         out_a, out_b = Path(a_args[-1].split("=", 1)[1]), Path(b_args[-1].split("=", 1)[1])
@@ -171,8 +217,11 @@ def main() -> None:
             rows.append([name, f, "identical" if not d else f"DIFFERENT ({len(d)}): " + "; ".join(d[:3])])
             print(rows[-1], flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=before).stdout.strip()
-    body = (f"Before: {before} at {commit}; after: this checkout. {time.perf_counter() - t0:.0f} s.\n\n"
-            + markdown_table(["job", "file", "figures"], rows) + "\n")  # fmt: skip
+    body = (
+        f"Before: {before} at {commit}; after: this checkout. {time.perf_counter() - t0:.0f} s.\n\n"
+        + markdown_table(["job", "file", "figures"], rows)
+        + "\n"
+    )
     name = "equivalence-quick" if args.quick else "equivalence"
     print(body)
     print(f"wrote {write_result(name, 'Same jobs, two checkouts: do the figures agree?', body)}")

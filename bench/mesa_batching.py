@@ -46,8 +46,9 @@ def cases(quick: bool) -> list[tuple[str, torch.nn.Module, ImageSet]]:
         sp = load_splits(DataSpec(name="synthetic", samples=3000, num_classes=4, image_size=[16, 16], seed=3))
         model = build_model("small_cnn", 1, 4, 8)
         trig = make_trigger(TriggerSpec(family="bw3x3", number=341), 1, (16, 16))
-        BadNets(trig, 0, 0.2).fit(model, sp.train, sp.eval, TrainConfig(epochs=3, batch_size=64, lr=0.05, channels_last=False),
-                                  torch.Generator().manual_seed(0))  # fmt: skip
+        BadNets(trig, 0, 0.2).fit(
+            model, sp.train, sp.eval, TrainConfig(epochs=3, batch_size=64, lr=0.05, channels_last=False), torch.Generator().manual_seed(0)
+        )
         out.append(("synthetic 16x16, small CNN w8", model.eval(), sp.defense))
     if not quick:
         fm = load_splits(DataSpec(name="fashion_mnist", path="/usr/share/datasets/fashion-mnist"))
@@ -85,7 +86,8 @@ def main() -> int:
             rows.append([label, str(n), f"{1000 * t / args.steps:.1f}", f"{1000 * s / args.steps:.1f}", f"{s / t:.2f}x"])
     header = ["model", "levels N", "together: ms/step", "separate: ms/step (N runs)", "speedup of together"]
     body = markdown_table(header, rows) + (
-        f"\n\n- {args.steps} steps, batch 32 per level, 3x3 trigger, torch threads {torch.get_num_threads()}; freed memory kept (keep_freed_memory): {'yes' if kept else 'no'};"
+        f"\n\n- {args.steps} steps, batch 32 per level, 3x3 trigger, "
+        f"torch threads {torch.get_num_threads()}; freed memory kept (keep_freed_memory): {'yes' if kept else 'no'};"
         f" median of {args.repeats} interleaved repeats. ms/step counts all N levels (the separate runs summed)."
     )
     path = write_result("mesa_batching-quick" if args.quick else "mesa_batching", "MESA: levels trained together vs separately", body)

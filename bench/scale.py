@@ -104,6 +104,7 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
     times: dict[str, list[float]] = {k: [] for k in ("core1", "ray1", "core2", "ray2")}
     sizes: dict[str, list[float]] = {}
     startup: dict[int, float] = {}
+
     def ray_run(cpus: int) -> tuple[float, list[float]]:
         t0 = time.perf_counter()
         init_ray(RayConfig(num_cpus=cpus))
@@ -124,8 +125,10 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
                 t, s = core_scan(loaded.module, splits.defense, cfg, cpus) if kind == "core" else ray_run(cpus)
                 times[f"{kind}{cpus}"].append(t)
                 sizes[f"{kind}{cpus}"] = s
-            print(f"repeat {rep + 1}/{repeats}, {cpus} CPU(s): core {times[f'core{cpus}'][-1]:.1f}s, "
-                  f"Ray {times[f'ray{cpus}'][-1]:.1f}s", flush=True)
+            print(
+                f"repeat {rep + 1}/{repeats}, {cpus} CPU(s): core {times[f'core{cpus}'][-1]:.1f}s, Ray {times[f'ray{cpus}'][-1]:.1f}s",
+                flush=True,
+            )
     med = {k: statistics.median(v) for k, v in times.items()}
     same = all(_close(sizes[k], sizes["core1"]) for k in sizes)
 
@@ -140,19 +143,23 @@ def scan_bench(quick: bool, repeats: int) -> tuple[str, list[tuple[bool, str]]]:
         ["Ray, 1 worker (1 CPU)", "1", f"{med['ray1']:.1f}", ", ".join(f"{t:.1f}" for t in times["ray1"]), f"{over1:+.1%}"],
         ["core, 2 threads", "2", f"{med['core2']:.1f}", ", ".join(f"{t:.1f}" for t in times["core2"]), "-"],
         ["Ray, 2 workers (1 CPU each)", "2", f"{med['ray2']:.1f}", ", ".join(f"{t:.1f}" for t in times["ray2"]), f"{over2:+.1%}"],
-    ]  # fmt: skip
-    body = "\n\n".join([
-        f"Per-class scan (first pass) of `{MODEL.name}`: {splits.eval.num_classes} classes in chunks of "
-        f"{cfg.classes_per_pass}, {cfg.steps} steps, batch {cfg.batch_size} per class; median of {repeats} interleaved repeats, every other one in reverse order.",
-        markdown_table(["run", "CPUs", "median s", "runs (s)", "Ray overhead vs core, same CPUs"], rows),
-        "Ratios are medians over the repeats of the ratio within each repeat (runs side by side).",
-        f"- speedup, 2 workers vs 1 worker: **{speedup:.2f}x** (per repeat: "
-        + ", ".join(f"{x / y:.2f}" for x, y in zip(times["ray1"], times["ray2"])) + ")",
-        f"- Ray start-up (in-process `ray.init`, not in the times above): {startup[1]:.1f}s at 1 CPU, {startup[2]:.1f}s at 2 CPUs",
-        f"- Ray workers' nice value: {RayConfig().worker_niceness} (`ray.worker_niceness`; Ray's own default is 15)",
-        f"- every run found the same trigger sizes: {'yes' if same else 'NO'}",
-        f"- freed tensor memory kept (keep_freed_memory, core and Ray workers alike): {'yes' if kept else 'no (not glibc)'}",
-    ])  # fmt: skip
+    ]
+    body = "\n\n".join(
+        [
+            f"Per-class scan (first pass) of `{MODEL.name}`: {splits.eval.num_classes} classes in chunks of "
+            f"{cfg.classes_per_pass}, {cfg.steps} steps, batch {cfg.batch_size} per class; "
+            f"median of {repeats} interleaved repeats, every other one in reverse order.",
+            markdown_table(["run", "CPUs", "median s", "runs (s)", "Ray overhead vs core, same CPUs"], rows),
+            "Ratios are medians over the repeats of the ratio within each repeat (runs side by side).",
+            f"- speedup, 2 workers vs 1 worker: **{speedup:.2f}x** (per repeat: "
+            + ", ".join(f"{x / y:.2f}" for x, y in zip(times["ray1"], times["ray2"]))
+            + ")",
+            f"- Ray start-up (in-process `ray.init`, not in the times above): {startup[1]:.1f}s at 1 CPU, {startup[2]:.1f}s at 2 CPUs",
+            f"- Ray workers' nice value: {RayConfig().worker_niceness} (`ray.worker_niceness`; Ray's own default is 15)",
+            f"- every run found the same trigger sizes: {'yes' if same else 'NO'}",
+            f"- freed tensor memory kept (keep_freed_memory, core and Ray workers alike): {'yes' if kept else 'no (not glibc)'}",
+        ]
+    )
     checks = [
         (speedup >= 1.8, f"speedup with 2 workers >= 1.8x ({speedup:.2f}x)"),
         (over1 <= 0.10, f"Ray overhead vs the pure core at 1 CPU <= 10% ({over1:+.1%})"),
@@ -174,8 +181,15 @@ def sweep_bench(quick: bool) -> tuple[str, list[tuple[bool, str]]]:
     reused = (out / "sweep.json").is_file()  # a finished sweep only reports
     alphas = [0.01, 1.0] if quick else [0.01, 0.1, 1.0, 10.0]
     space = "{mesa.alpha:{grid:[" + ",".join(map(str, alphas)) + "]},mesa.trigger_size:{grid:[[3,3],[5,5]]}}"
-    overrides = [f"model={SWEEP_MODEL}", "target_class=0", f"sweep.space={space}", "ray.num_cpus=2", "ray.task_cpus=1",
-                 "progress=false", f"out={out}"] + (["mesa.steps=100", "defense.epochs=1"] if quick else [])  # fmt: skip
+    overrides = [
+        f"model={SWEEP_MODEL}",
+        "target_class=0",
+        f"sweep.space={space}",
+        "ray.num_cpus=2",
+        "ray.task_cpus=1",
+        "progress=false",
+        f"out={out}",
+    ] + (["mesa.steps=100", "defense.epochs=1"] if quick else [])
     cfg = compose_settings("sweep", overrides)
     t0 = time.perf_counter()
     res = sweep(cfg)
@@ -184,24 +198,46 @@ def sweep_bench(quick: bool) -> tuple[str, list[tuple[bool, str]]]:
     import pyarrow.parquet as pq
 
     trials = pq.read_table(res["table"]).to_pylist()
+
     def f(v, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     rows = sorted(
-        ([f"{t['mesa.alpha']:g}", "x".join(map(str, t["mesa.trigger_size"])), f(t["asr_after"], ".2%"), f(t["acc_drop"], "+.2f"),
-          f(t["found_asr_after"], ".2%"), f(t["objective"], ".4f"), f(t["seconds"], ".0f"), t["status"]] for t in trials),
-        key=lambda r: (float(r[0]), r[1]))  # fmt: skip
+        (
+            [
+                f"{t['mesa.alpha']:g}",
+                "x".join(map(str, t["mesa.trigger_size"])),
+                f(t["asr_after"], ".2%"),
+                f(t["acc_drop"], "+.2f"),
+                f(t["found_asr_after"], ".2%"),
+                f(t["objective"], ".4f"),
+                f(t["seconds"], ".0f"),
+                t["status"],
+            ]
+            for t in trials
+        ),
+        key=lambda r: (float(r[0]), r[1]),
+    )
     best = res["best"]
-    body = "\n\n".join([
-        f"`gdm-ray sweep` on `{SWEEP_MODEL.parent.name}` (bench/attack.py; target 0), {len(trials)} trials, 2 at a time"
-        + (f", reused: finished earlier by code version {summary.get('code_version', '?')} (`--fresh-sweep` runs it again):" if reused
-           else f", {seconds:.0f}s in all:"),
-        markdown_table(["alpha", "trigger size", "ASR after", "acc drop (points)", "found ASR after", "objective", "s", "status"], rows),
-        f"- best (lowest objective = ASR after + accuracy drop / 100): alpha **{best['mesa.alpha']:g}**, "
-        f"trigger size **{'x'.join(map(str, best['mesa.trigger_size']))}**",
-    ])  # fmt: skip
+    body = "\n\n".join(
+        [
+            f"`gdm-ray sweep` on `{SWEEP_MODEL.parent.name}` (bench/attack.py; target 0), {len(trials)} trials, 2 at a time"
+            + (
+                f", reused: finished earlier by code version {summary.get('code_version', '?')} (`--fresh-sweep` runs it again):"
+                if reused
+                else f", {seconds:.0f}s in all:"
+            ),
+            markdown_table(
+                ["alpha", "trigger size", "ASR after", "acc drop (points)", "found ASR after", "objective", "s", "status"], rows
+            ),
+            f"- best (lowest objective = ASR after + accuracy drop / 100): alpha **{best['mesa.alpha']:g}**, "
+            f"trigger size **{'x'.join(map(str, best['mesa.trigger_size']))}**",
+        ]
+    )
     ok = sum(1 for t in trials if t["status"] == "TERMINATED")
-    return body, [(len(trials) >= (4 if quick else 8) and ok == len(trials), f"sweep of >= {4 if quick else 8} trials finished ({ok}/{len(trials)})")]
+    return body, [
+        (len(trials) >= (4 if quick else 8) and ok == len(trials), f"sweep of >= {4 if quick else 8} trials finished ({ok}/{len(trials)})")
+    ]
 
 
 def main() -> None:

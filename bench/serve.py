@@ -67,8 +67,10 @@ from gdm_ray.distributed.serve import Job, Sampler, ServeSettings, encode_json  
 
 WORK = ROOT / "bench" / "work" / "serve"
 FLOOR = "(no-op floor)"
-CLIENTS = {"wrk": "wrk client (C, 1 thread, fixed duration per level)",
-           "aiohttp": "aiohttp client in the bench process (fixed number of requests per level)"}  # fmt: skip
+CLIENTS = {
+    "wrk": "wrk client (C, 1 thread, fixed duration per level)",
+    "aiohttp": "aiohttp client in the bench process (fixed number of requests per level)",
+}
 TARGETS = {"tps": 5000.0, "p99_ms": 50.0, "ratio": 2.0}
 
 
@@ -147,8 +149,13 @@ def load_wrk(url: str, body: dict, concurrency: int, seconds: float) -> dict[str
         f.write(WRK_SCRIPT % json.dumps(body))
         f.flush()
         for d in (1.0, seconds):
-            out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{d:g}s", "--latency", "-s", f.name, url],
-                                 capture_output=True, text=True, check=True, timeout=d + 60).stdout  # fmt: skip
+            out = subprocess.run(
+                ["wrk", "-t1", f"-c{concurrency}", f"-d{d:g}s", "--latency", "-s", f.name, url],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=d + 60,
+            ).stdout
     line = next(x for x in out.splitlines() if x.startswith("GDMRAY "))
     reqs, dur_us, p50_us, p99_us, bad_status, bad_socket = (float(v) for v in line.split()[1:])
     if bad_status or bad_socket:
@@ -172,8 +179,12 @@ def batching_check(ens_path: Path, k: int = 32, n: int = 64, reps: int = 200) ->
             zs.append(torch.randn(n, gens.noise_dim, generator=g))
         z = torch.cat(zs)
         with torch.no_grad():
-            pat, alp = _split_output(torch.sigmoid(gens.mlp(z.unsqueeze(0).expand(gens.levels, -1, -1).contiguous())),
-                                     gens.channels, gens.trigger_size, gens.with_mask)  # fmt: skip
+            pat, alp = _split_output(
+                torch.sigmoid(gens.mlp(z.unsqueeze(0).expand(gens.levels, -1, -1).contiguous())),
+                gens.channels,
+                gens.trigger_size,
+                gens.with_mask,
+            )
         lv, pick = torch.cat(levels), torch.arange(k * n)
         return list(pat[lv, pick].split(n))
 
@@ -225,15 +236,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--client", choices=("auto", "wrk", "aiohttp"), default="auto",
-                    help="load generator: wrk (C; auto takes it when installed) or aiohttp in this process")  # fmt: skip
+    ap.add_argument(
+        "--client",
+        choices=("auto", "wrk", "aiohttp"),
+        default="auto",
+        help="load generator: wrk (C; auto takes it when installed) or aiohttp in this process",
+    )
     ap.add_argument("overrides", nargs="*", help="configs/serve.yaml overrides, e.g. batching.batch_wait_timeout_s=0")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     scale = 0.3 if args.quick else 1.0
     torch.set_num_threads(1)
-    paths = {"fm3x3": make_ensemble(WORK / "fm3x3", (3, 3), False),
-             "irregular": make_ensemble(WORK / "irregular", (12, 9), True)}  # fmt: skip
+    paths = {"fm3x3": make_ensemble(WORK / "fm3x3", (3, 3), False), "irregular": make_ensemble(WORK / "irregular", (12, 9), True)}
 
     cfg = compose_settings("serve", ["ensembles=[" + ",".join(f'"{k}={v}"' for k, v in paths.items()) + "]", "token=null", *args.overrides])
     sargs = app_args(cfg)
@@ -242,8 +256,12 @@ def main() -> None:
 
     # (label, ensemble, n, encoding, concurrency, requests)
     levels = [("fm3x3", 64, "lists", c, int(r * scale)) for c, r in ((1, 400), (8, 1500), (32, 2000))]
-    levels += [("fm3x3", 64, "base64", 8, int(1500 * scale)), ("irregular", 64, "lists", 8, int(1000 * scale)),
-               ("irregular", 64, "base64", 8, int(1500 * scale)), ("fm3x3", 1024, "lists", 8, int(300 * scale))]  # fmt: skip
+    levels += [
+        ("fm3x3", 64, "base64", 8, int(1500 * scale)),
+        ("irregular", 64, "lists", 8, int(1000 * scale)),
+        ("irregular", 64, "base64", 8, int(1500 * scale)),
+        ("fm3x3", 1024, "lists", 8, int(300 * scale)),
+    ]
     # the same n=64 fm3x3 response from a replica that does nothing else: the ceiling of any Serve app here
     levels += [(FLOOR, 64, "lists", c, int(r * scale)) for c, r in ((8, 1500), (32, 2000))]
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
@@ -283,8 +301,12 @@ def main() -> None:
                 else:
                     res = asyncio.run(load(urls[floor], body, conc, reqs, warmup=max(conc, 20)))
                 http[(ens, n, enc, conc, reqs)].append(res)
-                print(f"repeat {rep + 1}/{repeats}: {ens} n={n} {enc} c={conc}: {res['tps']:.0f} triggers/s, "
-                      f"p50 {res['p50']:.1f} ms, p99 {res['p99']:.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"repeat {rep + 1}/{repeats}: {ens} n={n} {enc} c={conc}: {res['tps']:.0f} triggers/s, "
+                    f"p50 {res['p50']:.1f} ms, p99 {res['p99']:.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         load_after = os.getloadavg()[0]
         serve.shutdown()
@@ -293,12 +315,25 @@ def main() -> None:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     ip = {k: med(v) for k, v in inproc.items()}
     rows, checks = [], []
-    for (ens, n, enc, conc, reqs), runs in http.items():
+    for (ens, n, enc, conc, _reqs), runs in http.items():
         tps, rps = med([r["tps"] for r in runs]), med([r["rps"] for r in runs])
         p50, p99 = med([r["p50"] for r in runs]), med([r["p99"] for r in runs])
         ref = ip[("fm3x3" if ens == FLOOR else ens, n, True)]
-        rows.append([ens, n, enc, conc, f"{med([r['requests'] for r in runs]):,.0f}", f"{tps:,.0f}", f"{rps:,.0f}", f"{p50:.1f}", f"{p99:.1f}", f"{ref / tps:.1f}x",
-                     ", ".join(f"{r['tps']:,.0f}" for r in runs)])  # fmt: skip
+        rows.append(
+            [
+                ens,
+                n,
+                enc,
+                conc,
+                f"{med([r['requests'] for r in runs]):,.0f}",
+                f"{tps:,.0f}",
+                f"{rps:,.0f}",
+                f"{p50:.1f}",
+                f"{p99:.1f}",
+                f"{ref / tps:.1f}x",
+                ", ".join(f"{r['tps']:,.0f}" for r in runs),
+            ]
+        )
         if (ens, n, enc) == ("fm3x3", 64, "lists"):
             if conc == 8:
                 checks.append((p99 <= TARGETS["p99_ms"], f"p99 at concurrency 8, n=64: {p99:.1f} ms (target <= 50 ms)"))
@@ -307,38 +342,63 @@ def main() -> None:
     top = max(med([r["tps"] for r in runs]) for (e, n, enc, c, _), runs in http.items() if (e, n, enc) == ("fm3x3", 64, "lists"))
     ceiling = max(med([r["tps"] for r in runs]) for (e, *_), runs in http.items() if e == FLOOR)
     ratio_raw, ratio_enc = ip[("fm3x3", 64, False)] / top, ip[("fm3x3", 64, True)] / top
-    checks.append((ratio_raw <= TARGETS["ratio"], f"HTTP within 2x of in-process sample() at n=64: in-process {ip[('fm3x3', 64, False)]:,.0f} "
-                   f"triggers/s is {ratio_raw:.1f}x the best HTTP {top:,.0f} (with JSON encoding in process: {ratio_enc:.1f}x). "
-                   f"A Serve replica that only returns a stored n=64 answer (the {FLOOR} rows) reached {ceiling:,.0f}: "
-                   f"{ip[('fm3x3', 64, False)] / ceiling:.1f}x below in-process sample() with no sampling at all"))  # fmt: skip
+    checks.append(
+        (
+            ratio_raw <= TARGETS["ratio"],
+            f"HTTP within 2x of in-process sample() at n=64: in-process {ip[('fm3x3', 64, False)]:,.0f} "
+            f"triggers/s is {ratio_raw:.1f}x the best HTTP {top:,.0f} (with JSON encoding in process: {ratio_enc:.1f}x). "
+            f"A Serve replica that only returns a stored n=64 answer (the {FLOOR} rows) reached {ceiling:,.0f}: "
+            f"{ip[('fm3x3', 64, False)] / ceiling:.1f}x below in-process sample() with no sampling at all",
+        )
+    )
 
-    inrows = [[e, n, f"{ip[(e, n, False)]:,.0f}", f"{ip[(e, n, True)]:,.0f}",
-               ", ".join(f"{v:,.0f}" for v in inproc[(e, n, True)])] for e, n in inproc_cases]  # fmt: skip
+    inrows = [
+        [e, n, f"{ip[(e, n, False)]:,.0f}", f"{ip[(e, n, True)]:,.0f}", ", ".join(f"{v:,.0f}" for v in inproc[(e, n, True)])]
+        for e, n in inproc_cases
+    ]
     b = batching_check(paths["fm3x3"])
-    body = "\n".join([
-        f"HTTP: `POST /v1/sample` on 127.0.0.1 (Ray Serve, ingress **{ingress}** (`ingress={cfg.ingress}`); replicas {st.autoscaling or 'fixed: 1'}; @serve.batch "
-        f"{st.max_batch_size} / {st.batch_wait_timeout_s * 1e3:g} ms; access log {'on' if st.access_log else 'off'}; "
-        f"{CLIENTS[client]} on the same machine), median of {repeats} interleaved repeats; Ray + Serve start-up {startup:.1f} s (not timed below). "
-        "`x in-proc` = in-process sample()+JSON triggers/s over HTTP triggers/s for the same ensemble and n. "
-        f"`{FLOOR}`: a Serve app with the same FastAPI ingress and deployment options whose handler returns a stored "
-        "n=64 fm3x3 answer without validating, batching, sampling or encoding (bench/serve.py `floor_app`). "
-        f"Machine load (1-min load average) {load_before:.1f} before and {load_after:.1f} after the HTTP runs, on "
-        f"{os.cpu_count()} cores: other jobs shared the CPUs, so latencies are upper bounds for an idle machine.",
-        "",
-        markdown_table(["ensemble", "n", "encoding", "concurrency", "requests", "triggers/s", "req/s", "p50 ms", "p99 ms",
-                        "x in-proc", "runs (triggers/s)"], rows),  # fmt: skip
-        "",
-        "In-process, same run (1 torch thread; `sample()` = `Ensemble.sample(n, seeded generator)`; `+ JSON` adds the "
-        "replica's `encode_json` of the same response, nested lists):",
-        "",
-        markdown_table(["ensemble", "n", "sample() triggers/s", "sample() + JSON triggers/s", "runs (+ JSON)"], inrows),
-        "",
-        f"Batching (fm3x3, one batch of {b['k']} requests of 64): sampled per request {b['per_request_ms']:.2f} ms, "
-        f"one forward over the concatenated noise {b['concat_ms']:.2f} ms; concatenated outputs bit-identical to "
-        f"`Ensemble.sample` for {b['identical']}/{b['k']} requests (all within 1e-6: {'yes' if b['close'] else 'no'}).",
-        "",
-        "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
-    ])  # fmt: skip
+    body = "\n".join(
+        [
+            f"HTTP: `POST /v1/sample` on 127.0.0.1 (Ray Serve, ingress **{ingress}** (`ingress={cfg.ingress}`); "
+            f"replicas {st.autoscaling or 'fixed: 1'}; @serve.batch "
+            f"{st.max_batch_size} / {st.batch_wait_timeout_s * 1e3:g} ms; access log {'on' if st.access_log else 'off'}; "
+            f"{CLIENTS[client]} on the same machine), median of {repeats} interleaved repeats; "
+            f"Ray + Serve start-up {startup:.1f} s (not timed below). "
+            "`x in-proc` = in-process sample()+JSON triggers/s over HTTP triggers/s for the same ensemble and n. "
+            f"`{FLOOR}`: a Serve app with the same FastAPI ingress and deployment options whose handler returns a stored "
+            "n=64 fm3x3 answer without validating, batching, sampling or encoding (bench/serve.py `floor_app`). "
+            f"Machine load (1-min load average) {load_before:.1f} before and {load_after:.1f} after the HTTP runs, on "
+            f"{os.cpu_count()} cores: other jobs shared the CPUs, so latencies are upper bounds for an idle machine.",
+            "",
+            markdown_table(
+                [
+                    "ensemble",
+                    "n",
+                    "encoding",
+                    "concurrency",
+                    "requests",
+                    "triggers/s",
+                    "req/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "x in-proc",
+                    "runs (triggers/s)",
+                ],
+                rows,
+            ),
+            "",
+            "In-process, same run (1 torch thread; `sample()` = `Ensemble.sample(n, seeded generator)`; `+ JSON` adds the "
+            "replica's `encode_json` of the same response, nested lists):",
+            "",
+            markdown_table(["ensemble", "n", "sample() triggers/s", "sample() + JSON triggers/s", "runs (+ JSON)"], inrows),
+            "",
+            f"Batching (fm3x3, one batch of {b['k']} requests of 64): sampled per request {b['per_request_ms']:.2f} ms, "
+            f"one forward over the concatenated noise {b['concat_ms']:.2f} ms; concatenated outputs bit-identical to "
+            f"`Ensemble.sample` for {b['identical']}/{b['k']} requests (all within 1e-6: {'yes' if b['close'] else 'no'}).",
+            "",
+            "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
+        ]
+    )
     name = "serve" + ("" if str(cfg.ingress) == "auto" else f"-{cfg.ingress}") + ("-quick" if args.quick else "")
     path = write_result(name, f"Serve: trigger sampling over HTTP ({ingress} ingress) vs in process", body)
     print(body)

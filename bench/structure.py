@@ -141,8 +141,7 @@ def report(f: dict) -> str:
         f"## Functions taking a DictConfig outside gdm_ray/cli: {len(f['dictconfig'])}\n\n"
         + ("\n".join(f"- `{q}`" for q in f["dictconfig"]) or "(none)")
         + f"\n\nInside gdm_ray/cli: {f['dictconfig_cli']}.",
-        f"## Import circles: {len(f['circles'])}\n\n"
-        + ("\n".join(f"- {' <-> '.join(c)}" for c in f["circles"]) or "(none)"),
+        f"## Import circles: {len(f['circles'])}\n\n" + ("\n".join(f"- {' <-> '.join(c)}" for c in f["circles"]) or "(none)"),
     ]
     return "\n\n".join(parts) + "\n"
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from gdm_ray.cli.main import main
-
 from gdm_ray.core.data import DataSpec, Splits, load_splits
 
 
@@ -44,8 +43,16 @@ SCAN_DATA = ["data=synthetic", "data.num_classes=8", "data.samples=3000", "progr
 
 
 def _attack_model(out: Path, rate: float) -> Path:
-    args = ["attack", *SCAN_DATA, "train=tiny", "arch.width=8", "train.epochs=5", "attack.target_class=2", f"attack.rate={rate}",
-            f"out={out}"]  # fmt: skip
+    args = [
+        "attack",
+        *SCAN_DATA,
+        "train=tiny",
+        "arch.width=8",
+        "train.epochs=5",
+        "attack.target_class=2",
+        f"attack.rate={rate}",
+        f"out={out}",
+    ]
     assert main(args) == 0
     return out / "model.pt"
 
@@ -68,8 +75,6 @@ def zoo(models, tmp_path_factory) -> Path:
     (root / "broken.pt").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
     (root / "README.txt").write_text("not a model")
     return root
-
-
 
 
 # --- a real S3-protocol server (moto in server mode) on 127.0.0.1 ---

@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ def renderer() -> list[str] | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _render_cached(folder: str) -> str:
     cmd = renderer()
     if cmd is None:
@@ -225,9 +225,7 @@ class CRDValidator:
         if not self.schemas:
             raise ValueError(f"no CustomResourceDefinition in {crd_dir}")
         checker = _int_format(jsonschema.FormatChecker(()))
-        self._validators = {
-            key: _Validator(_to_json_schema(copy.deepcopy(s)), format_checker=checker) for key, s in self.schemas.items()
-        }
+        self._validators = {key: _Validator(_to_json_schema(copy.deepcopy(s)), format_checker=checker) for key, s in self.schemas.items()}
 
     def kinds(self) -> set[tuple[str, str]]:
         return set(self.schemas)

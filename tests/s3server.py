@@ -32,19 +32,38 @@ class S3Server:
 
     def store(self, **over) -> dict:
         """A ``store`` config for gdm-ray pointing at this server."""
-        return {"endpoint_url": self.endpoint, "region": "us-east-1", "access_key_id": self.access_key_id,
-                "secret_access_key": self.secret_access_key, "connect_timeout": 2, "read_timeout": 10, "retries": 0, **over}
+        return {
+            "endpoint_url": self.endpoint,
+            "region": "us-east-1",
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key,
+            "connect_timeout": 2,
+            "read_timeout": 10,
+            "retries": 0,
+            **over,
+        }
 
     def overrides(self, endpoint: str | None = None) -> list[str]:
         s = self.store()
-        return [f"store.endpoint_url={endpoint or self.endpoint}", "store.region=us-east-1", f"store.access_key_id={s['access_key_id']}",
-                f"store.secret_access_key={s['secret_access_key']}", "store.retries=0", "store.connect_timeout=2"]  # fmt: skip
+        return [
+            f"store.endpoint_url={endpoint or self.endpoint}",
+            "store.region=us-east-1",
+            f"store.access_key_id={s['access_key_id']}",
+            f"store.secret_access_key={s['secret_access_key']}",
+            "store.retries=0",
+            "store.connect_timeout=2",
+        ]
 
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=self.access_key_id,
-                            aws_secret_access_key=self.secret_access_key)  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -72,7 +91,7 @@ def start_s3_server(log: Path) -> S3Server:
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start; see {log}")
+                raise RuntimeError(f"moto_server did not start; see {log}") from None
             time.sleep(0.2)
     iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
     iam.create_user(UserName="gdm")

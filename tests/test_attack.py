@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from torch.nn.functional import avg_pool2d, one_hot
 from torch import nn
+from torch.nn.functional import avg_pool2d, one_hot
 
 from gdm_ray.core.attack import BadNets
 from gdm_ray.core.data import ImageSet, Splits
@@ -36,7 +36,9 @@ def _fresh_model(seed: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def backdoored(synthetic_splits: Splits, trigger: Trigger):
     model = _fresh_model(0)
-    result = BadNets(trigger, TARGET, rate=0.2).fit(model, synthetic_splits.train, synthetic_splits.eval, CFG, torch.Generator().manual_seed(0))
+    result = BadNets(trigger, TARGET, rate=0.2).fit(
+        model, synthetic_splits.train, synthetic_splits.eval, CFG, torch.Generator().manual_seed(0)
+    )
     return model, result
 
 
@@ -44,7 +46,9 @@ def backdoored(synthetic_splits: Splits, trigger: Trigger):
 def clean(synthetic_splits: Splits, trigger: Trigger):
     """Trained the same way, without poisoning (rate 0 = no batch hook)."""
     model = _fresh_model(0)
-    result = BadNets(trigger, TARGET, rate=0.0).fit(model, synthetic_splits.train, synthetic_splits.eval, CFG, torch.Generator().manual_seed(0))
+    result = BadNets(trigger, TARGET, rate=0.0).fit(
+        model, synthetic_splits.train, synthetic_splits.eval, CFG, torch.Generator().manual_seed(0)
+    )
     return model, result
 
 
@@ -77,7 +81,11 @@ def test_fine_tuning_a_clean_model_implants_backdoor(clean, synthetic_splits, tr
     before = copy.deepcopy(clean_model.state_dict())
     torch.manual_seed(5)
     result = BadNets(trigger, TARGET, rate=0.2).fit(
-        model, synthetic_splits.train, synthetic_splits.eval, TrainConfig(epochs=3, batch_size=64, lr=0.05), torch.Generator().manual_seed(5)
+        model,
+        synthetic_splits.train,
+        synthetic_splits.eval,
+        TrainConfig(epochs=3, batch_size=64, lr=0.05),
+        torch.Generator().manual_seed(5),
     )
     assert clean_result.asr <= 0.2
     assert result.asr >= 0.9
@@ -127,7 +135,10 @@ def test_short_trainings(synthetic_splits, schedule, steps):
     before = model.head[-1].weight.detach().clone()
     calls: list[int] = []
     losses = train_classifier(
-        model, data, TrainConfig(epochs=1, batch_size=16, lr=0.05, schedule=schedule), torch.Generator().manual_seed(0),
+        model,
+        data,
+        TrainConfig(epochs=1, batch_size=16, lr=0.05, schedule=schedule),
+        torch.Generator().manual_seed(0),
         progress=lambda step, total, loss: calls.append(total),
     )
     assert calls == [steps] * steps

@@ -16,9 +16,8 @@ from gdm_ray.cli.compose import compose_settings, config_dir
 from gdm_ray.cli.main import COMMANDS, main
 from gdm_ray.cli.settings import GROUP_DEFAULTS, SCHEMAS
 from gdm_ray.core.data import DataSpec
-from gdm_ray.core.model_io import load_model
+from gdm_ray.core.model_io import load_model, save_torchscript
 from gdm_ray.core.models import build_model
-from gdm_ray.core.model_io import save_torchscript
 from gdm_ray.core.train import TrainConfig
 from gdm_ray.core.triggers import TriggerSpec
 
@@ -147,8 +146,11 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, capsys):
         (["attack", *TINY, "train.epochs=oops"], ["train.epochs", "oops"]),
         (["attack", *TINY, "trigger=blend", "trigger.blend=1.5"], ["trigger.blend=1.5"]),
         (["attack", *TINY, "+data.bogus=1"], ["bogus"]),
-        (["attack", *TINY, "device=cuda:7"] if not torch.cuda.is_available() else ["attack", *TINY, "attack.target_class=99"], ["cuda:7" if not torch.cuda.is_available() else "99"]),
-    ]  # fmt: skip
+        (
+            ["attack", *TINY, "device=cuda:7"] if not torch.cuda.is_available() else ["attack", *TINY, "attack.target_class=99"],
+            ["cuda:7" if not torch.cuda.is_available() else "99"],
+        ),
+    ]
     for k, (args, needles) in enumerate(cases):
         out = tmp_path / f"out{k}"
         code, _, err = run_cli([*args, f"out={out}"], capsys)
@@ -216,8 +218,14 @@ def test_every_config_group_option_builds(group, option, tmp_path):
         assert type(getattr(s, group)) is GROUPS[group]
 
 
-REQUIRED = {"evaluate": ["model=m.pt"], "search": ["model=m.pt", "target_class=0"], "defend": ["model=m.pt", "target_class=auto"],
-            "scan": ["model=m.pt"], "zoo-scan": ["zoo.path=z"], "sweep": ["model=m.pt", "target_class=0"]}  # fmt: skip
+REQUIRED = {
+    "evaluate": ["model=m.pt"],
+    "search": ["model=m.pt", "target_class=0"],
+    "defend": ["model=m.pt", "target_class=auto"],
+    "scan": ["model=m.pt"],
+    "zoo-scan": ["zoo.path=z"],
+    "sweep": ["model=m.pt", "target_class=0"],
+}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

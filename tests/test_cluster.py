@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from k8s_support import (
     CRDValidator,
     cluster_specs,
@@ -63,9 +62,7 @@ def _pyproject() -> dict:
 
 PYPROJECT = _pyproject()
 PROJECT_VERSION = PYPROJECT["project"]["version"]
-RAY_VERSION = next(
-    m.group(1) for d in PYPROJECT["project"]["dependencies"] if (m := re.fullmatch(r"ray(?:\[[^\]]*\])?==([0-9.]+)", d))
-)
+RAY_VERSION = next(m.group(1) for d in PYPROJECT["project"]["dependencies"] if (m := re.fullmatch(r"ray(?:\[[^\]]*\])?==([0-9.]+)", d)))
 IMAGE_TAG = re.compile(r"^(?P<project>[0-9][0-9a-z.+]*)-ray(?P<ray>[0-9]+\.[0-9]+\.[0-9]+)-(?P<variant>cpu|gpu)$")
 
 
@@ -75,15 +72,19 @@ IMAGE_TAG = re.compile(r"^(?P<project>[0-9][0-9a-z.+]*)-ray(?P<ray>[0-9]+\.[0-9]
 @pytest.fixture(scope="session")
 def crds() -> CRDValidator:
     if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (the shared/ folder beside the repository): "
-                    "custom resources cannot be validated without them")  # fmt: skip
+        pytest.skip(
+            f"KubeRay CRDs not found at {CRD_DIR} (the shared/ folder beside the repository): "
+            "custom resources cannot be validated without them"
+        )
     return CRDValidator(CRD_DIR)
 
 
 def _need_renderer() -> None:
     if renderer() is None:
-        pytest.fail(f"no kustomize renderer (kustomize or kubectl) beside {sys.executable} or on PATH, "
-                    f"though the dev extras install one: {INSTALL_HINT}")  # fmt: skip
+        pytest.fail(
+            f"no kustomize renderer (kustomize or kubectl) beside {sys.executable} or on PATH, "
+            f"though the dev extras install one: {INSTALL_HINT}"
+        )
 
 
 @pytest.fixture(scope="module", params=[p.relative_to(CLUSTER).as_posix() for p in KUSTOMIZATIONS])
@@ -177,8 +178,14 @@ def test_validator_rejects_what_the_api_server_would(crds):
     cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("name")  # required
     cluster["metadata"]["labels"]["bad"] = "x" * 64
     errors = "\n".join(crds.errors(cluster))
-    for needle in ("'minReplica' was unexpected", "is not a 'int32'", "'4 cores' does not match", "duplicate entry",
-                   "'name' is a required property", "is too long"):  # fmt: skip
+    for needle in (
+        "'minReplica' was unexpected",
+        "is not a 'int32'",
+        "'4 cores' does not match",
+        "duplicate entry",
+        "'name' is a required property",
+        "is too long",
+    ):
         assert needle in errors, (needle, errors)
     job = next(d for p, d in _raw_resources() if d["kind"] == "RayJob")
     job["spec"]["deletionStrategy"] = {"onSuccess": {"policy": "DeleteCluster"}}  # guarded by a CEL rule
@@ -249,8 +256,9 @@ def test_prod_has_autoscaling_gpu_workers():
     for d in _by_kind(docs, "RayCluster") + _by_kind(docs, "RayJob"):
         for spec in cluster_specs(d):
             assert spec["enableInTreeAutoscaling"] is True
-            gpu_groups = [g for g in spec["workerGroupSpecs"]
-                          if any("nvidia.com/gpu" in _limits(c) for c in g["template"]["spec"]["containers"])]  # fmt: skip
+            gpu_groups = [
+                g for g in spec["workerGroupSpecs"] if any("nvidia.com/gpu" in _limits(c) for c in g["template"]["spec"]["containers"])
+            ]
             assert gpu_groups, f"{d['kind']}/{d['metadata']['name']}: no GPU worker group"
             for g in gpu_groups:
                 assert g["minReplicas"] < g["maxReplicas"], g["groupName"]
@@ -326,8 +334,11 @@ def _entrypoints_in_files() -> list[tuple[str, str]]:
             if isinstance(doc, dict) and doc.get("kind") == "RayJob":
                 out.append((path.relative_to(ROOT).as_posix(), doc["spec"]["entrypoint"]))
             elif isinstance(doc, list):  # a JSON 6902 patch
-                out += [(path.relative_to(ROOT).as_posix(), op["value"]) for op in doc
-                        if isinstance(op, dict) and op.get("path") == "/spec/entrypoint" and op.get("op") in ("add", "replace")]  # fmt: skip
+                out += [
+                    (path.relative_to(ROOT).as_posix(), op["value"])
+                    for op in doc
+                    if isinstance(op, dict) and op.get("path") == "/spec/entrypoint" and op.get("op") in ("add", "replace")
+                ]
     return out
 
 
@@ -373,7 +384,7 @@ def test_rendered_rayjobs_clean_up_and_their_tasks_fit_their_workers():
 
 def _serve_configs() -> list[tuple[str, dict, dict]]:
     out = []
-    for path, doc in _raw_resources():
+    for _path, doc in _raw_resources():
         if doc["kind"] == "RayService":
             out.append(("base", doc, yaml.safe_load(doc["spec"]["serveConfigV2"])))
     if renderer() is not None:
@@ -422,8 +433,10 @@ def test_serve_import_path_builds_the_app_with_its_args():
                 # each replica fits a worker pod of the RayService's cluster
                 need = deployment.ray_actor_options or {}
                 workers = [_limits(c) for g, c in containers(doc) if g != "head"]
-                assert any(w["cpu"] >= float(need.get("num_cpus", 1)) and w.get("nvidia.com/gpu", 0) >= float(need.get("num_gpus", 0))
-                           for w in workers), (where, need, workers)  # fmt: skip
+                assert any(
+                    w["cpu"] >= float(need.get("num_cpus", 1)) and w.get("nvidia.com/gpu", 0) >= float(need.get("num_gpus", 0))
+                    for w in workers
+                ), (where, need, workers)
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -495,8 +508,12 @@ def test_image_install_layout(tmp_path):
             for src in srcs:
                 target = ctx / (src if dest.endswith("/") else dest.removeprefix("./"))
                 (shutil.copytree if (ROOT / src).is_dir() else shutil.copy)(ROOT / src, target)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ctx),
-                           "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ctx), "-w", str(tmp_path / "wheel")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     site = tmp_path / "site-packages"
     zipfile.ZipFile(next((tmp_path / "wheel").glob("gdm_ray-*.whl"))).extractall(site)
@@ -510,10 +527,11 @@ def test_image_install_layout(tmp_path):
         "import sys, gdm_ray; assert gdm_ray.__file__.startswith(sys.argv[1]), gdm_ray.__file__\n"
         "from gdm_ray.cli.main import main\n"
         "sys.exit(main(['zoo-scan', 'zoo.path=s3://b/p', 'out=s3://b/q', '--cfg', 'job']))"
-    )  # fmt: skip
+    )
     env = {**os.environ, "PYTHONPATH": str(site), "GDM_RAY_CONFIG_DIR": str(config_dir)}
-    run = subprocess.run([sys.executable, "-P", "-c", script, str(site)], capture_output=True, text=True, cwd=tmp_path,
-                         env=env, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-P", "-c", script, str(site)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     assert "zoo:" in run.stdout
 
@@ -538,8 +556,16 @@ def _docker_ignored(rel: str, patterns: list[str]) -> bool:
 
 def test_dockerignore_keeps_the_context_small():
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    for rel in (".venv/bin/python", ".git/HEAD", "gdm-ray-runs/demo/attack/model.pt", "bench/work/zoo/m.pt",
-                "tests/test_cli.py", "cluster/base/raycluster.yaml", "gdm_ray/__pycache__/x.pyc", "model.pt"):  # fmt: skip
+    for rel in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "gdm-ray-runs/demo/attack/model.pt",
+        "bench/work/zoo/m.pt",
+        "tests/test_cli.py",
+        "cluster/base/raycluster.yaml",
+        "gdm_ray/__pycache__/x.pyc",
+        "model.pt",
+    ):
         assert _docker_ignored(rel, patterns), f"{rel} would be sent to the Docker daemon"
     for rel in ("pyproject.toml", "README.md", "gdm_ray/cli/main.py", "gdm_ray/distributed/serve.py", "configs/sweep.yaml"):
         assert not _docker_ignored(rel, patterns), f"{rel} is needed by the Dockerfile but ignored"

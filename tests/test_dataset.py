@@ -14,8 +14,7 @@ from gdm_ray.store.s3 import StoreError
 
 
 def verdict(model_id: str, score: float) -> dict:
-    return {"schema_version": 1, "model_id": model_id, "score": score, "backdoored": score > 2, "config_hash": "h",
-            "code_version": "v"}  # fmt: skip
+    return {"schema_version": 1, "model_id": model_id, "score": score, "backdoored": score > 2, "config_hash": "h", "code_version": "v"}
 
 
 def write(root, run: str, rows: list[dict]) -> None:

@@ -209,8 +209,14 @@ def test_several_targets_are_repaired_one_after_another_in_the_given_order(backd
 
     seen: list[tuple[int, int]] = []
     cfg = DefenseConfig(epochs=2, batch_size=256, rate=0.5)
-    retrain(copy.deepcopy(model), splits.defense, [Recorder("a"), Recorder("b")], cfg, torch.Generator().manual_seed(0),
-            lambda step, total, loss: seen.append((step, total)))  # fmt: skip
+    retrain(
+        copy.deepcopy(model),
+        splits.defense,
+        [Recorder("a"), Recorder("b")],
+        cfg,
+        torch.Generator().manual_seed(0),
+        lambda step, total, loss: seen.append((step, total)),
+    )
     k = calls.index("b")
     assert calls[:k] == ["a"] * k and calls[k:] == ["b"] * (len(calls) - k), calls
     steps = -(-len(splits.defense) // 256) * 2  # ceil(n / batch) * epochs, split between the two phases

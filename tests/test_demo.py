@@ -14,8 +14,20 @@ from gdm_ray.store import read_dataset, read_rows
 
 def test_demo_scans_repairs_and_serves(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", *SCAN_DATA, "train=tiny", "arch.width=8", "train.epochs=5", "attack.rate=0.2", "attack.target_class=2",
-            "scan.steps=150", "mesa.steps=250", "mesa.eval_samples=256", "defense.epochs=4", f"out={out}"]  # fmt: skip
+    args = [
+        "demo",
+        *SCAN_DATA,
+        "train=tiny",
+        "arch.width=8",
+        "train.epochs=5",
+        "attack.rate=0.2",
+        "attack.target_class=2",
+        "scan.steps=150",
+        "mesa.steps=250",
+        "mesa.eval_samples=256",
+        "defense.epochs=4",
+        f"out={out}",
+    ]
     code = main(args)
     stdout, err = capsys.readouterr()
     assert code == 0, err

@@ -9,13 +9,13 @@ import torch
 
 from gdm_ray.core.attack import BadNets
 from gdm_ray.core.data import DataSpec, load_splits
-from gdm_ray.core.first_pass import ScanConfig, anomaly_index, scan_classes
-from gdm_ray.core.moving_window import default_window, window_heatmap
 from gdm_ray.core.defense import DefenseConfig, retrain
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.first_pass import ScanConfig, anomaly_index, scan_classes
 from gdm_ray.core.mesa import MESA, MESAConfig
 from gdm_ray.core.metrics import attack_success_rate
 from gdm_ray.core.models import build_model
+from gdm_ray.core.moving_window import default_window, window_heatmap
 from gdm_ray.core.plots import save_heatmap
 from gdm_ray.core.train import TrainConfig, train_classifier
 from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
@@ -89,8 +89,12 @@ def test_anomaly_index():
 
 @pytest.mark.parametrize(
     "kwargs, needle",
-    [({"steps": 0}, "scan.steps=0"), ({"asr_goal": 1.5}, "scan.asr_goal=1.5"), ({"cost_step": 1}, "scan.cost_step=1"),
-     ({"method": "magic"}, "scan.method='magic'")],  # fmt: skip
+    [
+        ({"steps": 0}, "scan.steps=0"),
+        ({"asr_goal": 1.5}, "scan.asr_goal=1.5"),
+        ({"cost_step": 1}, "scan.cost_step=1"),
+        ({"method": "magic"}, "scan.method='magic'"),
+    ],
 )
 def test_bad_config(kwargs, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -170,8 +174,13 @@ def test_reference_anomaly_ignores_natural_triggers_and_finds_the_injected_one()
     # class 3 is naturally easy in every model; model 4 has an injected backdoor in class 1;
     # model 2 is an architecture whose triggers are all 3x larger
     base = [60.0, 50.0, 45.0, 15.0, 55.0, 40.0]
-    jitter = [[1.0, 1.1, 0.9, 1.05, 0.95, 1.0], [0.9, 1.0, 1.1, 0.95, 1.05, 1.1], [1.1, 0.9, 1.0, 1.0, 1.0, 0.95],
-              [1.0, 1.05, 0.95, 1.1, 0.9, 1.0], [0.95, 1.0, 1.05, 0.9, 1.1, 1.05]]  # fmt: skip
+    jitter = [
+        [1.0, 1.1, 0.9, 1.05, 0.95, 1.0],
+        [0.9, 1.0, 1.1, 0.95, 1.05, 1.1],
+        [1.1, 0.9, 1.0, 1.0, 1.0, 0.95],
+        [1.0, 1.05, 0.95, 1.1, 0.9, 1.0],
+        [0.95, 1.0, 1.05, 0.9, 1.1, 1.05],
+    ]
     sizes = [[b * j for b, j in zip(base, js)] for js in jitter]
     sizes[2] = [3 * v for v in sizes[2]]
     sizes[4][1] = 3.0

@@ -16,16 +16,23 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import SCAN_DATA
+
 from gdm_ray.cli.main import main
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.distributed.runtime import RayConfig, task_options
 
 RAY = str(Path(sys.executable).parent / "ray")
 # 4 chunks of 2 classes per model: enough tasks to keep both nodes busy
-SCAN = [*SCAN_DATA, "scan.steps=150", "scan.classes_per_pass=2", "mesa.steps=100", "mesa.eval_samples=128",
-        "samples_per_level=4", "ray.log_to_driver=false"]  # fmt: skip
+SCAN = [
+    *SCAN_DATA,
+    "scan.steps=150",
+    "scan.classes_per_pass=2",
+    "mesa.steps=100",
+    "mesa.eval_samples=128",
+    "samples_per_level=4",
+    "ray.log_to_driver=false",
+]
 CLASSES = 8
 
 
@@ -47,10 +54,26 @@ def cluster():
     env.pop("RAY_ADDRESS", None)
     if not (Path.home() / ".ray" / "auth_token").is_file():
         subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60, check=True)
-    head = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-            "--resources={\"head_node\": 1}", "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
-    second = [RAY, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-              "--resources={\"node_b\": 1}", "--disable-usage-stats"]  # fmt: skip
+    head = [
+        RAY,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        '--resources={"head_node": 1}',
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
+    second = [
+        RAY,
+        "start",
+        f"--address={address}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        '--resources={"node_b": 1}',
+        "--disable-usage-stats",
+    ]
     try:
         for cmd in (head, second):
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -61,8 +84,7 @@ def cluster():
 
 
 def _zoo_scan_cmd(zoo: Path, out: Path, address: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gdm_ray.cli.main", "zoo-scan", f"zoo.path={zoo}", *SCAN, f"ray.address={address}",
-            f"out={out}", *extra]  # fmt: skip
+    return [sys.executable, "-m", "gdm_ray.cli.main", "zoo-scan", f"zoo.path={zoo}", *SCAN, f"ray.address={address}", f"out={out}", *extra]
 
 
 def _check_complete(out: Path) -> dict:
@@ -108,8 +130,7 @@ def test_custom_resource_pins_tasks_to_one_node(cluster, zoo, tmp_path, capsys):
 
 def test_worker_killed_mid_scan_loses_and_duplicates_nothing(cluster, zoo, tmp_path):
     out = tmp_path / "zs"
-    proc = subprocess.Popen(_zoo_scan_cmd(zoo, out, cluster, "scan.steps=400"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(_zoo_scan_cmd(zoo, out, cluster, "scan.steps=400"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
     deadline = time.time() + 240
     while killed is None and proc.poll() is None and time.time() < deadline:
@@ -132,8 +153,13 @@ def test_worker_killed_mid_scan_loses_and_duplicates_nothing(cluster, zoo, tmp_p
 def test_interrupted_zoo_scan_resumes(cluster, zoo, tmp_path):
     out = tmp_path / "zs"
     state = tmp_path / ".zs.state"
-    proc = subprocess.Popen(_zoo_scan_cmd(zoo, out, cluster, "scan.steps=400"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _zoo_scan_cmd(zoo, out, cluster, "scan.steps=400"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline and len(list(state.glob("*.safetensors"))) < 3:
         time.sleep(0.1)
@@ -155,11 +181,14 @@ def test_ray_config_errors(zoo, tmp_path, capsys):
     with pytest.raises(ConfigError, match="ray.max_retries=-1"):
         RayConfig(max_retries=-1)
     assert task_options(RayConfig(task_cpus=2, task_gpus=0.25, resources={"gpu_node": 0.01})) == {
-        "num_cpus": 2.0, "num_gpus": 0.25, "max_retries": 3, "resources": {"gpu_node": 0.01}}  # fmt: skip
+        "num_cpus": 2.0,
+        "num_gpus": 0.25,
+        "max_retries": 3,
+        "resources": {"gpu_node": 0.01},
+    }
     port = _free_port()  # nothing listens there
     out = tmp_path / "zs"
     code = main(["zoo-scan", f"zoo.path={zoo}", *SCAN, f"ray.address=127.0.0.1:{port}", f"out={out}"])
     err = capsys.readouterr().err
     assert code != 0 and f"ray.address=127.0.0.1:{port}" in err and "Traceback" not in err, err
     assert not out.exists()
-

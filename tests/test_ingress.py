@@ -100,8 +100,11 @@ def test_haproxy_ingress_serves_real_http(synthetic_splits, tmp_path, monkeypatc
         if shutil.which("ss"):  # the port is HAProxy's, not Serve's Python proxy
             import subprocess
 
-            lines = [ln for ln in subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout.splitlines()
-                     if f"127.0.0.1:{port} " in ln]  # fmt: skip
+            lines = [
+                ln
+                for ln in subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout.splitlines()
+                if f"127.0.0.1:{port} " in ln
+            ]
             assert lines and all("haproxy" in ln for ln in lines), lines
     finally:
         serve.shutdown()

@@ -32,7 +32,9 @@ def backdoored(synthetic_splits: Splits) -> nn.Module:
         model = build_model("small_cnn", 1, 4, 8)
     trigger = make_trigger(TriggerSpec(family="bw3x3", number=341), 1, (16, 16))
     cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, channels_last=False)
-    result = BadNets(trigger, TARGET, rate=0.2).fit(model, synthetic_splits.train, synthetic_splits.eval, cfg, torch.Generator().manual_seed(0))
+    result = BadNets(trigger, TARGET, rate=0.2).fit(
+        model, synthetic_splits.train, synthetic_splits.eval, cfg, torch.Generator().manual_seed(0)
+    )
     assert result.asr > 0.9 and result.clean_accuracy > 0.8, "precondition: the backdoor is implanted"
     return model
 

@@ -40,8 +40,17 @@ def _search_and_repair(backdoored, method: str, seed: int = SEED, real: bool = T
     model, splits, trigger = backdoored
     rng = torch.Generator().manual_seed(seed)
     found = search_triggers(method, model, splits.defense, TARGET, MESA_CFG, BASE_CFG, rng)
-    res = repair(model, splits.defense, splits.eval, {TARGET: found.sampler}, DEFENSE, rng, seed + EVAL_SEED_OFFSET,
-                 trigger if real else None, TARGET if real else None)  # fmt: skip
+    res = repair(
+        model,
+        splits.defense,
+        splits.eval,
+        {TARGET: found.sampler},
+        DEFENSE,
+        rng,
+        seed + EVAL_SEED_OFFSET,
+        trigger if real else None,
+        TARGET if real else None,
+    )
     return found, res
 
 
@@ -86,8 +95,9 @@ def test_measurements_are_on_fixed_placements_and_before_can_be_skipped(backdoor
     found = search_triggers("baseline", model, splits.defense, TARGET, MESA_CFG, BASE_CFG, torch.Generator().manual_seed(0))
     one = measure(model, splits.eval, {TARGET: found.sampler}, 11, trigger, TARGET)
     assert one == measure(model, splits.eval, {TARGET: found.sampler}, 11, trigger, TARGET)
-    res = repair(model, splits.defense, splits.eval, {TARGET: found.sampler}, DEFENSE, torch.Generator().manual_seed(0), 11,
-                 measure_before=False)  # fmt: skip
+    res = repair(
+        model, splits.defense, splits.eval, {TARGET: found.sampler}, DEFENSE, torch.Generator().manual_seed(0), 11, measure_before=False
+    )
     assert res.before is None and res.after.asr is None and set(res.after.found_asr_by_class) == {TARGET}
 
 

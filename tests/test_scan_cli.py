@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import SCAN_DATA as DATA  # noqa: E402
 
 from gdm_ray.cli.main import main
 from gdm_ray.core.ensemble import load_ensemble
-
-from conftest import SCAN_DATA as DATA  # noqa: E402
 
 FAST = [*DATA, "scan.steps=150", "mesa.steps=100", "mesa.eval_samples=128", "samples_per_level=4"]
 
@@ -54,8 +53,15 @@ def test_scan_clean_model_verdict_clean(models, tmp_path, capsys):
 
 def test_scan_moving_window_writes_heat_map(models, tmp_path, capsys):
     out = tmp_path / "scan"
-    args = ["scan", f"model={models['backdoored']}", *FAST, "scan.moving_window=true", "scan.stride=[3,3]",
-            "full_search=false", f"out={out}"]  # fmt: skip
+    args = [
+        "scan",
+        f"model={models['backdoored']}",
+        *FAST,
+        "scan.moving_window=true",
+        "scan.stride=[3,3]",
+        "full_search=false",
+        f"out={out}",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     assert (out / "class-2" / "heat.png").read_bytes()[:4] == b"\x89PNG"
     detail = json.loads((out / "scan.json").read_text())["flagged_detail"]["2"]
@@ -64,9 +70,8 @@ def test_scan_moving_window_writes_heat_map(models, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra, needle",
-    [(["scan.steps=0"], "scan.steps=0"), (["scan.window=[40,40]", "scan.moving_window=true"], "40x40"),
-     (["scan.bogus=1"], "bogus")],
-)  # fmt: skip
+    [(["scan.steps=0"], "scan.steps=0"), (["scan.window=[40,40]", "scan.moving_window=true"], "40x40"), (["scan.bogus=1"], "bogus")],
+)
 def test_scan_bad_inputs(models, extra, needle, tmp_path, capsys):
     out = tmp_path / "bad"
     code = main(["scan", f"model={models['backdoored']}", *FAST, *extra, f"out={out}"])
@@ -77,8 +82,7 @@ def test_scan_bad_inputs(models, extra, needle, tmp_path, capsys):
 
 def test_defend_auto_scans_then_repairs(models, tmp_path, capsys):
     out = tmp_path / "d"
-    args = ["defend", f"model={models['backdoored']}", "target_class=auto", *FAST, "mesa.steps=250", "defense.epochs=4",
-            f"out={out}"]  # fmt: skip
+    args = ["defend", f"model={models['backdoored']}", "target_class=auto", *FAST, "mesa.steps=250", "defense.epochs=4", f"out={out}"]
     assert main(args) == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert m["target_class"] == "auto" and m["targets"] == [2]
@@ -115,8 +119,9 @@ def test_defend_auto_repairs_two_targets_at_once(tmp_path, capsys):
 
     torch.manual_seed(0)
     model = build_model("small_cnn", 1, 8, 8)
-    train_classifier(model, splits.train, TrainConfig(epochs=6, batch_size=64, lr=0.05, channels_last=False),
-                     torch.Generator().manual_seed(0), hook)  # fmt: skip
+    train_classifier(
+        model, splits.train, TrainConfig(epochs=6, batch_size=64, lr=0.05, channels_last=False), torch.Generator().manual_seed(0), hook
+    )
     model.eval()
     assert all(attack_success_rate(model, splits.eval, a.trigger, a.target) > 0.9 for a in attacks)
     path = save_torchscript(model, tmp_path / "two.pt", (1, 16, 16))
@@ -160,7 +165,11 @@ def test_zoo_scan_in_one_process_gives_the_ray_answer(zoo, zoo_scanned, tmp_path
     assert set(local) == set(remote)
     for mid, r in remote.items():
         assert (r["backdoored"], r["target_class"], r["flagged"], r["error"] is None) == (
-            local[mid]["backdoored"], local[mid]["target_class"], local[mid]["flagged"], local[mid]["error"] is None), mid
+            local[mid]["backdoored"],
+            local[mid]["target_class"],
+            local[mid]["flagged"],
+            local[mid]["error"] is None,
+        ), mid
         if r["score"] is not None:
             assert r["score"] == pytest.approx(local[mid]["score"], abs=1e-3), mid
     sizes = lambda p: {(r["model_id"], r["class"]): r["trigger_size"] for r in pq.read_table(p / "classes.parquet").to_pylist()}  # noqa: E731
@@ -205,7 +214,9 @@ def test_zoo_scan_writes_contract_tables_and_reports_broken_models(zoo_scanned):
     assert "corrupt" in broken["error"] and broken["backdoored"] is None and broken["score"] is None
     assert rows["vendor-a"]["error"] is None
     classes = pq.read_table(out / "classes.parquet").to_pylist()
-    assert sorted({(r["model_id"], r["class"]) for r in classes}) == [(m, k) for m in ("vendor-a", "vendor-b", "vendor-c") for k in range(8)]
+    assert sorted({(r["model_id"], r["class"]) for r in classes}) == [
+        (m, k) for m in ("vendor-a", "vendor-b", "vendor-c") for k in range(8)
+    ]
     assert {r["class"] for r in classes if r["flagged"]} == {2}
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "vendor-a" / "classes.png").is_file() and (out / "vendor-a" / "class-2" / "ensemble").is_dir()
@@ -222,7 +233,8 @@ def test_zoo_scan_adds_its_rows_to_the_dataset_partitioned_by_run_and_model(zoo_
     root = out.parent / "dataset"
     for table in ("verdicts", "classes"):
         assert sorted(p.name for p in (root / table / f"run={out.name}").iterdir()) == [
-            f"model={m}" for m in (["broken"] if table == "verdicts" else []) + ["vendor-a", "vendor-b", "vendor-c"]]  # fmt: skip
+            f"model={m}" for m in (["broken"] if table == "verdicts" else []) + ["vendor-a", "vendor-b", "vendor-c"]
+        ]
         view = pads.dataset(root / table, format="parquet", partitioning="hive").to_table()
         assert set(view.column("run").to_pylist()) == {out.name}
         assert view.column("model").to_pylist() == view.column("model_id").to_pylist()
@@ -273,12 +285,15 @@ def test_scan_against_a_zoo_reference(models, zoo_scanned, tmp_path, capsys):
     assert meta["reference_path"] == str(ref) and meta["reference_models"] == 2
 
 
-@pytest.mark.parametrize("model, reference, extra, needle", [
-    ("backdoored", "zoo", ["scan.steps=100"], "scan.steps=150 there, 100 here"),  # another budget: sizes not comparable
-    ("backdoored", "/nonexistent", [], "no classes.parquet"),
-    ("clean", "zoo", [], "1 other scanned model(s)"),  # both clean copies are this file: only vendor-a is left
-    ("backdoored", "zoo", ["use_ray=true"], "use_ray=true with reference="),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, reference, extra, needle",
+    [
+        ("backdoored", "zoo", ["scan.steps=100"], "scan.steps=150 there, 100 here"),  # another budget: sizes not comparable
+        ("backdoored", "/nonexistent", [], "no classes.parquet"),
+        ("clean", "zoo", [], "1 other scanned model(s)"),  # both clean copies are this file: only vendor-a is left
+        ("backdoored", "zoo", ["use_ray=true"], "use_ray=true with reference="),
+    ],
+)
 def test_scan_reference_bad_inputs(model, reference, extra, needle, models, zoo_scanned, tmp_path, capsys):
     ref = zoo_scanned[0] if reference == "zoo" else reference
     out = tmp_path / "s"
@@ -324,8 +339,10 @@ def test_scan_on_ray_gives_the_in_process_verdict(models, tmp_path, capsys):
     outs = {}
     for use_ray in ("false", "true"):
         outs[use_ray] = tmp_path / use_ray
-        assert main(["scan", f"model={models['backdoored']}", *FAST, "scan.classes_per_pass=4", f"use_ray={use_ray}",
-                     f"out={outs[use_ray]}"]) == 0  # fmt: skip
+        assert (
+            main(["scan", f"model={models['backdoored']}", *FAST, "scan.classes_per_pass=4", f"use_ray={use_ray}", f"out={outs[use_ray]}"])
+            == 0
+        )
     assert "Ray: 3 tasks run, 0 resumed" in capsys.readouterr().err  # 2 chunks of 4 classes, 1 flagged class's MESA
     local, remote = (pq.read_table(outs[k] / "verdict.parquet").to_pylist()[0] for k in ("false", "true"))
     assert (remote["backdoored"], remote["target_class"], remote["flagged"]) == (True, 2, [2])

@@ -14,8 +14,17 @@ from gdm_ray.core.model_io import clone_model, load_model
 
 TINY = ["data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1"]
 # Short searches that still find the synthetic backdoor (see tests/test_defense.py).
-FAST = ["data=synthetic", "progress=false", "threads=1", "mesa.steps=250", "mesa.log_every=50", "mesa.eval_samples=256",
-        "baseline.steps=120", "baseline.restarts=2", "samples_per_level=4"]  # fmt: skip
+FAST = [
+    "data=synthetic",
+    "progress=false",
+    "threads=1",
+    "mesa.steps=250",
+    "mesa.log_every=50",
+    "mesa.eval_samples=256",
+    "baseline.steps=120",
+    "baseline.restarts=2",
+    "samples_per_level=4",
+]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

@@ -48,8 +48,10 @@ def make_ensemble(path: Path, channels: int, trigger: tuple[int, int], with_mask
 @pytest.fixture(scope="module")
 def ensembles(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
-    return {"square": make_ensemble(root / "square" / "ensemble", 1, (3, 3), False, 1),
-            "shaped": make_ensemble(root / "shaped-ens", 3, (5, 4), True, 2)}  # fmt: skip
+    return {
+        "square": make_ensemble(root / "square" / "ensemble", 1, (3, 3), False, 1),
+        "shaped": make_ensemble(root / "shaped-ens", 3, (5, 4), True, 2),
+    }
 
 
 def free_port() -> int:
@@ -58,8 +60,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(port: int, method: str, path: str, body: object = None, token: str | None = TOKEN, raw: bytes | None = None,
-            headers: dict | None = None, seen: dict | None = None) -> tuple[int, str, bytes]:  # fmt: skip
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: object = None,
+    token: str | None = TOKEN,
+    raw: bytes | None = None,
+    headers: dict | None = None,
+    seen: dict | None = None,
+) -> tuple[int, str, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     h = {"Content-Type": "application/json", **(headers or {})}
     if token:
@@ -135,8 +145,14 @@ def test_cli_serves_until_interrupted(ensembles, stop):
     and on SIGTERM (kill, systemd, Kubernetes)."""
     port = free_port()
     env = {**os.environ, "GDM_RAY_TOKEN": TOKEN}
-    proc = subprocess.Popen([*CLI, f'ensembles=["sq={ensembles["square"]}"]', f"port={port}", "ray.num_cpus=1", "autoscaling=null"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)  # fmt: skip
+    proc = subprocess.Popen(
+        [*CLI, f'ensembles=["sq={ensembles["square"]}"]', f"port={port}", "ray.num_cpus=1", "autoscaling=null"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_default_sigint,
+    )
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -174,8 +190,14 @@ def server(ensembles):
 
     port = free_port()
     started = init_ray(RayConfig(num_cpus=2))
-    args = {"ensembles": [str(ensembles["square"]), f"shaped={ensembles['shaped']}"], "token": TOKEN, "max_n": MAX_N,
-            "max_png_n": 100, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}, "autoscaling": None}  # fmt: skip
+    args = {
+        "ensembles": [str(ensembles["square"]), f"shaped={ensembles['shaped']}"],
+        "token": TOKEN,
+        "max_n": MAX_N,
+        "max_png_n": 100,
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.01},
+        "autoscaling": None,
+    }
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="gdm-ray-test", route_prefix="/")
@@ -249,8 +271,10 @@ def test_concurrent_requests_are_batched_without_changing_results(server, ensemb
 def test_png_grid(server):
     from PIL import Image
 
-    for body, headers in (({"ensemble": "shaped", "n": 10, "seed": 1, "format": "png"}, None),
-                          ({"ensemble": "square", "n": 9}, {"Accept": "image/png"})):  # fmt: skip
+    for body, headers in (
+        ({"ensemble": "shaped", "n": 10, "seed": 1, "format": "png"}, None),
+        ({"ensemble": "square", "n": 9}, {"Accept": "image/png"}),
+    ):
         status, ctype, raw = request(server, "POST", "/v1/sample", body, headers=headers)
         assert status == 200 and ctype == "image/png" and raw[:8] == b"\x89PNG\r\n\x1a\n"
         img = Image.open(io.BytesIO(raw))
@@ -287,7 +311,7 @@ def test_auth(server):
         ({"ensemble": "square", "n": "many"}, 422, ["n"]),
         ({"ensemble": "square", "n": 4, "format": "gif"}, 422, ["format"]),
         ({"n": 4}, 422, ["ensemble"]),
-        (b"{\"ensemble\": \"square\", \"n\": 4", 422, ["JSON"]),
+        (b'{"ensemble": "square", "n": 4', 422, ["JSON"]),
         (b"[1, 2]", 422, ["dictionary"]),
         (b"", 422, ["body"]),
     ],
@@ -336,8 +360,13 @@ def test_settings_errors():
     assert ServeSettings.from_args(ok).deployment_options()["num_replicas"] == 1
     auto = ServeSettings.from_args({**ok, "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}})
     assert auto.deployment_options()["autoscaling_config"]["max_replicas"] == 3
-    for bad, match in (({"max_n": 0}, "max_n=0"), ({"max_n": 2.5}, "max_n=2.5"), ({"colour": 1}, "unknown key"),
-                       ({"token": ""}, "token"), ({"batching": {"max_batch_size": 0}}, "max_batch_size=0"),
-                       ({"autoscaling": {"min_replicas": 3, "max_replicas": 1}}, "max_replicas=1")):  # fmt: skip
+    for bad, match in (
+        ({"max_n": 0}, "max_n=0"),
+        ({"max_n": 2.5}, "max_n=2.5"),
+        ({"colour": 1}, "unknown key"),
+        ({"token": ""}, "token"),
+        ({"batching": {"max_batch_size": 0}}, "max_batch_size=0"),
+        ({"autoscaling": {"min_replicas": 3, "max_replicas": 1}}, "max_replicas=1"),
+    ):
         with pytest.raises(ConfigError, match=match):
             ServeSettings.from_args({**ok, **bad})

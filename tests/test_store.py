@@ -36,16 +36,23 @@ def arrow_fs(server):
     """pyarrow's own S3 client (not ours) for reading back what gdm-ray wrote."""
     from pyarrow import fs
 
-    return fs.S3FileSystem(access_key=server.access_key_id, secret_key=server.secret_access_key, region="us-east-1",
-                           endpoint_override=server.endpoint.removeprefix("http://"), scheme="http")  # fmt: skip
+    return fs.S3FileSystem(
+        access_key=server.access_key_id,
+        secret_key=server.secret_access_key,
+        region="us-east-1",
+        endpoint_override=server.endpoint.removeprefix("http://"),
+        scheme="http",
+    )
 
 
 def test_rows_round_trip_and_read_by_pyarrow(s3_server, bucket):
     store = s3_server.store()
     uri = f"s3://{bucket}/runs/a/verdicts.parquet"
     write_rows(uri, [{"model_id": "m1", "score": 1.5}, {"model_id": "m2", "score": None}], store=store)
-    assert read_rows(uri, store) == [{"schema_version": 1, "model_id": "m1", "score": 1.5},
-                                     {"schema_version": 1, "model_id": "m2", "score": None}]  # fmt: skip
+    assert read_rows(uri, store) == [
+        {"schema_version": 1, "model_id": "m1", "score": 1.5},
+        {"schema_version": 1, "model_id": "m2", "score": None},
+    ]
     table = pq.read_table(f"{bucket}/runs/a/verdicts.parquet", filesystem=arrow_fs(s3_server))
     assert table.column("model_id").to_pylist() == ["m1", "m2"]
     write_rows(f"s3://{bucket}/runs/b/verdicts.parquet", [{"model_id": "m3", "score": 0.1}], store=store)
@@ -59,8 +66,17 @@ def test_zoo_scan_reads_models_from_and_writes_results_to_s3(s3_server, bucket, 
         s3.put_file(f"s3://{bucket}/zoo/{key}", models[name])
     s3.put_bytes(f"s3://{bucket}/zoo/broken.pt", b"PK\x03\x04 not TorchScript")
     out = f"s3://{bucket}/results/zs1"
-    code = main(["zoo-scan", f"zoo.path=s3://{bucket}/zoo", *FAST, "use_ray=false", f"out={out}", f"dataset=s3://{bucket}/dataset",
-                 *s3_server.overrides()])  # fmt: skip
+    code = main(
+        [
+            "zoo-scan",
+            f"zoo.path=s3://{bucket}/zoo",
+            *FAST,
+            "use_ray=false",
+            f"out={out}",
+            f"dataset=s3://{bucket}/dataset",
+            *s3_server.overrides(),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert f"wrote {out}" in capsys.readouterr().out
     fs = arrow_fs(s3_server)
@@ -83,7 +99,10 @@ def test_zoo_scan_reads_models_from_and_writes_results_to_s3(s3_server, bucket, 
 
     view = pads.dataset(f"{bucket}/dataset/verdicts", filesystem=fs, format="parquet", partitioning="hive").to_table()
     assert sorted(zip(view.column("run").to_pylist(), view.column("model").to_pylist())) == [
-        ("zs1", "broken"), ("zs1", "vendor-a"), ("zs1", "vendor-b")]  # fmt: skip
+        ("zs1", "broken"),
+        ("zs1", "vendor-a"),
+        ("zs1", "vendor-b"),
+    ]
     assert read_dataset(f"s3://{bucket}/dataset", "classes", s3_server.store(), model="vendor-a").num_rows == 8
 
 
@@ -92,8 +111,16 @@ def searched(s3_server, models) -> str:
     """`gdm-ray search out=s3://...`: the run folder (its ensemble/ on S3)."""
     s3_server.client().create_bucket(Bucket="searched")
     out = "s3://searched/search-1"
-    args = ["search", f"model={models['backdoored']}", "target_class=2", *SCAN_DATA, "mesa.steps=60", "mesa.eval_samples=128",
-            f"out={out}", *s3_server.overrides()]  # fmt: skip
+    args = [
+        "search",
+        f"model={models['backdoored']}",
+        "target_class=2",
+        *SCAN_DATA,
+        "mesa.steps=60",
+        "mesa.eval_samples=128",
+        f"out={out}",
+        *s3_server.overrides(),
+    ]
     assert main(args) == 0
     return out
 
@@ -187,15 +214,42 @@ def test_bad_s3_settings_fail_fast_with_one_line(s3_server, bucket, models, caps
 
 def test_sweep_writes_to_s3_and_a_rerun_elsewhere_reports_it(s3_server, bucket, tmp_path, monkeypatch, capsys):
     attack = tmp_path / "attack"
-    assert main(["attack", "data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1", "attack.target_class=1",
-                 "attack.rate=0.2", "train.epochs=6", f"out={attack}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "attack",
+                "data=synthetic",
+                "train=tiny",
+                "arch.width=8",
+                "progress=false",
+                "threads=1",
+                "attack.target_class=1",
+                "attack.rate=0.2",
+                "train.epochs=6",
+                f"out={attack}",
+            ]
+        )
+        == 0
+    )
     s3 = S3(s3_server.store())
     s3.put_file(f"s3://{bucket}/models/m.pt", attack / "model.pt")
     s3.put_file(f"s3://{bucket}/models/m.json", attack / "model.json")  # the card names the real trigger
     out = f"s3://{bucket}/sweeps/s1"
-    args = ["sweep", f"model=s3://{bucket}/models/m.pt", "target_class=1", "data=synthetic", "data.samples=600", "mesa.steps=30",
-            "mesa.eval_samples=64", "defense.epochs=1", "ray.num_cpus=2", "progress=false",
-            "sweep.space={mesa.alpha:{grid:[0.01,0.1]}}", f"out={out}", *s3_server.overrides()]  # fmt: skip
+    args = [
+        "sweep",
+        f"model=s3://{bucket}/models/m.pt",
+        "target_class=1",
+        "data=synthetic",
+        "data.samples=600",
+        "mesa.steps=30",
+        "mesa.eval_samples=64",
+        "defense.epochs=1",
+        "ray.num_cpus=2",
+        "progress=false",
+        "sweep.space={mesa.alpha:{grid:[0.01,0.1]}}",
+        f"out={out}",
+        *s3_server.overrides(),
+    ]
     monkeypatch.setenv("GDM_RAY_CACHE", str(tmp_path / "cache-1"))
     assert main(args) == 0, capsys.readouterr().err
     assert f"wrote {out}" in capsys.readouterr().out
@@ -212,8 +266,10 @@ def test_sweep_writes_to_s3_and_a_rerun_elsewhere_reports_it(s3_server, bucket, 
 
 def _finished_on_s3(s3: S3, experiment: str) -> dict[str, dict]:
     """Trials that the Tune experiment state on S3 records as finished: id -> last result."""
-    states = lambda: [s3.get_bytes(u).decode() for u in s3.list(experiment)  # noqa: E731
-                      if u.rsplit("/", 1)[-1].startswith("experiment_state-")][-1:]  # fmt: skip
+
+    def states() -> list[str]:
+        return [s3.get_bytes(u).decode() for u in s3.list(experiment) if u.rsplit("/", 1)[-1].startswith("experiment_state-")][-1:]
+
     return finished_trials(states)
 
 
@@ -227,21 +283,54 @@ def test_sweep_on_s3_killed_on_one_machine_resumes_on_another(s3_server, bucket,
     import sys
 
     attack = tmp_path / "attack"
-    assert main(["attack", "data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1", "attack.target_class=1",
-                 "attack.rate=0.2", "train.epochs=6", f"out={attack}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "attack",
+                "data=synthetic",
+                "train=tiny",
+                "arch.width=8",
+                "progress=false",
+                "threads=1",
+                "attack.target_class=1",
+                "attack.rate=0.2",
+                "train.epochs=6",
+                f"out={attack}",
+            ]
+        )
+        == 0
+    )
     s3 = S3(s3_server.store())
     s3.put_file(f"s3://{bucket}/models/m.pt", attack / "model.pt")
     s3.put_file(f"s3://{bucket}/models/m.json", attack / "model.json")
     out = f"s3://{bucket}/sweeps/killed"
-    args = ["sweep", f"model=s3://{bucket}/models/m.pt", "target_class=1", "data=synthetic", "data.samples=600", "mesa.steps=60",
-            "mesa.eval_samples=64", "defense.epochs=1", "ray.num_cpus=1", "progress=false",
-            "sweep.space={mesa.alpha:{grid:[0.01,0.1,1.0]}}", f"out={out}", *s3_server.overrides()]  # fmt: skip
+    args = [
+        "sweep",
+        f"model=s3://{bucket}/models/m.pt",
+        "target_class=1",
+        "data=synthetic",
+        "data.samples=600",
+        "mesa.steps=60",
+        "mesa.eval_samples=64",
+        "defense.epochs=1",
+        "ray.num_cpus=1",
+        "progress=false",
+        "sweep.space={mesa.alpha:{grid:[0.01,0.1,1.0]}}",
+        f"out={out}",
+        *s3_server.overrides(),
+    ]
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="1", PYTHONPATH=str(repo), GDM_RAY_CACHE=str(tmp_path / "machine-1"))
     log = tmp_path / "first.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "gdm_ray.cli.main", *args], cwd=tmp_path, env=env, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gdm_ray.cli.main", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 150
         done: dict[str, dict] = {}
@@ -289,13 +378,15 @@ def test_ensemble_served_from_s3_over_http(s3_server, searched):
     started = init_ray(RayConfig(num_cpus=2))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"ensembles": [f"fm={uri}"], "store": s3_server.store(), "autoscaling": None}),
-                  name="gdm-ray-s3", route_prefix="/")  # fmt: skip
+        serve.run(
+            build_app({"ensembles": [f"fm={uri}"], "store": s3_server.store(), "autoscaling": None}), name="gdm-ray-s3", route_prefix="/"
+        )
 
         def call(method: str, path: str, body: object = None) -> tuple[int, bytes]:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            conn.request(method, path, body=json.dumps(body).encode() if body is not None else None,
-                         headers={"Content-Type": "application/json"})  # fmt: skip
+            conn.request(
+                method, path, body=json.dumps(body).encode() if body is not None else None, headers={"Content-Type": "application/json"}
+            )
             r = conn.getresponse()
             out = (r.status, r.read())
             conn.close()

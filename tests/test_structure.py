@@ -42,6 +42,10 @@ def test_layers_import_one_way():
     def layer(m: str) -> int | None:
         return next((r for p, r in rank.items() if m == p or m.startswith(p + ".")), None)
 
-    upward = [(m, t) for m, p in mods.items() for t in s.imports(m, p, set(mods))
-              if layer(m) is not None and layer(t) is not None and layer(t) > layer(m)]  # fmt: skip
+    upward = [
+        (m, t)
+        for m, p in mods.items()
+        for t in s.imports(m, p, set(mods))
+        if layer(m) is not None and layer(t) is not None and layer(t) > layer(m)
+    ]
     assert upward == []

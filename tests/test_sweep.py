@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import finished_trials
 
 from gdm_ray.cli.main import main
@@ -26,12 +25,29 @@ from gdm_ray.distributed.sweep import combinations, parse_space
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threads=1"]
 # Tiny trials: a short search, one retraining epoch, small splits, 2 CPUs.
-FAST = ["data=synthetic", "data.samples=600", "mesa.steps=30", "mesa.log_every=10", "mesa.eval_samples=64",
-        "defense.epochs=1", "ray.num_cpus=2", "progress=false"]  # fmt: skip
+FAST = [
+    "data=synthetic",
+    "data.samples=600",
+    "mesa.steps=30",
+    "mesa.log_every=10",
+    "mesa.eval_samples=64",
+    "defense.epochs=1",
+    "ray.num_cpus=2",
+    "progress=false",
+]
 GROUPS = {"mesa": MESAConfig, "defense": DefenseConfig}
 PARAM_COLUMNS = ["mesa.alpha", "mesa.trigger_size"]
-METRIC_COLUMNS = ["objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after",
-                  "found_asr_before", "seconds"]  # fmt: skip
+METRIC_COLUMNS = [
+    "objective",
+    "asr_after",
+    "acc_drop",
+    "found_asr_after",
+    "asr_before",
+    "acc_before",
+    "acc_after",
+    "found_asr_before",
+    "seconds",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +69,18 @@ def _error_line(err: str) -> str:
 
 
 def test_space_forms_and_grid():
-    flat = parse_space({"mesa.alpha": {"grid": [0.01, 0.1]}, "mesa.trigger_size": {"grid": [[3, 3], [5, 5]]},
-                        "mesa.levels": None}, "grid", GROUPS)  # fmt: skip
+    flat = parse_space(
+        {"mesa.alpha": {"grid": [0.01, 0.1]}, "mesa.trigger_size": {"grid": [[3, 3], [5, 5]]}, "mesa.levels": None}, "grid", GROUPS
+    )
     nested = parse_space({"mesa": {"alpha": {"grid": [0.01, 0.1]}, "trigger_size": {"grid": [[3, 3], [5, 5]]}}}, "grid", GROUPS)
     assert flat == nested and [p.key for p in flat] == ["mesa.alpha", "mesa.trigger_size"]
     combos = combinations(flat, "grid")
     assert len(combos) == 4 and {"mesa.alpha": 0.1, "mesa.trigger_size": [5, 5]} in combos
-    rnd = parse_space({"mesa.alpha": {"loguniform": [0.001, 1]}, "mesa.levels": {"choice": [2, 3]},
-                       "defense.rate": {"uniform": [0.3, 0.6]}}, "random", GROUPS)  # fmt: skip
+    rnd = parse_space(
+        {"mesa.alpha": {"loguniform": [0.001, 1]}, "mesa.levels": {"choice": [2, 3]}, "defense.rate": {"uniform": [0.3, 0.6]}},
+        "random",
+        GROUPS,
+    )
     assert [(p.key, p.kind) for p in rnd] == [("defense.rate", "uniform"), ("mesa.alpha", "loguniform"), ("mesa.levels", "choice")]
     assert len(combinations(rnd, "random")) == 6  # each option and bound on its own
 
@@ -90,9 +110,22 @@ def test_a_trial_that_cannot_run_is_an_error_row(synthetic_splits):
     from gdm_ray.store.trial_rows import trial_rows
 
     params = parse_space({"mesa.alpha": {"grid": [0.1]}}, "grid", GROUPS)
-    ctx = TrialContext(model_bytes=b"not a model", model_suffix=".pt", arch=None, defense=synthetic_splits.defense,
-                       eval=synthetic_splits.eval, target=1, real_trigger={"family": "bw3x3"}, real_target=1,
-                       base={"mesa": {"steps": 5}, "defense": {}}, keys=["mesa.alpha"], seed=0, device="cpu", cpus=1, gpus=0)  # fmt: skip
+    ctx = TrialContext(
+        model_bytes=b"not a model",
+        model_suffix=".pt",
+        arch=None,
+        defense=synthetic_splits.defense,
+        eval=synthetic_splits.eval,
+        target=1,
+        real_trigger={"family": "bw3x3"},
+        real_target=1,
+        base={"mesa": {"steps": 5}, "defense": {}},
+        keys=["mesa.alpha"],
+        seed=0,
+        device="cpu",
+        cpus=1,
+        gpus=0,
+    )
     import torch
 
     threads = torch.get_num_threads()
@@ -123,8 +156,7 @@ def test_grid_sweep_writes_table_and_best(model, tmp_path, capsys):
     assert str(table.schema.field("mesa.trigger_size").type) == "list<element: int64>"
     rows = table.to_pylist()
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
-    assert {(r["mesa.alpha"], tuple(r["mesa.trigger_size"])) for r in rows} == {
-        (a, t) for a in (0.01, 0.1) for t in ((3, 3), (5, 5))}  # fmt: skip
+    assert {(r["mesa.alpha"], tuple(r["mesa.trigger_size"])) for r in rows} == {(a, t) for a in (0.01, 0.1) for t in ((3, 3), (5, 5))}
     for r in rows:
         assert r["status"] == "TERMINATED" and r["error"] is None, r
         assert math.isclose(r["objective"], r["asr_after"] + r["acc_drop"] / 100)
@@ -150,16 +182,31 @@ def _terminated(experiment: Path) -> dict[str, dict]:
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(model, tmp_path, capsys):
     out = tmp_path / "sweep"
     # random mode: the restored searcher must also keep the drawn values
-    args = ["sweep", f"model={model}", "target_class=1", *FAST, "mesa.steps=60", "ray.num_cpus=1", "sweep.mode=random",
-            "sweep.num_samples=2", "sweep.space={mesa.alpha:{loguniform:[0.001,1]},mesa.trigger_size:{grid:[[3,3],[5,5]]}}",
-            f"out={out}"]  # fmt: skip
+    args = [
+        "sweep",
+        f"model={model}",
+        "target_class=1",
+        *FAST,
+        "mesa.steps=60",
+        "ray.num_cpus=1",
+        "sweep.mode=random",
+        "sweep.num_samples=2",
+        "sweep.space={mesa.alpha:{loguniform:[0.001,1]},mesa.trigger_size:{grid:[[3,3],[5,5]]}}",
+        f"out={out}",
+    ]
     # the experiment state reaches disk every second (Tune's default: every 10 s or more), so the
     # test can kill the sweep right after its first trial is recorded as finished
     env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="1", PYTHONPATH=str(REPO))
     log = tmp_path / "first.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "gdm_ray.cli.main", *args], cwd=tmp_path, env=env,
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gdm_ray.cli.main", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 150
         done: dict[str, dict] = {}
@@ -215,8 +262,17 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(model, tmp_
         (["sweep.mode=random", "sweep.space={mesa.levels:{choice:[2,3]},mesa.betas:{choice:[[0,0.5]]}}"], ["mesa.betas"]),
         (["sweep.mode=bayes"], ["sweep.mode='bayes'"]),
         (["sweep.num_samples=3"], ["sweep.num_samples=3"]),
-        (["out=s3://bucket/sweeps/x", "store.endpoint_url=http://127.0.0.1:9", "store.access_key_id=k", "store.secret_access_key=s",
-          "store.retries=0", "store.connect_timeout=1"], ["s3://bucket/sweeps/x", "unreachable"]),
+        (
+            [
+                "out=s3://bucket/sweeps/x",
+                "store.endpoint_url=http://127.0.0.1:9",
+                "store.access_key_id=k",
+                "store.secret_access_key=s",
+                "store.retries=0",
+                "store.connect_timeout=1",
+            ],
+            ["s3://bucket/sweeps/x", "unreachable"],
+        ),
     ],
 )
 def test_bad_inputs_are_one_line_and_write_nothing(model, extra, needles, tmp_path, capsys):
@@ -257,8 +313,9 @@ def test_field_types_are_judged_from_resolved_types():
 
     assert _field_kind(MESAConfig, "alpha") == "float" and _field_kind(MESAConfig, "position") == "list[int]"
     assert _field_kind(MESAConfig, "betas") == "list[float]" and _field_kind(DefenseConfig, "flip") == "bool"
-    params = parse_space({"mesa.position": {"grid": [[0, 0]]}, "mesa.levels": {"grid": [2]}, "defense.rate": {"grid": [0.5]}},
-                         "grid", GROUPS)  # fmt: skip
+    params = parse_space(
+        {"mesa.position": {"grid": [[0, 0]]}, "mesa.levels": {"grid": [2]}, "defense.rate": {"grid": [0.5]}}, "grid", GROUPS
+    )
     assert [f.type for f in param_fields(params, GROUPS)] == [pa.float64(), pa.int64(), pa.list_(pa.int64())]
     with pytest.raises(ConfigError, match="not a float setting"):
         parse_space({"mesa.levels": {"uniform": [1, 3]}}, "random", GROUPS)

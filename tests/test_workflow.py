@@ -28,8 +28,10 @@ def splits():
 
 
 def _blobs(folder: Path, splits) -> list[ModelBlob]:
-    return [ModelBlob(p.stem, str(p), file_sha256(p), p.read_bytes(), None, splits.shape, splits.eval.num_classes)
-            for p in sorted(folder.glob("*.pt"))]  # fmt: skip
+    return [
+        ModelBlob(p.stem, str(p), file_sha256(p), p.read_bytes(), None, splits.shape, splits.eval.num_classes)
+        for p in sorted(folder.glob("*.pt"))
+    ]
 
 
 @pytest.fixture
@@ -48,8 +50,10 @@ def _table(scan: ZooScan) -> dict:
             out[m] = s.error
             continue
         r = s.result
-        mesa = {k: (f.result.asr, f.result.weights, f.asr_eval, [p.detach().clone() for p in f.mesa.generators.parameters()])
-                for k, f in s.searches.items()}  # fmt: skip
+        mesa = {
+            k: (f.result.asr, f.result.weights, f.asr_eval, [p.detach().clone() for p in f.mesa.generators.parameters()])
+            for k, f in s.searches.items()
+        }
         out[m] = ([c.size for c in r.classes], [c.asr for c in r.classes], r.anomaly, s.within, r.flagged, r.score, mesa)
     return out
 
@@ -134,8 +138,17 @@ def test_model_context_loads_a_model_once_per_run_of_its_jobs(models, splits, mo
 
 def test_first_pass_resumes_from_scan_state(models, splits, tmp_path):
     cfg = ScanConfig(steps=30, classes_per_pass=4)
-    blobs = [ModelBlob("m", str(models["backdoored"]), file_sha256(models["backdoored"]), models["backdoored"].read_bytes(),
-                       None, splits.shape, splits.eval.num_classes)]  # fmt: skip
+    blobs = [
+        ModelBlob(
+            "m",
+            str(models["backdoored"]),
+            file_sha256(models["backdoored"]),
+            models["backdoored"].read_bytes(),
+            None,
+            splits.shape,
+            splits.eval.num_classes,
+        )
+    ]
     plan = plan_model_scan(splits.defense, "m", cfg, None, seed=0, full_search=False)
     whole = run_zoo_scan(plan, blobs, splits.defense, splits.eval, InProcessExecutor(), state=ScanState(tmp_path / "s"))
     assert whole.resumed == 0 and len(list((tmp_path / "s").glob("*.safetensors"))) == 2

@@ -30,9 +30,11 @@ def attack(s: AttackSettings) -> dict[str, Any]:
     target = s.attack.target_class
     with RunDir(s.out, "attack", s.store) as run_dir:
         model, arch, width, init_sha = _initial_model(s, splits, device)
-        print(f"gdm-ray attack: {splits.name} ({len(splits.train)} train images, {c}x{h}x{w}), trigger {s.trigger.family} "
-              f"{trigger.size[0]}x{trigger.size[1]} {s.trigger.placement}, target class {target}, rate {s.attack.rate}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"gdm-ray attack: {splits.name} ({len(splits.train)} train images, {c}x{h}x{w}), trigger {s.trigger.family} "
+            f"{trigger.size[0]}x{trigger.size[1]} {s.trigger.placement}, target class {target}, rate {s.attack.rate}",
+            file=sys.stderr,
+        )
         update, close = progress_bar(s.progress, "attack")
         try:
             rng = torch.Generator().manual_seed(s.seed)
@@ -43,10 +45,22 @@ def attack(s: AttackSettings) -> dict[str, Any]:
         card = _card(s, splits, result, arch, width, init_sha)
         card["sha256"] = file_sha256(run_dir.path("model.pt"))
         write_json(run_dir.path("model.json"), card)
-        write_examples(run_dir.path("examples.png"), model, splits, trigger,
-                       f"{s.trigger.family} -> class {target} ({splits.classes[target]}): ASR {result.asr:.1%}", s.seed)  # fmt: skip
-    print_table([("clean accuracy", f"{result.clean_accuracy:.2%}"), ("attack success rate", f"{result.asr:.2%}"),
-                 ("train seconds", f"{result.train_seconds:.1f}"), ("model", run_dir.join("model.pt"))])  # fmt: skip
+        write_examples(
+            run_dir.path("examples.png"),
+            model,
+            splits,
+            trigger,
+            f"{s.trigger.family} -> class {target} ({splits.classes[target]}): ASR {result.asr:.1%}",
+            s.seed,
+        )
+    print_table(
+        [
+            ("clean accuracy", f"{result.clean_accuracy:.2%}"),
+            ("attack success rate", f"{result.asr:.2%}"),
+            ("train seconds", f"{result.train_seconds:.1f}"),
+            ("model", run_dir.join("model.pt")),
+        ]
+    )
     print(f"wrote {run_dir.location}")
     return {**card, "out": run_dir.location}
 
@@ -63,13 +77,25 @@ def _initial_model(s: AttackSettings, splits: Splits, device: torch.device) -> t
 def _card(s: AttackSettings, splits: Splits, result: AttackResult, arch: str, width: int | None, init_sha: str | None) -> dict:
     """model.json: what the model is and how it was made (its trigger and target class included)."""
     return {
-        "model": "model.pt", "arch": arch, "width": width, "input_shape": list(splits.shape),
-        "num_classes": splits.train.num_classes, "classes": splits.classes, "data": splits.name,
+        "model": "model.pt",
+        "arch": arch,
+        "width": width,
+        "input_shape": list(splits.shape),
+        "num_classes": splits.train.num_classes,
+        "classes": splits.classes,
+        "data": splits.name,
         "trigger": dataclasses.asdict(s.trigger),
         "target_class": s.attack.target_class,
         "target": s.attack.target_class,  # the key cards had before target_class: older readers look for it
-        "rate": s.attack.rate, "init": s.attack.init, "init_sha256": init_sha,
-        "clean_accuracy": result.clean_accuracy, "asr": result.asr, "train_seconds": round(result.train_seconds, 2),
-        "epochs": s.train.epochs, "seed": s.seed, "config_hash": config_hash(plain(s)), "code_version": code_version(),
+        "rate": s.attack.rate,
+        "init": s.attack.init,
+        "init_sha256": init_sha,
+        "clean_accuracy": result.clean_accuracy,
+        "asr": result.asr,
+        "train_seconds": round(result.train_seconds, 2),
+        "epochs": s.train.epochs,
+        "seed": s.seed,
+        "config_hash": config_hash(plain(s)),
+        "code_version": code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }  # fmt: skip
+    }

@@ -65,8 +65,15 @@ def _train_zoo(s: DemoSettings, base: Path) -> tuple[list[str], dict[str, Any]]:
     cards = {}
     for k, (name, rate) in enumerate(models, start=1):
         _step(1, f"train model {k}/{len(models)} of the zoo ({name})")
-        a = AttackSettings(**{**_run_keys(s), "seed": s.seed + k, "out": str(base / "models" / name)}, data=s.data, arch=s.arch,
-                           train=s.train, trigger=s.trigger, store=s.store, attack=dataclasses.replace(s.attack, rate=rate))  # fmt: skip
+        a = AttackSettings(
+            **{**_run_keys(s), "seed": s.seed + k, "out": str(base / "models" / name)},
+            data=s.data,
+            arch=s.arch,
+            train=s.train,
+            trigger=s.trigger,
+            store=s.store,
+            attack=dataclasses.replace(s.attack, rate=rate),
+        )
         cards[name] = attack(a)
         zoo.mkdir(parents=True, exist_ok=True)
         shutil.copy(base / "models" / name / "model.pt", zoo / f"{name}.pt")
@@ -80,15 +87,19 @@ def _steps(s: DemoSettings, base: Path, t0: float) -> dict[str, Any]:
 
     models, cards = _train_zoo(s, base)
     _step(2, f"zoo-scan the {len(models)} models on in-process Ray")
-    z = compose_settings("zoo-scan", [f"zoo.path={base / 'zoo'}", f"out={base / 'zoo-scan'}", "use_ray=true", f"dataset={base / 'dataset'}"])
+    z = compose_settings(
+        "zoo-scan", [f"zoo.path={base / 'zoo'}", f"out={base / 'zoo-scan'}", "use_ray=true", f"dataset={base / 'dataset'}"]
+    )
     zoo_scan(dataclasses.replace(z, **_run_keys(s), data=s.data, ray=s.ray, scan=s.scan, full_search=s.zoo.full_search))
     verdicts = {r["model_id"]: r for r in read_rows(base / "zoo-scan" / "verdicts.parquet")}
     repairs: dict[str, dict[str, Any]] = {}
     for m in [m for m in reversed(models) if verdicts[m]["backdoored"]]:
         target = int(verdicts[m]["target_class"])
         _step(3, f"repair {m}.pt: model class {target}'s triggers with MESA, retrain against them")
-        d = compose_settings("defend", [f"model={base / 'zoo' / f'{m}.pt'}", f"target_class={target}", f"out={base / f'defend-{m}'}",
-                                        f"dataset={base / 'dataset'}"])  # fmt: skip
+        d = compose_settings(
+            "defend",
+            [f"model={base / 'zoo' / f'{m}.pt'}", f"target_class={target}", f"out={base / f'defend-{m}'}", f"dataset={base / 'dataset'}"],
+        )
         repairs[m] = defend(dataclasses.replace(d, **_run_keys(s), data=s.data, mesa=s.mesa, defense=s.defense))
     if not repairs:
         print(f"== step 3/{STEPS}: the scan flagged no model; nothing to repair")
@@ -141,8 +152,14 @@ def _serve_and_fetch(s: DemoSettings, ensemble: Path, out: Path, name: str) -> d
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples.png").write_bytes(png)
     write_json(out / "sample.json", body)
-    return {"url": url, "ensemble": name, "n": int(body["n"]), "shape": body["shape"], "ms": round(json_ms, 1),
-            "png": str(out / "samples.png")}  # fmt: skip
+    return {
+        "url": url,
+        "ensemble": name,
+        "n": int(body["n"]),
+        "shape": body["shape"],
+        "ms": round(json_ms, 1),
+        "png": str(out / "samples.png"),
+    }
 
 
 def _post(url: str, payload: dict[str, Any], raw: bool = False) -> Any:
@@ -152,27 +169,54 @@ def _post(url: str, payload: dict[str, Any], raw: bool = False) -> Any:
     return data if raw else json.loads(data)
 
 
-def _summary(base: Path, models: list[str], cards: dict[str, Any], verdicts: dict[str, Any], repairs: dict[str, Any],
-             served: dict[str, Any] | None, t0: float) -> None:  # fmt: skip
+def _summary(
+    base: Path,
+    models: list[str],
+    cards: dict[str, Any],
+    verdicts: dict[str, Any],
+    repairs: dict[str, Any],
+    served: dict[str, Any] | None,
+    t0: float,
+) -> None:
     bd = cards["backdoored"]
     names = bd["classes"]
     print(f"  {'model':<11} {'truth':<22} {'verdict':<22} {'score':>6}  {'clean acc':>9}  {'ASR':>7}  {'after repair (acc, ASR)'}")
     for m in models:
         v, c = verdicts[m], cards[m]
-        truth = f"class {c.get('target_class', c.get('target'))} ({names[c.get('target_class', c.get('target'))]})" if m == "backdoored" else "clean"
+        truth = (
+            f"class {c.get('target_class', c.get('target'))} ({names[c.get('target_class', c.get('target'))]})"
+            if m == "backdoored"
+            else "clean"
+        )
         verdict = f"class {v['target_class']} ({names[v['target_class']]})" if v["backdoored"] else "clean"
         asr = f"{c['asr']:.2%}" if m == "backdoored" else "-"
         rep = repairs.get(m)
-        after = f"{rep['after']['clean_accuracy']:.2%}, {rep['after']['asr']:.2%}" if rep and rep["after"].get("asr") is not None \
-            else (f"{rep['after']['clean_accuracy']:.2%}, -" if rep else "-")  # fmt: skip
+        after = (
+            f"{rep['after']['clean_accuracy']:.2%}, {rep['after']['asr']:.2%}"
+            if rep and rep["after"].get("asr") is not None
+            else (f"{rep['after']['clean_accuracy']:.2%}, -" if rep else "-")
+        )
         print(f"  {m:<11} {truth:<22} {verdict:<22} {v['score']:>6.2f}  {c['clean_accuracy']:>9.2%}  {asr:>7}  {after}")
-    rows = [("trigger", f"{bd['trigger']['family']} ({bd['trigger']['placement']} placement) -> class {bd.get('target_class', bd.get('target'))} "
-                        f"({names[bd.get('target_class', bd.get('target'))]}), poisoning rate {bd['rate']}")]
+    rows = [
+        (
+            "trigger",
+            f"{bd['trigger']['family']} ({bd['trigger']['placement']} placement) -> class {bd.get('target_class', bd.get('target'))} "
+            f"({names[bd.get('target_class', bd.get('target'))]}), poisoning rate {bd['rate']}",
+        )
+    ]
     if served:
-        rows.append(("served", f"{served['url']}/v1/sample: {served['n']} triggers of {'x'.join(map(str, served['shape']))} "
-                               f"in {served['ms']:.0f} ms; grid {served['png']}"))  # fmt: skip
-    rows += [("tables", f"{base / 'zoo-scan' / 'verdicts.parquet'}, {base / 'zoo-scan' / 'classes.parquet'}"),
-             ("dataset", f"{base / 'dataset'}: verdicts, classes, repairs; partitioned by run and model"),
-             ("pictures", f"{base / 'zoo-scan' / 'scores.png'}, {base}/*/samples.png"),
-             ("seconds", f"{time.perf_counter() - t0:.0f}"), ("results", str(base))]  # fmt: skip
+        rows.append(
+            (
+                "served",
+                f"{served['url']}/v1/sample: {served['n']} triggers of {'x'.join(map(str, served['shape']))} "
+                f"in {served['ms']:.0f} ms; grid {served['png']}",
+            )
+        )
+    rows += [
+        ("tables", f"{base / 'zoo-scan' / 'verdicts.parquet'}, {base / 'zoo-scan' / 'classes.parquet'}"),
+        ("dataset", f"{base / 'dataset'}: verdicts, classes, repairs; partitioned by run and model"),
+        ("pictures", f"{base / 'zoo-scan' / 'scores.png'}, {base}/*/samples.png"),
+        ("seconds", f"{time.perf_counter() - t0:.0f}"),
+        ("results", str(base)),
+    ]
     print_table(rows)

@@ -48,14 +48,28 @@ def evaluate(s: EvaluateSettings) -> dict[str, Any]:
     acc = clean_accuracy(loaded.module, part)
     asr = attack_success_rate(loaded.module, part, trigger, target, torch.Generator().manual_seed(s.seed))
     metrics = {
-        "model": str(model_path), "model_sha256": loaded.sha256, "data": splits.name, "split": s.split, "images": len(part),
-        "trigger": dataclasses.asdict(spec), "target_class": target, "clean_accuracy": acc, "asr": asr,
-        "config_hash": config_hash(plain(s)), "code_version": code_version(),
-    }  # fmt: skip
+        "model": str(model_path),
+        "model_sha256": loaded.sha256,
+        "data": splits.name,
+        "split": s.split,
+        "images": len(part),
+        "trigger": dataclasses.asdict(spec),
+        "target_class": target,
+        "clean_accuracy": acc,
+        "asr": asr,
+        "config_hash": config_hash(plain(s)),
+        "code_version": code_version(),
+    }
     with RunDir(s.out, "evaluate", s.store) as run_dir:
         write_json(run_dir.path("metrics.json"), metrics)
-        write_examples(run_dir.path("examples.png"), loaded.module, splits, trigger,
-                       f"{model_path.name}: {spec.family} -> class {target}, ASR {asr:.1%}", s.seed)  # fmt: skip
+        write_examples(
+            run_dir.path("examples.png"),
+            loaded.module,
+            splits,
+            trigger,
+            f"{model_path.name}: {spec.family} -> class {target}, ASR {asr:.1%}",
+            s.seed,
+        )
     print(f"gdm-ray evaluate: {model_path} on {splits.name}/{s.split} ({len(part)} images)")
     print_table([("clean accuracy", f"{acc:.2%}"), ("attack success rate", f"{asr:.2%}")])
     print(f"wrote {run_dir.location}")

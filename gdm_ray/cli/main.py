@@ -16,7 +16,6 @@ from typing import Any
 __all__ = ["main", "COMMANDS", "Command"]
 
 
-
 @dataclass(frozen=True)
 class Command:
     """One entry of the command registry: what `gdm-ray --help` says and the
@@ -38,11 +37,15 @@ COMMANDS = {
     "search": Command("model the valid triggers of one class (MESA) or reverse-engineer one (baseline)", "gdm_ray.cli.search:search"),
     "scan": Command("is the model backdoored, to which class(es)? a verdict table, PNGs and Parquet rows", "gdm_ray.cli.scan:scan"),
     "zoo-scan": Command("scan every model file in a folder: verdicts.parquet, classes.parquet, scores.png", "gdm_ray.cli.zoo:zoo_scan"),
-    "defend": Command("repair a model by retraining against the found triggers; writes model.pt + metrics.json", "gdm_ray.cli.search:defend"),
-    "sweep": Command("Ray Tune sweep of MESA's alpha, trigger size (N, betas, ...) scored by the defense; trials.parquet", "gdm_ray.cli.sweep:sweep"),
+    "defend": Command(
+        "repair a model by retraining against the found triggers; writes model.pt + metrics.json", "gdm_ray.cli.search:defend"
+    ),
+    "sweep": Command(
+        "Ray Tune sweep of MESA's alpha, trigger size (N, betas, ...) scored by the defense; trials.parquet", "gdm_ray.cli.sweep:sweep"
+    ),
     "serve": Command("HTTP endpoint (Ray Serve) that samples triggers from MESA ensembles: POST /v1/sample", "gdm_ray.cli.serve:serve"),
     "demo": Command("the end-to-end main job on the embedded default", "gdm_ray.cli.demo:demo"),
-}  # fmt: skip
+}
 
 USAGE = """usage: gdm-ray <command> [key=value ...] [--cfg job] [--help]
 

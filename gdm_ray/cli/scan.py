@@ -36,8 +36,16 @@ from gdm_ray.store.fetch import localize
 from gdm_ray.store.rows import Provenance, class_rows, verdict_row
 from gdm_ray.store.scanstate import ScanState
 
-__all__ = ["scan", "scan_one_model", "scan_settings_from", "reference_sizes", "write_model_files", "executor_for",
-           "stage_progress", "check_window"]  # fmt: skip
+__all__ = [
+    "scan",
+    "scan_one_model",
+    "scan_settings_from",
+    "reference_sizes",
+    "write_model_files",
+    "executor_for",
+    "stage_progress",
+    "check_window",
+]
 
 # the first-pass settings that decide a trigger's size: sizes found with
 # other settings are not comparable
@@ -64,8 +72,9 @@ def stage_progress(enabled: bool) -> Iterator[Progress | None]:
     bars: dict[str, Any] = {}
 
     def update(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, unit="job", file=sys.stderr,
-                                                             mininterval=1.0, leave=False, dynamic_ncols=True))  # fmt: skip
+        bar = bars.get(stage) or bars.setdefault(
+            stage, tqdm(total=total, desc=stage, unit="job", file=sys.stderr, mininterval=1.0, leave=False, dynamic_ncols=True)
+        )
         bar.n = done
         bar.refresh()
         if done == total:
@@ -92,13 +101,19 @@ def _class_grid(path: Path, scan: ModelScan, names: list[str], title: str) -> No
         part = result.classes[start : start + 10]
         rows.append((torch.stack([c.pattern for c in part]), torch.stack([c.mask for c in part])))
         labels.append(f"classes\n{part[0].target}-{part[-1].target}")
-        titles.append([f"{'*' if c.target in result.flagged else ''}{c.target} {names[c.target][:9]}\n"
-                       f"{c.size:.0f}px {result.anomaly[start + i]:+.1f}" for i, c in enumerate(part)])  # fmt: skip
+        titles.append(
+            [
+                f"{'*' if c.target in result.flagged else ''}{c.target} {names[c.target][:9]}\n"
+                f"{c.size:.0f}px {result.anomaly[start + i]:+.1f}"
+                for i, c in enumerate(part)
+            ]
+        )
     save_level_grid(path, rows, title, labels, titles)
 
 
-def write_model_files(run_dir: RunDir, prefix: str, scan: ModelScan, data: ImageSet, plan: ZooScanPlan,
-                      samples_per_level: int) -> dict[int, dict[str, Any]]:  # fmt: skip
+def write_model_files(
+    run_dir: RunDir, prefix: str, scan: ModelScan, data: ImageSet, plan: ZooScanPlan, samples_per_level: int
+) -> dict[int, dict[str, Any]]:
     """A scanned model's pictures and ensembles under ``prefix``; returns each flagged class's detail for scan.json."""
     mid = scan.model_id
     _class_grid(run_dir.path(f"{prefix}classes.png"), scan, data.classes, f"{mid}: smallest trigger per class (* flagged)")
@@ -109,17 +124,32 @@ def write_model_files(run_dir: RunDir, prefix: str, scan: ModelScan, data: Image
         heat = found.heat if found is not None else None
         if heat is not None:
             best = max(range(len(heat.windows)), key=lambda j: heat.strength[j])
-            save_heatmap(run_dir.path(f"{prefix}class-{k}/heat.png"), heat.heat, data.x[0], heat.box,
-                         (heat.patterns[best], heat.masks[best]), f"{mid}: where class {k}'s trigger lives")  # fmt: skip
+            save_heatmap(
+                run_dir.path(f"{prefix}class-{k}/heat.png"),
+                heat.heat,
+                data.x[0],
+                heat.box,
+                (heat.patterns[best], heat.masks[best]),
+                f"{mid}: where class {k}'s trigger lives",
+            )
             info.update(heat_peak=list(heat.peak), heat_box=list(heat.box), heat_max=float(heat.heat.max()))
         if found is not None and found.mesa is not None:
             mesa, res = found.mesa, found.result
-            save_ensemble(mesa, res, run_dir.path(f"{prefix}class-{k}/ensemble"), scan.sha256,
-                          {"source_model": scan.path, "code_version": code_version()})  # fmt: skip
+            save_ensemble(
+                mesa,
+                res,
+                run_dir.path(f"{prefix}class-{k}/ensemble"),
+                scan.sha256,
+                {"source_model": scan.path, "code_version": code_version()},
+            )
             gk = torch.Generator().manual_seed(plan.class_seed(k))
             per_level = [mesa.sample(int(samples_per_level), rng=gk, level=i) for i in range(res.generators.levels)]
-            save_level_grid(run_dir.path(f"{prefix}class-{k}/samples.png"), per_level, f"{mid}: MESA triggers for class {k}",
-                            [f"L{i} b={b:.2f}\nASR {a:.0%}" for i, (b, a) in enumerate(zip(res.betas, res.asr))])  # fmt: skip
+            save_level_grid(
+                run_dir.path(f"{prefix}class-{k}/samples.png"),
+                per_level,
+                f"{mid}: MESA triggers for class {k}",
+                [f"L{i} b={b:.2f}\nASR {a:.0%}" for i, (b, a) in enumerate(zip(res.betas, res.asr))],
+            )
             save_curves(run_dir.path(f"{prefix}class-{k}/curves.png"), res.history, f"{mid}: MESA training, class {k}")
             info.update(mesa_level_asr=res.asr, mesa_weights=res.weights, mesa_asr_eval=found.asr_eval)
         extra[k] = info
@@ -141,8 +171,11 @@ def reference_sizes(folder: Path, names: list[str], scfg: ScanConfig, exclude_sh
         mine = dataclasses.asdict(scfg)
         differ = [k for k in _SIZE_KEYS if k in used and used[k] != mine[k]]
         if differ:
-            raise ConfigError(f"reference={folder}: scanned with other first-pass settings ("
-                              + ", ".join(f"scan.{k}={used[k]} there, {mine[k]} here" for k in differ) + ")")  # fmt: skip
+            raise ConfigError(
+                f"reference={folder}: scanned with other first-pass settings ("
+                + ", ".join(f"scan.{k}={used[k]} there, {mine[k]} here" for k in differ)
+                + ")"
+            )
     skip: set[str] = set()
     if exclude_sha256 and (folder / "verdicts.parquet").is_file():
         skip = {r["model_id"] for r in read_rows(folder / "verdicts.parquet") if r.get("model_sha256") == exclude_sha256}
@@ -151,8 +184,9 @@ def reference_sizes(folder: Path, names: list[str], scfg: ScanConfig, exclude_sh
         if r["model_id"] in skip:
             continue
         if not 0 <= int(r["class"]) < len(names) or r["class_name"] != names[int(r["class"])]:
-            raise ConfigError(f"reference={folder}: model {r['model_id']} class {r['class']} ({r['class_name']!r}) "
-                              f"is not a class of this data set")  # fmt: skip
+            raise ConfigError(
+                f"reference={folder}: model {r['model_id']} class {r['class']} ({r['class_name']!r}) is not a class of this data set"
+            )
         by_model.setdefault(r["model_id"], {})[int(r["class"])] = float(r["trigger_size"])
     sizes = [[row[k] for k in range(len(names))] for row in by_model.values() if len(row) == len(names)]
     if len(sizes) < 2:
@@ -191,10 +225,26 @@ def scan_one_model(
     mid = Path(loaded.path).stem
     ref, others = _reference(s, splits.classes, loaded.sha256)  # fails before the search
     plan = plan_model_scan(splits.defense, mid, s.scan, s.mesa, s.seed, s.full_search, others)
-    blob = ModelBlob(mid, loaded.path, loaded.sha256, Path(loaded.path).read_bytes(), s.arch.name if s.arch else None,
-                     splits.shape, splits.eval.num_classes)  # fmt: skip
-    done = run_zoo_scan(plan, [blob], splits.defense, splits.eval, executor or InProcessExecutor(),
-                        str(model_device(loaded.module)), state, progress, loaded=loaded.module)  # fmt: skip
+    blob = ModelBlob(
+        mid,
+        loaded.path,
+        loaded.sha256,
+        Path(loaded.path).read_bytes(),
+        s.arch.name if s.arch else None,
+        splits.shape,
+        splits.eval.num_classes,
+    )
+    done = run_zoo_scan(
+        plan,
+        [blob],
+        splits.defense,
+        splits.eval,
+        executor or InProcessExecutor(),
+        str(model_device(loaded.module)),
+        state,
+        progress,
+        loaded=loaded.module,
+    )
     scan = done.models[mid]
     if scan.error is not None:
         raise GdmRayError(f"scan {mid}: {scan.error}")
@@ -202,10 +252,18 @@ def scan_one_model(
     prov = provenance or Provenance(config_hash(plain(s)), code_version())
     verdict = verdict_row(scan, s.scan.method, done.reference, prov, time.perf_counter() - t0)
     classes = class_rows(scan, splits.classes, prov)
-    write_json(run_dir.path("scan.json"), {**verdict, "classes": classes, "flagged_detail": {str(k): v for k, v in extra.items()},
-                                           "scan": dataclasses.asdict(s.scan), "reference_path": None if ref is None else str(ref),
-                                           "reference_models": 0 if others is None else len(others),
-                                           "resumed_chunks": done.resumed})  # fmt: skip
+    write_json(
+        run_dir.path("scan.json"),
+        {
+            **verdict,
+            "classes": classes,
+            "flagged_detail": {str(k): v for k, v in extra.items()},
+            "scan": dataclasses.asdict(s.scan),
+            "reference_path": None if ref is None else str(ref),
+            "reference_models": 0 if others is None else len(others),
+            "resumed_chunks": done.resumed,
+        },
+    )
     return verdict, classes, {k: f.mesa for k, f in scan.searches.items() if f.mesa is not None}
 
 
@@ -222,12 +280,16 @@ def _print_result(verdict: dict[str, Any], classes: list[dict[str, Any]], second
     width = max(len(c["class_name"]) for c in classes)
     print(f"  {'class'.ljust(width + 4)}  trigger px  ASR      anomaly  flagged")
     for c in sorted(classes, key=lambda c: -c["anomaly"]):
-        print(f"  {c['class']:>2}  {c['class_name'].ljust(width)}  {c['trigger_size']:>10.1f}  {c['trigger_asr']:>6.1%}  "
-              f"{c['anomaly']:>7.2f}  {'YES' if c['flagged'] else ''}")  # fmt: skip
+        print(
+            f"  {c['class']:>2}  {c['class_name'].ljust(width)}  {c['trigger_size']:>10.1f}  {c['trigger_asr']:>6.1%}  "
+            f"{c['anomaly']:>7.2f}  {'YES' if c['flagged'] else ''}"
+        )
     target = verdict["target_class"]
-    print(f"verdict: {'BACKDOORED' if verdict['backdoored'] else 'clean'} (score {verdict['score']:.2f}"
-          + (f", target class {target}, flagged {verdict['flagged']}" if verdict["backdoored"] else "")
-          + f"; {seconds:.0f}s)")  # fmt: skip
+    print(
+        f"verdict: {'BACKDOORED' if verdict['backdoored'] else 'clean'} (score {verdict['score']:.2f}"
+        + (f", target class {target}, flagged {verdict['flagged']}" if verdict["backdoored"] else "")
+        + f"; {seconds:.0f}s)"
+    )
 
 
 def scan(s: ScanSettings) -> dict[str, Any]:
@@ -250,8 +312,10 @@ def scan(s: ScanSettings) -> dict[str, Any]:
         state.clear()
     if s.use_ray:
         tasks = ex.summary()
-        print(f"Ray: {tasks['tasks_run']} tasks run, {state.resumed if state else 0} resumed, on {len(tasks['nodes'])} node(s)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"Ray: {tasks['tasks_run']} tasks run, {state.resumed if state else 0} resumed, on {len(tasks['nodes'])} node(s)",
+            file=sys.stderr,
+        )
     _print_result(verdict, classes, time.perf_counter() - t0)
     print(f"wrote {run_dir.location}")
     return {**verdict, "out": run_dir.location}

@@ -52,8 +52,12 @@ def run_search(s: SearchSettings, loaded: LoadedModel, splits: Splits, run_dir: 
         summary = _write_mesa(s, found, loaded, run_dir, rng, name)
     else:
         b = found.baseline
-        save_level_grid(run_dir.path("samples.png"), [(b.pattern[None], b.mask[None])],
-                        f"{name}: baseline trigger for class {s.target_class}", [f"ASR {b.asr:.0%}"])  # fmt: skip
+        save_level_grid(
+            run_dir.path("samples.png"),
+            [(b.pattern[None], b.mask[None])],
+            f"{name}: baseline trigger for class {s.target_class}",
+            [f"ASR {b.asr:.0%}"],
+        )
         save_trigger(b, run_dir.path("trigger.safetensors"))
         summary = {"method": "baseline", "found_asr_search": b.asr, "restart_asr": b.restart_asr}
     summary.update({"search_seconds": round(found.seconds, 2), "target_class": s.target_class})
@@ -66,13 +70,25 @@ def _write_mesa(s: SearchSettings, found: Search, loaded: LoadedModel, run_dir: 
     save_ensemble(mesa, result, run_dir.path("ensemble"), loaded.sha256, {"source_model": loaded.path, "code_version": code_version()})
     per_level = [mesa.sample(max(k, 200), rng=rng, level=i) for i in range(result.generators.levels)]
     labels = [f"L{i} b={b:.2f}\nASR {a:.0%}" for i, (b, a) in enumerate(zip(result.betas, result.asr))]
-    save_level_grid(run_dir.path("samples.png"), [(p[:k], m[:k]) for p, m in per_level],
-                    f"{name}: MESA triggers for class {s.target_class}, one row per level", labels)  # fmt: skip
+    save_level_grid(
+        run_dir.path("samples.png"),
+        [(p[:k], m[:k]) for p, m in per_level],
+        f"{name}: MESA triggers for class {s.target_class}, one row per level",
+        labels,
+    )
     flat = [torch.cat([p.flatten(1), m.flatten(1)], 1) if mesa.config.with_mask else p for p, m in per_level]
     save_pca_scatter(run_dir.path("pca.png"), flat, f"{name}: samples by level (PCA)")
     save_curves(run_dir.path("curves.png"), result.history, f"{name}: MESA training, class {s.target_class}")
-    return {"method": "mesa", "levels": result.generators.levels, "betas": result.betas, "alpha": result.alpha,
-            "level_asr": result.asr, "entropy": result.entropy, "weights": result.weights, "steps": result.steps}  # fmt: skip
+    return {
+        "method": "mesa",
+        "levels": result.generators.levels,
+        "betas": result.betas,
+        "alpha": result.alpha,
+        "level_asr": result.asr,
+        "entropy": result.entropy,
+        "weights": result.weights,
+        "steps": result.steps,
+    }
 
 
 def search(s: SearchSettings) -> dict[str, Any]:
@@ -84,11 +100,15 @@ def search(s: SearchSettings) -> dict[str, Any]:
     with RunDir(s.out, "search", s.store) as run_dir:
         found, summary = run_search(s, loaded, splits, run_dir, rng)
         summary["found_asr_eval"] = sampled_asr(loaded.module, splits.eval, found.sampler, s.target_class, rng)
-        summary.update({"model": loaded.path, "model_sha256": loaded.sha256, "config_hash": config_hash(plain(s)),
-                        "code_version": code_version()})  # fmt: skip
+        summary.update(
+            {"model": loaded.path, "model_sha256": loaded.sha256, "config_hash": config_hash(plain(s)), "code_version": code_version()}
+        )
         write_json(run_dir.path("search.json"), summary)
-    rows = [("method", s.method), ("found triggers' ASR (eval)", f"{summary['found_asr_eval']:.2%}"),
-            ("search seconds", f"{summary['search_seconds']:.1f}")]  # fmt: skip
+    rows = [
+        ("method", s.method),
+        ("found triggers' ASR (eval)", f"{summary['found_asr_eval']:.2%}"),
+        ("search seconds", f"{summary['search_seconds']:.1f}"),
+    ]
     if s.method == "mesa":
         rows.insert(1, ("level ASR", ", ".join(f"{a:.0%}" for a in summary["level_asr"])))
     print_table(rows)
@@ -96,8 +116,9 @@ def search(s: SearchSettings) -> dict[str, Any]:
     return {**summary, "out": run_dir.location}
 
 
-def real_trigger(spec: TriggerSpec | None, target_class: Any, model_path: Path,
-                 splits: Splits) -> tuple[Trigger | None, int | None, dict | None]:  # fmt: skip
+def real_trigger(
+    spec: TriggerSpec | None, target_class: Any, model_path: Path, splits: Splits
+) -> tuple[Trigger | None, int | None, dict | None]:
     """The trigger the model was actually poisoned with, when known (trigger= or the model card)."""
     card = card_for(model_path)
     card_target = card.get("target_class", card.get("target"))
@@ -113,8 +134,9 @@ def real_trigger(spec: TriggerSpec | None, target_class: Any, model_path: Path,
     return make_trigger(spec, c, (h, w)), target, dataclasses.asdict(spec)
 
 
-def _find(s: DefendSettings, loaded: LoadedModel, splits: Splits, run_dir: RunDir, rng: torch.Generator,
-          state: ScanState | None) -> tuple[dict[int, TriggerSampler], dict]:  # fmt: skip
+def _find(
+    s: DefendSettings, loaded: LoadedModel, splits: Splits, run_dir: RunDir, rng: torch.Generator, state: ScanState | None
+) -> tuple[dict[int, TriggerSampler], dict]:
     """The triggers to repair against: one class's search, or (target_class=auto) every flagged class's MESA."""
     if s.target_class != "auto":
         found, summary = run_search(s, loaded, splits, run_dir, rng)
@@ -135,19 +157,30 @@ def defend(s: DefendSettings) -> dict[str, Any]:
     real, real_target, real_spec = real_trigger(s.trigger, s.target_class, Path(loaded.path), splits)
     rng, eval_seed = torch.Generator().manual_seed(s.seed), s.seed + EVAL_SEED_OFFSET
     what = "every class (target_class=auto)" if s.target_class == "auto" else f"class {s.target_class}"
-    print(f"gdm-ray defend: {loaded.path}, {what}, {s.method}; search and retrain on {len(splits.defense)} "
-          f"clean images, metrics on {len(splits.eval)} held-out images", file=sys.stderr)  # fmt: skip
+    print(
+        f"gdm-ray defend: {loaded.path}, {what}, {s.method}; search and retrain on {len(splits.defense)} "
+        f"clean images, metrics on {len(splits.eval)} held-out images",
+        file=sys.stderr,
+    )
     state: ScanState | None = None
     with RunDir(s.out, "defend", s.store, s.dataset) as run_dir:
         if s.target_class == "auto" and s.out:
             state = ScanState(run_dir.state_dir())  # resumes the first pass
         samplers, summary = _find(s, loaded, splits, run_dir, rng, state)
         metrics: dict[str, Any] = {
-            "model": loaded.path, "model_sha256": loaded.sha256, "method": s.method, "target_class": s.target_class,
-            "targets": list(samplers), "real_trigger": real_spec, "real_target": real_target, "search": summary,
-            "defense": dataclasses.asdict(s.defense), "eval_images": len(splits.eval),
-            "config_hash": config_hash(plain(s)), "code_version": code_version(),
-        }  # fmt: skip
+            "model": loaded.path,
+            "model_sha256": loaded.sha256,
+            "method": s.method,
+            "target_class": s.target_class,
+            "targets": list(samplers),
+            "real_trigger": real_spec,
+            "real_target": real_target,
+            "search": summary,
+            "defense": dataclasses.asdict(s.defense),
+            "eval_images": len(splits.eval),
+            "config_hash": config_hash(plain(s)),
+            "code_version": code_version(),
+        }
         if samplers:
             update, close = progress_bar(s.progress, "retrain")
             try:
@@ -171,10 +204,18 @@ def defend(s: DefendSettings) -> dict[str, Any]:
 
 def _write_repaired(run_dir: RunDir, fixed: RepairResult, loaded: LoadedModel, splits: Splits, method: str, metrics: dict) -> None:
     """model.pt in the run folder and the before/after figures into metrics."""
-    save_torchscript(fixed.repaired, run_dir.path("model.pt"), splits.shape,
-                     {"repaired_from": loaded.sha256, "method": method, "target_classes": fixed.targets})  # fmt: skip
-    metrics.update(before=fixed.before.as_dict(), after=fixed.after.as_dict(), retrain_seconds=round(fixed.retrain_seconds, 2),
-                   repaired_sha256=file_sha256(run_dir.path("model.pt")))  # fmt: skip
+    save_torchscript(
+        fixed.repaired,
+        run_dir.path("model.pt"),
+        splits.shape,
+        {"repaired_from": loaded.sha256, "method": method, "target_classes": fixed.targets},
+    )
+    metrics.update(
+        before=fixed.before.as_dict(),
+        after=fixed.after.as_dict(),
+        retrain_seconds=round(fixed.retrain_seconds, 2),
+        repaired_sha256=file_sha256(run_dir.path("model.pt")),
+    )
 
 
 def _pct(v: float | None) -> str:
@@ -184,15 +225,26 @@ def _pct(v: float | None) -> str:
 def _print_repair(metrics: dict, run_dir: RunDir) -> None:
     before, after = metrics["before"], metrics["after"]
     if after is None:
-        print_table([("verdict", "no backdoor found: nothing to repair"), ("clean accuracy", f"{before['clean_accuracy']:.2%}"),
-                     ("ASR of the real trigger", _pct(before["asr"]))])  # fmt: skip
+        print_table(
+            [
+                ("verdict", "no backdoor found: nothing to repair"),
+                ("clean accuracy", f"{before['clean_accuracy']:.2%}"),
+                ("ASR of the real trigger", _pct(before["asr"])),
+            ]
+        )
     else:
-        rows = [("repaired classes", ", ".join(map(str, metrics["targets"]))),
-                ("clean accuracy", f"{before['clean_accuracy']:.2%} -> {after['clean_accuracy']:.2%}"),
-                ("ASR of the real trigger", f"{_pct(before['asr'])} -> {_pct(after['asr'])}")]  # fmt: skip
-        rows += [(f"ASR of the found triggers, class {k}", f"{before['found_asr_by_class'][k]:.2%} -> {v:.2%}")
-                 for k, v in after["found_asr_by_class"].items()]  # fmt: skip
-        rows += [("seconds (search, retrain)", f"{metrics['search']['search_seconds']:.1f}, {metrics['retrain_seconds']:.1f}"),
-                 ("repaired model", run_dir.join("model.pt"))]  # fmt: skip
+        rows = [
+            ("repaired classes", ", ".join(map(str, metrics["targets"]))),
+            ("clean accuracy", f"{before['clean_accuracy']:.2%} -> {after['clean_accuracy']:.2%}"),
+            ("ASR of the real trigger", f"{_pct(before['asr'])} -> {_pct(after['asr'])}"),
+        ]
+        rows += [
+            (f"ASR of the found triggers, class {k}", f"{before['found_asr_by_class'][k]:.2%} -> {v:.2%}")
+            for k, v in after["found_asr_by_class"].items()
+        ]
+        rows += [
+            ("seconds (search, retrain)", f"{metrics['search']['search_seconds']:.1f}, {metrics['retrain_seconds']:.1f}"),
+            ("repaired model", run_dir.join("model.pt")),
+        ]
         print_table(rows)
     print(f"wrote {run_dir.location}")

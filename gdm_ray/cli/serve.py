@@ -96,9 +96,16 @@ def serve(s: ServeSettings) -> dict[str, Any]:
 
 def _print_ready(url: str, sampler: Any, app: Any, ingress: str) -> None:
     print(f"gdm-ray serve: {url}  (POST /v1/sample, GET /v1/ensembles, GET /healthz; docs {url}/docs)")
-    print_table([(d["id"], f"{d['uri']}  class {d['target_class']}, trigger {'x'.join(map(str, d['trigger_shape']))}, "
-                           f"{d['levels']} levels{', transparency mask' if d['with_alpha'] else ''}")
-                 for d in sampler.describe()])  # fmt: skip
+    print_table(
+        [
+            (
+                d["id"],
+                f"{d['uri']}  class {d['target_class']}, trigger {'x'.join(map(str, d['trigger_shape']))}, "
+                f"{d['levels']} levels{', transparency mask' if d['with_alpha'] else ''}",
+            )
+            for d in sampler.describe()
+        ]
+    )
     auth = "bearer token required on /v1/*" if app.token else "no token (open)"
     print(f"max_n {app.max_n}, {auth}, ingress {ingress}; Ctrl-C stops", flush=True)
 

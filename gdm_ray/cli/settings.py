@@ -31,9 +31,25 @@ from gdm_ray.distributed.runtime import RayConfig
 from gdm_ray.distributed.sweep import SweepConfig
 from gdm_ray.store.s3 import S3Config
 
-__all__ = ["RunSettings", "ArchSpec", "AttackOptions", "AttackSettings", "EvaluateSettings", "SearchSettings",
-           "DefendSettings", "ScanSettings", "ZooOptions", "ZooScanSettings", "SweepSettings", "ServeSettings",
-           "DemoSettings", "SCHEMAS", "register", "settings", "build"]  # fmt: skip
+__all__ = [
+    "RunSettings",
+    "ArchSpec",
+    "AttackOptions",
+    "AttackSettings",
+    "EvaluateSettings",
+    "SearchSettings",
+    "DefendSettings",
+    "ScanSettings",
+    "ZooOptions",
+    "ZooScanSettings",
+    "SweepSettings",
+    "ServeSettings",
+    "DemoSettings",
+    "SCHEMAS",
+    "register",
+    "settings",
+    "build",
+]
 
 T = TypeVar("T")
 
@@ -173,8 +189,10 @@ class ScanSettings(RunSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.use_ray and self.reference:
-            raise ConfigError(f"use_ray=true with reference={self.reference}: judging against a zoo runs in one process; "
-                              "drop use_ray (or zoo-scan the model with the zoo)")  # fmt: skip
+            raise ConfigError(
+                f"use_ray=true with reference={self.reference}: judging against a zoo runs in one process; "
+                "drop use_ray (or zoo-scan the model with the zoo)"
+            )
 
 
 @dataclass
@@ -283,13 +301,26 @@ class DemoSettings(RunSettings):
 
 
 SCHEMAS: dict[str, type] = {
-    "attack": AttackSettings, "evaluate": EvaluateSettings, "search": SearchSettings, "defend": DefendSettings,
-    "scan": ScanSettings, "zoo-scan": ZooScanSettings, "sweep": SweepSettings, "serve": ServeSettings, "demo": DemoSettings,
-}  # fmt: skip
+    "attack": AttackSettings,
+    "evaluate": EvaluateSettings,
+    "search": SearchSettings,
+    "defend": DefendSettings,
+    "scan": ScanSettings,
+    "zoo-scan": ZooScanSettings,
+    "sweep": SweepSettings,
+    "serve": ServeSettings,
+    "demo": DemoSettings,
+}
 
 # groups whose only option is their dataclass's defaults
-GROUP_DEFAULTS: dict[str, type] = {"mesa": MESAConfig, "scan": ScanConfig, "defense": DefenseConfig, "baseline": BaselineConfig,
-                                   "ray": RayConfig, "store": S3Config}  # fmt: skip
+GROUP_DEFAULTS: dict[str, type] = {
+    "mesa": MESAConfig,
+    "scan": ScanConfig,
+    "defense": DefenseConfig,
+    "baseline": BaselineConfig,
+    "ray": RayConfig,
+    "store": S3Config,
+}
 
 
 def register() -> None:

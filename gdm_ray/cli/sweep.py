@@ -81,8 +81,10 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
     _check_fits(combos, base, splits.shape)
     real, real_target, real_spec = real_trigger(s.trigger, s.target_class, Path(loaded.path), splits)
     if real is None:
-        raise ConfigError(f"model={loaded.path}: a sweep scores trials by the ASR of the real trigger; pass trigger=... "
-                          "(e.g. trigger=bw3x3) or keep the model's card (model.json) beside it")  # fmt: skip
+        raise ConfigError(
+            f"model={loaded.path}: a sweep scores trials by the ASR of the real trigger; pass trigger=... "
+            "(e.g. trigger=bw3x3) or keep the model's card (model.json) beside it"
+        )
     where = _where(s)
     dataset = PendingDataset(s.dataset, where.name, s.store) if s.dataset else None  # checked now, written with the table
     body = {k: v for k, v in plain(s).items() if k not in _NOT_RESUME_KEYS}
@@ -93,15 +95,29 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
             _push(where.final, where.s3_uri, s.store)
         return _report_finished(where.final, where.name, dataset, Path(loaded.path).stem)
     ctx = TrialContext(
-        model_bytes=Path(loaded.path).read_bytes(), model_suffix=Path(loaded.path).suffix or ".pt",
-        arch=s.arch.name if s.arch else None, defense=splits.defense, eval=splits.eval, target=s.target_class,
-        real_trigger=real_spec, real_target=real_target, base=base, keys=[p.key for p in params], seed=s.seed,
-        device=s.device, cpus=float(s.ray.task_cpus), gpus=float(s.ray.task_gpus), keep_freed_memory=s.ray.keep_freed_memory,
-    )  # fmt: skip
+        model_bytes=Path(loaded.path).read_bytes(),
+        model_suffix=Path(loaded.path).suffix or ".pt",
+        arch=s.arch.name if s.arch else None,
+        defense=splits.defense,
+        eval=splits.eval,
+        target=s.target_class,
+        real_trigger=real_spec,
+        real_target=real_target,
+        base=base,
+        keys=[p.key for p in params],
+        seed=s.seed,
+        device=s.device,
+        cpus=float(s.ray.task_cpus),
+        gpus=float(s.ray.task_gpus),
+        keep_freed_memory=s.ray.keep_freed_memory,
+    )
     what = f"{len(combos)} grid trials" if s.sweep.mode == "grid" else f"{s.sweep.num_samples} random draws"
-    print(f"gdm-ray sweep: {loaded.path}, class {s.target_class}, {what} over {', '.join(p.key for p in params)}; "
-          f"search and retrain on {len(splits.defense)} clean images, metrics on {len(splits.eval)} held-out images"
-          + (f"; resuming {where.name}" if state == "resume" else ""), file=sys.stderr)  # fmt: skip
+    print(
+        f"gdm-ray sweep: {loaded.path}, class {s.target_class}, {what} over {', '.join(p.key for p in params)}; "
+        f"search and retrain on {len(splits.defense)} clean images, metrics on {len(splits.eval)} held-out images"
+        + (f"; resuming {where.name}" if state == "resume" else ""),
+        file=sys.stderr,
+    )
     records, resumed = _run(s, where, state, request_hash, loaded, params, ctx)
     rows = _rows(s, records, params, base)
     summary = _summary(s, rows, params, where, resumed, loaded, real_spec, real_target, request_hash, t0)
@@ -152,16 +168,16 @@ def _where(s: SweepSettings) -> Where:
     return Where(final, s3_uri, s3_uri.removeprefix("s3://") + "/" + EXPERIMENT, s.store.arrow_fs(), s.store)
 
 
-def _run(s: SweepSettings, where: Where, state: str, request_hash: str, loaded: LoadedModel, params: list[SpaceParam],
-         ctx: TrialContext) -> tuple[list[TrialRecord], bool]:  # fmt: skip
+def _run(
+    s: SweepSettings, where: Where, state: str, request_hash: str, loaded: LoadedModel, params: list[SpaceParam], ctx: TrialContext
+) -> tuple[list[TrialRecord], bool]:
     """Start Ray, write the request, run or resume Tune; an interrupted sweep leaves what resumes it."""
     started = init_ray(s.ray)
     created = not where.final.exists()
     try:
         if state == "new":
             _start(s, where, request_hash, loaded)
-        records, resumed = run_tune(where.experiment, params, s.sweep, ctx, s.ray, verbose=1 if s.progress else 0,
-                                    filesystem=where.tune_fs)  # fmt: skip
+        records, resumed = run_tune(where.experiment, params, s.sweep, ctx, s.ray, verbose=1 if s.progress else 0, filesystem=where.tune_fs)
     except BaseException:
         if state == "new" and not can_restore(where.experiment, where.tune_fs):  # nothing to resume: leave no request behind
             if created:
@@ -177,8 +193,11 @@ def _run(s: SweepSettings, where: Where, state: str, request_hash: str, loaded: 
             ray.shutdown()
     pending = [r for r in records if not r.finished]
     if pending:
-        print(f"gdm-ray sweep: interrupted with {len(records) - len(pending)} of {len(records)} trials finished; "
-              f"run the same command (out={where.name}) to resume", file=sys.stderr)  # fmt: skip
+        print(
+            f"gdm-ray sweep: interrupted with {len(records) - len(pending)} of {len(records)} trials finished; "
+            f"run the same command (out={where.name}) to resume",
+            file=sys.stderr,
+        )
         raise KeyboardInterrupt
     return records, resumed
 
@@ -188,8 +207,16 @@ def _start(s: SweepSettings, where: Where, request_hash: str, loaded: LoadedMode
     if isinstance(where.experiment, Path) and where.experiment.exists():  # killed before Tune saved any state: start over
         shutil.rmtree(where.experiment)
     where.final.mkdir(parents=True, exist_ok=True)
-    write_json(where.final / REQUEST, {"request_hash": request_hash, "model": loaded.path, "model_sha256": loaded.sha256,
-                                       "config": plain(s), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+    write_json(
+        where.final / REQUEST,
+        {
+            "request_hash": request_hash,
+            "model": loaded.path,
+            "model_sha256": loaded.sha256,
+            "config": plain(s),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
     if where.s3_uri:
         S3(s.store).put_file(join_uri(where.s3_uri, REQUEST), where.final / REQUEST)
 
@@ -201,33 +228,59 @@ def _rows(s: SweepSettings, records: list[TrialRecord], params: list[SpaceParam]
     return trial_rows(records, param_fields(params, GROUPS), hashes, code_version())
 
 
-def _summary(s: SweepSettings, rows: list[dict[str, Any]], params: list[SpaceParam], where: Where, resumed: bool,
-             loaded: LoadedModel, real_spec: dict | None, real_target: int | None, request_hash: str,
-             t0: float) -> dict[str, Any]:  # fmt: skip
+def _summary(
+    s: SweepSettings,
+    rows: list[dict[str, Any]],
+    params: list[SpaceParam],
+    where: Where,
+    resumed: bool,
+    loaded: LoadedModel,
+    real_spec: dict | None,
+    real_target: int | None,
+    request_hash: str,
+    t0: float,
+) -> dict[str, Any]:
     """sweep.json: the best trial by sweep.metric and what the sweep was."""
     metric = s.sweep.metric
     scored = [i for i, r in enumerate(rows) if r["status"] == "TERMINATED" and r[metric] is not None]
     best_i = min(scored, key=lambda i: (rows[i][metric], i)) if scored else None
     best = rows[best_i] if best_i is not None else None
-    keys = ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after",
-            "found_asr_before", "seconds")  # fmt: skip
+    keys = ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after", "found_asr_before", "seconds")
     return {
         "best_trial": best["trial_id"] if best else None,
         "best": {p.key: best[p.key] for p in params} if best else None,
         "best_metrics": {k: best[k] for k in keys} if best else None,
-        "metric": metric, "mode": s.sweep.mode, "num_samples": int(s.sweep.num_samples),
+        "metric": metric,
+        "mode": s.sweep.mode,
+        "num_samples": int(s.sweep.num_samples),
         "space": {p.key: p.spec() for p in params},
-        "trials": len(rows), "errors": sum(r["status"] != "TERMINATED" for r in rows), "resumed": resumed,
-        "model": loaded.path, "model_sha256": loaded.sha256, "target_class": s.target_class,
-        "real_trigger": real_spec, "real_target": real_target,
-        "table": join_uri(where.name, TABLE), "plot": join_uri(where.name, PLOT), "experiment": join_uri(where.name, EXPERIMENT),
-        "config_hash": config_hash(plain(s)), "request_hash": request_hash, "code_version": code_version(),
+        "trials": len(rows),
+        "errors": sum(r["status"] != "TERMINATED" for r in rows),
+        "resumed": resumed,
+        "model": loaded.path,
+        "model_sha256": loaded.sha256,
+        "target_class": s.target_class,
+        "real_trigger": real_spec,
+        "real_target": real_target,
+        "table": join_uri(where.name, TABLE),
+        "plot": join_uri(where.name, PLOT),
+        "experiment": join_uri(where.name, EXPERIMENT),
+        "config_hash": config_hash(plain(s)),
+        "request_hash": request_hash,
+        "code_version": code_version(),
         "seconds": round(time.perf_counter() - t0, 2),
-    }  # fmt: skip
+    }
 
 
-def _publish(s: SweepSettings, where: Where, rows: list[dict[str, Any]], params: list[SpaceParam], summary: dict[str, Any],
-             dataset: PendingDataset | None, model_id: str) -> None:  # fmt: skip
+def _publish(
+    s: SweepSettings,
+    where: Where,
+    rows: list[dict[str, Any]],
+    params: list[SpaceParam],
+    summary: dict[str, Any],
+    dataset: PendingDataset | None,
+    model_id: str,
+) -> None:
     """The table, the plot, then the summary (last: its presence means the sweep is whole); S3 and the dataset after."""
     fields = param_fields(params, GROUPS)
     write_rows(where.final / TABLE, rows, trial_schema(fields))
@@ -282,8 +335,10 @@ def _out_state(final: Path, request_hash: str, restorable: Callable[[], bool]) -
     except (OSError, json.JSONDecodeError):
         raise ConfigError(f"out={final}: {REQUEST} is not valid JSON; pick a new folder") from None
     if old != request_hash:
-        raise ConfigError(f"out={final} holds a sweep started with other settings (hash {old}, now {request_hash}); "
-                          "rerun it with the same model, data, space and settings to resume, or pick a new out=")  # fmt: skip
+        raise ConfigError(
+            f"out={final} holds a sweep started with other settings (hash {old}, now {request_hash}); "
+            "rerun it with the same model, data, space and settings to resume, or pick a new out="
+        )
     if (final / SUMMARY).is_file() and (final / TABLE).is_file():
         return "done"
     return "resume" if restorable() else "new"
@@ -332,13 +387,15 @@ def _print(summary: dict[str, Any], rows: list[dict[str, Any]], params: list[Spa
     best = summary.get("best")
     if best is not None:
         m = summary["best_metrics"]
-        print_table([
-            ("best trial", f"{summary['best_trial']} (lowest {metric})"),
-            *((f"best {k}", _fmt(v)) for k, v in best.items()),
-            ("ASR of the real trigger", f"{m['asr_before']:.2%} -> {m['asr_after']:.2%}"),
-            ("clean accuracy", f"{m['acc_before']:.2%} -> {m['acc_after']:.2%}"),
-            ("table", summary["table"]),
-        ])  # fmt: skip
+        print_table(
+            [
+                ("best trial", f"{summary['best_trial']} (lowest {metric})"),
+                *((f"best {k}", _fmt(v)) for k, v in best.items()),
+                ("ASR of the real trigger", f"{m['asr_before']:.2%} -> {m['asr_after']:.2%}"),
+                ("clean accuracy", f"{m['acc_before']:.2%} -> {m['acc_after']:.2%}"),
+                ("table", summary["table"]),
+            ]
+        )
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], params: list[SpaceParam], best: int | None, metric: str) -> None:
@@ -356,8 +413,12 @@ def _plot(path: Path, rows: list[dict[str, Any]], params: list[SpaceParam], best
     kwargs: dict[str, Any] = {}
     if xp is not None and rows:
         others = [p for p in params if p is not xp]
-        kwargs = {"x_name": xp.key, "xs": [float(r[xp.key]) for r in rows], "ys": [r["asr_after"] for r in rows],
-                  "groups": [" ".join(short(p, r[p.key]) for p in others) for r in rows] if others else None}  # fmt: skip
+        kwargs = {
+            "x_name": xp.key,
+            "xs": [float(r[xp.key]) for r in rows],
+            "ys": [r["asr_after"] for r in rows],
+            "groups": [" ".join(short(p, r[p.key]) for p in others) for r in rows] if others else None,
+        }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     import os
 

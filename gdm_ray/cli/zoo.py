@@ -51,8 +51,9 @@ def list_models(folder: Path, pattern: str = "*") -> list[Path]:
     return files
 
 
-def _read_models(files: list[Path], s: ZooScanSettings, splits: Splits,
-                 prov: Provenance) -> tuple[list[ModelBlob], dict[str, dict[str, Any]]]:  # fmt: skip
+def _read_models(
+    files: list[Path], s: ZooScanSettings, splits: Splits, prov: Provenance
+) -> tuple[list[ModelBlob], dict[str, dict[str, Any]]]:
     """Each file's bytes for the jobs; a file that cannot be read is a failed row."""
     blobs, failed = [], {}
     for p in files:
@@ -61,13 +62,22 @@ def _read_models(files: list[Path], s: ZooScanSettings, splits: Splits,
         except OSError as exc:
             failed[p.stem] = failed_row(p.stem, str(p), None, one_line(exc), s.scan.method, prov)
             continue
-        blobs.append(ModelBlob(p.stem, str(p), file_sha256(p), data, s.arch.name if s.arch else None, splits.shape,
-                               splits.eval.num_classes))  # fmt: skip
+        blobs.append(
+            ModelBlob(p.stem, str(p), file_sha256(p), data, s.arch.name if s.arch else None, splits.shape, splits.eval.num_classes)
+        )
     return blobs, failed
 
 
-def _rows(run_dir: RunDir, files: list[Path], done: ZooScan | None, plan: ZooScanPlan | None, failed: dict[str, dict[str, Any]],
-          s: ZooScanSettings, splits: Splits, prov: Provenance) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+def _rows(
+    run_dir: RunDir,
+    files: list[Path],
+    done: ZooScan | None,
+    plan: ZooScanPlan | None,
+    failed: dict[str, dict[str, Any]],
+    s: ZooScanSettings,
+    splits: Splits,
+    prov: Provenance,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every model's verdict row in folder order (and its files), and the class rows."""
     verdicts, classes = [], []
     for p in files:
@@ -80,13 +90,25 @@ def _rows(run_dir: RunDir, files: list[Path], done: ZooScan | None, plan: ZooSca
                 extra = write_model_files(run_dir, f"{p.stem}/", scan, splits.defense, plan, s.samples_per_level)
                 rows = class_rows(scan, splits.classes, prov)
                 detail = {str(k): v for k, v in extra.items()}
-                write_json(run_dir.path(f"{p.stem}/scan.json"), {**verdict, "classes": rows, "scan": dataclasses.asdict(s.scan),
-                                                                 "flagged_detail": detail, "reference_path": None,
-                                                                 "reference_models": 0, "resumed_chunks": 0})  # fmt: skip
+                write_json(
+                    run_dir.path(f"{p.stem}/scan.json"),
+                    {
+                        **verdict,
+                        "classes": rows,
+                        "scan": dataclasses.asdict(s.scan),
+                        "flagged_detail": detail,
+                        "reference_path": None,
+                        "reference_models": 0,
+                        "resumed_chunks": 0,
+                    },
+                )
                 classes.extend(rows)
         verdicts.append(verdict)
-        state = ("ERROR: " + verdict["error"]) if verdict["error"] else (
-            f"BACKDOORED -> {verdict['flagged']}" if verdict["backdoored"] else "clean")  # fmt: skip
+        state = (
+            ("ERROR: " + verdict["error"])
+            if verdict["error"]
+            else (f"BACKDOORED -> {verdict['flagged']}" if verdict["backdoored"] else "clean")
+        )
         score = f"{verdict['score']:6.2f}" if verdict["score"] is not None else "     -"
         print(f"  {p.stem:<24} score {score}  {state}", file=sys.stderr, flush=True)
     return verdicts, classes
@@ -100,15 +122,18 @@ def _print_verdicts(verdicts: list[dict[str, Any]], seconds: float) -> None:
             print(f"  {v['model_id'].ljust(width)}  ERROR        {'-':>5}  {'-':>6}  {'':8}  {'-':>7}  {v['error']}")
             continue
         target = "-" if v["target_class"] is None else str(v["target_class"])
-        print(f"  {v['model_id'].ljust(width)}  {'BACKDOORED' if v['backdoored'] else 'clean':<10}  {v['score']:>5.2f}  "
-              f"{target:>6}  {','.join(map(str, v['flagged'])):<8}  {v['seconds']:>7.1f}")  # fmt: skip
+        print(
+            f"  {v['model_id'].ljust(width)}  {'BACKDOORED' if v['backdoored'] else 'clean':<10}  {v['score']:>5.2f}  "
+            f"{target:>6}  {','.join(map(str, v['flagged'])):<8}  {v['seconds']:>7.1f}"
+        )
     bad = sum(1 for v in verdicts if v["backdoored"])
     failed = sum(1 for v in verdicts if v["error"])
     print(f"{len(verdicts)} models: {bad} backdoored, {len(verdicts) - bad - failed} clean, {failed} failed to load ({seconds:.0f}s)")
 
 
-def _run(s: ZooScanSettings, blobs: list[ModelBlob], splits: Splits, device: str,
-         state: ScanState) -> tuple[ZooScan | None, ZooScanPlan | None, dict[str, Any] | None]:  # fmt: skip
+def _run(
+    s: ZooScanSettings, blobs: list[ModelBlob], splits: Splits, device: str, state: ScanState
+) -> tuple[ZooScan | None, ZooScanPlan | None, dict[str, Any] | None]:
     """The zoo's plan run on the chosen executor; the Ray task summary (None in one process)."""
     if not blobs:
         return None, None, None
@@ -127,8 +152,11 @@ def zoo_scan(s: ZooScanSettings) -> dict[str, Any]:
     splits = load_data(s.data)
     check_window(s.scan, splits.shape)
     prov = Provenance(config_hash(plain(s)), code_version())
-    print(f"gdm-ray zoo-scan: {len(files)} models in {folder}, {splits.eval.num_classes} classes, "
-          f"{len(splits.defense)} clean images, method {s.scan.method}", file=sys.stderr)  # fmt: skip
+    print(
+        f"gdm-ray zoo-scan: {len(files)} models in {folder}, {splits.eval.num_classes} classes, "
+        f"{len(splits.defense)} clean images, method {s.scan.method}",
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     with RunDir(s.out, "zoo-scan", s.store, s.dataset) as run_dir:
         # finished first-pass chunks wait beside the output until it is published:
@@ -139,12 +167,26 @@ def zoo_scan(s: ZooScanSettings) -> dict[str, Any]:
         verdicts, classes = _rows(run_dir, files, done, plan, failed, s, splits, prov)
         run_dir.write_table("verdicts.parquet", verdicts, VERDICT_SCHEMA, "verdicts")
         run_dir.write_table("classes.parquet", classes, CLASS_SCHEMA, "classes")
-        save_zoo_scores(run_dir.path("scores.png"), [v["model_id"] for v in verdicts], [v["score"] for v in verdicts],
-                        float(s.scan.threshold), f"zoo-scan of {folder.name}: anomaly score per model")  # fmt: skip
-        write_json(run_dir.path("zoo.json"), {"zoo": str(folder), "models": len(files), "scan": dataclasses.asdict(s.scan),
-                                              "reference": done.reference if done else "model", "verdicts": verdicts,
-                                              "seconds": round(time.perf_counter() - t0, 2), "ray": tasks,
-                                              "resumed_chunks": state.resumed})  # fmt: skip
+        save_zoo_scores(
+            run_dir.path("scores.png"),
+            [v["model_id"] for v in verdicts],
+            [v["score"] for v in verdicts],
+            float(s.scan.threshold),
+            f"zoo-scan of {folder.name}: anomaly score per model",
+        )
+        write_json(
+            run_dir.path("zoo.json"),
+            {
+                "zoo": str(folder),
+                "models": len(files),
+                "scan": dataclasses.asdict(s.scan),
+                "reference": done.reference if done else "model",
+                "verdicts": verdicts,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "ray": tasks,
+                "resumed_chunks": state.resumed,
+            },
+        )
     state.clear()  # published: nothing left to resume
     _print_verdicts(verdicts, time.perf_counter() - t0)
     print(f"wrote {run_dir.location}")

@@ -80,7 +80,9 @@ class BadNets:
     ) -> AttackResult:
         """Train (from scratch or fine-tune: whatever state ``model`` is in) on poisoned data."""
         if self.target >= train.num_classes:
-            raise ConfigError(f"attack.target_class={self.target} but the data has {train.num_classes} classes (0..{train.num_classes - 1})")
+            raise ConfigError(
+                f"attack.target_class={self.target} but the data has {train.num_classes} classes (0..{train.num_classes - 1})"
+            )
         t0 = time.perf_counter()
         hook = self.poison_batch if self.rate > 0 else None
         losses = train_classifier(model, train, cfg, rng, hook, progress)

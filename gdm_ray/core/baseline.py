@@ -136,9 +136,7 @@ class PixelBaseline:
         base.result = result
         return base
 
-    def sample(
-        self, n: int, rng: torch.Generator | None = None, level: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int, rng: torch.Generator | None = None, level: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """n copies of the one trigger found (a point distribution)."""
         if self.result is None:
             raise RuntimeError("PixelBaseline.sample called before fit")
@@ -182,7 +180,11 @@ def load_trigger(path: str | Path, target: int | None = None) -> BaselineResult:
     if pattern is None or mask is None or pattern.dim() != 3 or tuple(mask.shape) != tuple(pattern.shape[1:]):
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         raise ConfigError(f"trigger={path}: expected pattern C x h x w and mask h x w, found {shapes}")
-    if not (pattern.is_floating_point() and mask.is_floating_point()) or min(pattern.min(), mask.min()) < 0 or max(pattern.max(), mask.max()) > 1:
+    if (
+        not (pattern.is_floating_point() and mask.is_floating_point())
+        or min(pattern.min(), mask.min()) < 0
+        or max(pattern.max(), mask.max()) > 1
+    ):
         raise ConfigError(f"trigger={path}: pattern and mask must be floats in [0, 1]")
     stored = int(meta["target"]) if "target" in meta else None
     if stored is None and target is None:

@@ -90,9 +90,16 @@ def search_class(
     if window:
         update, close = bar(f"moving window, class {k}")
         try:
-            heat = window_heatmap(model, data, k, cfg, tuple(cfg.window) if cfg.window else None,
-                                  tuple(cfg.stride) if cfg.stride else None, torch.Generator().manual_seed(window_seed(seed)),
-                                  update)  # fmt: skip
+            heat = window_heatmap(
+                model,
+                data,
+                k,
+                cfg,
+                tuple(cfg.window) if cfg.window else None,
+                tuple(cfg.stride) if cfg.stride else None,
+                torch.Generator().manual_seed(window_seed(seed)),
+                update,
+            )
         finally:
             close()
     if mesa_cfg is None:
@@ -103,4 +110,3 @@ def search_class(
     finally:
         close()
     return ClassSearch(heat, mesa, res, asr)
-

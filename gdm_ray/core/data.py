@@ -41,9 +41,17 @@ __all__ = [
 DATASETS = ("fashion_mnist", "cifar10", "imagefolder", "npz", "synthetic")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -73,7 +81,7 @@ class ImageSet:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def subset(self, idx: torch.Tensor) -> "ImageSet":
+    def subset(self, idx: torch.Tensor) -> ImageSet:
         return ImageSet(self.x[idx], self.y[idx], self.classes)
 
 
@@ -155,9 +163,7 @@ def load_splits(spec: DataSpec) -> Splits:
             raise ConfigError("data.path is required for data.name=npz")
         splits = _split_pool(load_npz(Path(spec.path)), spec)
     else:
-        pool = make_synthetic(
-            int(spec.samples), int(spec.num_classes), tuple(spec.image_size), int(spec.channels), int(spec.seed)
-        )
+        pool = make_synthetic(int(spec.samples), int(spec.num_classes), tuple(spec.image_size), int(spec.channels), int(spec.seed))
         splits = _split_pool(pool, spec)
     splits.name = name
     return _apply_limits(splits, spec)

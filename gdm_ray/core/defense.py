@@ -29,9 +29,7 @@ __all__ = ["TriggerSampler", "DefenseConfig", "retrain"]
 class TriggerSampler(Protocol):
     """What a defense needs from a finished search: n (pattern, mask) samples."""
 
-    def sample(
-        self, n: int, rng: torch.Generator | None = None, level: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def sample(self, n: int, rng: torch.Generator | None = None, level: int | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -55,10 +53,16 @@ class DefenseConfig:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-            momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule,
-            crop_pad=self.crop_pad, flip=self.flip,
-        )  # fmt: skip
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            schedule=self.schedule,
+            crop_pad=self.crop_pad,
+            flip=self.flip,
+        )
 
 
 def retrain(

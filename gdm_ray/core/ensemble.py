@@ -42,9 +42,7 @@ class Ensemble:
     mesa: MESA
     manifest: dict[str, Any]
 
-    def sample(
-        self, n: int, rng: torch.Generator | None = None, level: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int, rng: torch.Generator | None = None, level: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mesa.sample(n, rng=rng, level=level)
 
     @property
@@ -65,8 +63,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_ensemble(mesa: MESA, result: MESAResult, path: str | Path, source_model_sha256: str | None = None,
-                  extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
+def save_ensemble(
+    mesa: MESA, result: MESAResult, path: str | Path, source_model_sha256: str | None = None, extra: dict[str, Any] | None = None
+) -> Path:
     """Write the artifact directory atomically (staged, then renamed into place)."""
     from safetensors.torch import save_file
 
@@ -153,4 +152,3 @@ def _upgrade(manifest: dict) -> None:
     for node in (manifest, manifest.get("generator"), manifest.get("mesa_config")):
         if isinstance(node, dict) and "with_alpha" in node:
             node["with_mask"] = node.pop("with_alpha")
-

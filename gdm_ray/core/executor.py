@@ -105,8 +105,7 @@ class Executor(Protocol):
     """Runs ``fn(context, job)`` for each job; returns one ``JobResult`` per
     job in job order, calling ``on_result`` as each finishes (any order)."""
 
-    def map(self, fn: Callable[[C, J], R], jobs: Sequence[J], context: C,
-            on_result: OnResult | None = None) -> list[JobResult[J, R]]: ...  # fmt: skip
+    def map(self, fn: Callable[[C, J], R], jobs: Sequence[J], context: C, on_result: OnResult | None = None) -> list[JobResult[J, R]]: ...
 
     def summary(self) -> dict[str, Any]:
         """Jobs run (and failed) so far, and how many ran on each node."""
@@ -127,8 +126,7 @@ class InProcessExecutor:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def map(self, fn: Callable[[C, J], R], jobs: Sequence[J], context: C,
-            on_result: OnResult | None = None) -> list[JobResult[J, R]]:  # fmt: skip
+    def map(self, fn: Callable[[C, J], R], jobs: Sequence[J], context: C, on_result: OnResult | None = None) -> list[JobResult[J, R]]:
         out: list[JobResult[J, R]] = []
         for i, job in enumerate(jobs):
             t0 = time.perf_counter()

@@ -48,8 +48,23 @@ from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
 from gdm_ray.core.train import frozen, model_device
 
-__all__ = ["ScanConfig", "ClassTrigger", "ScanResult", "ScanPlan", "scan_classes", "plan_scan", "scan_chunks", "scan_result",
-           "anomaly_index", "reference_anomaly", "rescore", "search_chunk", "split_images", "mask_asr", "MAD_FLOOR"]  # fmt: skip
+__all__ = [
+    "ScanConfig",
+    "ClassTrigger",
+    "ScanResult",
+    "ScanPlan",
+    "scan_classes",
+    "plan_scan",
+    "scan_chunks",
+    "scan_result",
+    "anomaly_index",
+    "reference_anomaly",
+    "rescore",
+    "search_chunk",
+    "split_images",
+    "mask_asr",
+    "MAD_FLOOR",
+]
 
 
 @dataclass
@@ -357,8 +372,15 @@ def _baseline_one(
     """Plain Neural Cleanse for one class: PixelBaseline over the whole image,
     mask L1 at the fixed lambda ``init_cost``, the scan's steps/batch/lr."""
     _, H, W = data.shape
-    bcfg = BaselineConfig(trigger_size=[H, W], with_mask=True, mask_l1=float(cfg.init_cost), steps=int(cfg.steps),
-                          batch_size=int(cfg.batch_size), lr=float(cfg.lr), restarts=1)  # fmt: skip
+    bcfg = BaselineConfig(
+        trigger_size=[H, W],
+        with_mask=True,
+        mask_l1=float(cfg.init_cost),
+        steps=int(cfg.steps),
+        batch_size=int(cfg.batch_size),
+        lr=float(cfg.lr),
+        restarts=1,
+    )
     tick = None if progress is None else (lambda step, _total, loss: progress(done + step, total, loss))
     res = PixelBaseline(bcfg).fit(model, data, k, rng, tick)
     device = model_device(model)
@@ -376,4 +398,3 @@ def mask_asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, pattern
         b = xs[i : i + 512]
         hits += int((model((1 - mask) * b + mask * pattern).argmax(1) == k).sum())
     return hits / len(xs)
-

@@ -32,9 +32,7 @@ __all__ = ["NOISES", "TriggerGenerator", "StaircaseGenerators", "BatchedLinear",
 NOISES = ("normal", "uniform")
 
 
-def sample_noise(
-    shape: Sequence[int], noise: str = "normal", rng: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_noise(shape: Sequence[int], noise: str = "normal", rng: torch.Generator | None = None) -> torch.Tensor:
     """Z ~ N(0, I) ("normal") or U(0, 1)^d ("uniform"), drawn on the CPU so a
     seed gives the same noise on any device."""
     if noise == "normal":
@@ -125,9 +123,7 @@ class TriggerGenerator(nn.Module):
         return _split_output(torch.sigmoid(self.net(z)), self.channels, self.trigger_size, self.with_mask)
 
 
-def _split_output(
-    out: torch.Tensor, channels: int, trigger_size: tuple[int, int], with_mask: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_output(out: torch.Tensor, channels: int, trigger_size: tuple[int, int], with_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., out_dim) in [0, 1] -> pattern (..., C, h, w), mask (..., h, w)."""
     h, w = trigger_size
     lead = out.shape[:-1]
@@ -161,9 +157,7 @@ class BatchedLinear(nn.Module):
 class BatchedMLP(nn.Module):
     """N MLPs of the same shape evaluated together (ReLU between layers, or ELU)."""
 
-    def __init__(
-        self, n: int, sizes: Sequence[int], rng: torch.Generator | None = None, activation: str = "relu"
-    ) -> None:
+    def __init__(self, n: int, sizes: Sequence[int], rng: torch.Generator | None = None, activation: str = "relu") -> None:
         super().__init__()
         self.n = int(n)
         self.layers = nn.ModuleList(BatchedLinear(n, a, b, rng) for a, b in zip(sizes[:-1], sizes[1:]))
@@ -243,9 +237,14 @@ class StaircaseGenerators(nn.Module):
 
     def _arch(self) -> dict:
         return dict(
-            channels=self.channels, trigger_size=self.trigger_size, noise_dim=self.noise_dim, hidden=self.hidden,
-            layers=self.num_layers, with_mask=self.with_mask, noise=self.noise,
-        )  # fmt: skip
+            channels=self.channels,
+            trigger_size=self.trigger_size,
+            noise_dim=self.noise_dim,
+            hidden=self.hidden,
+            layers=self.num_layers,
+            with_mask=self.with_mask,
+            noise=self.noise,
+        )
 
     def level(self, i: int) -> TriggerGenerator:
         """A standalone copy of generator G_i (on the same device)."""
@@ -256,16 +255,22 @@ class StaircaseGenerators(nn.Module):
         return g
 
     @classmethod
-    def from_generators(cls, gens: Sequence[TriggerGenerator]) -> "StaircaseGenerators":
+    def from_generators(cls, gens: Sequence[TriggerGenerator]) -> StaircaseGenerators:
         """Stack single generators of one architecture into a staircase."""
         if not gens:
             raise ConfigError("from_generators needs at least one generator")
         first = gens[0]
         linears0 = [m for m in first.net if isinstance(m, nn.Linear)]
         out = cls(
-            len(gens), first.channels, first.trigger_size, first.noise_dim, linears0[0].out_features,
-            len(linears0) - 1, first.with_mask, first.noise,
-        )  # fmt: skip
+            len(gens),
+            first.channels,
+            first.trigger_size,
+            first.noise_dim,
+            linears0[0].out_features,
+            len(linears0) - 1,
+            first.with_mask,
+            first.noise,
+        )
         shape0 = [tuple(m.weight.shape) for m in linears0]
         for i, g in enumerate(gens):
             linears = [m for m in g.net if isinstance(m, nn.Linear)]

@@ -127,7 +127,17 @@ class MESAConfig:
             self.betas = b
         if not (math.isfinite(float(self.alpha)) and float(self.alpha) >= 0):
             raise ConfigError(f"mesa.alpha={self.alpha} must be a finite number >= 0")
-        for key in ("steps", "noise_dim", "hidden", "layers", "stat_hidden", "stat_layers", "images_per_trigger", "log_every", "eval_samples"):
+        for key in (
+            "steps",
+            "noise_dim",
+            "hidden",
+            "layers",
+            "stat_hidden",
+            "stat_layers",
+            "images_per_trigger",
+            "log_every",
+            "eval_samples",
+        ):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"mesa.{key}={getattr(self, key)} must be >= 1")
         if int(self.batch_size) < 2:
@@ -263,9 +273,7 @@ class MESA:
         n_lv, bs, k = int(cfg.levels), int(cfg.batch_size), int(cfg.images_per_trigger)
         alpha = float(cfg.alpha)  # the entropy weight
         betas = torch.tensor(cfg.beta_values, dtype=torch.float32, device=device)
-        gens = StaircaseGenerators(
-            n_lv, ch, (h, w), cfg.noise_dim, cfg.hidden, cfg.layers, cfg.with_mask, cfg.noise, rng=rng
-        ).to(device)
+        gens = StaircaseGenerators(n_lv, ch, (h, w), cfg.noise_dim, cfg.hidden, cfg.layers, cfg.with_mask, cfg.noise, rng=rng).to(device)
         stats = StaircaseStatistics(n_lv, cfg.noise_dim, gens.out_dim, cfg.stat_hidden, cfg.stat_layers, rng=rng)
         mine = MINE(stats, cfg.ma_rate, levels=(n_lv,)).to(device)
         opt = torch.optim.Adam(list(gens.parameters()) + list(mine.parameters()), lr=float(cfg.lr))
@@ -299,8 +307,17 @@ class MESA:
                 if step % int(cfg.log_every) == 0 or step == int(cfg.steps):
                     means = (sums / count).cpu()
                     for i in range(n_lv):
-                        history.append(dict(step=step, level=i, beta=cfg.beta_values[i], asr=float(means[0, i]),
-                                            score=float(means[1, i]), hinge=float(means[2, i]), mi=float(means[3, i])))  # fmt: skip
+                        history.append(
+                            dict(
+                                step=step,
+                                level=i,
+                                beta=cfg.beta_values[i],
+                                asr=float(means[0, i]),
+                                score=float(means[1, i]),
+                                hinge=float(means[2, i]),
+                                mi=float(means[3, i]),
+                            )
+                        )
                     sums.zero_()
                     count = 0
                 if progress is not None:
@@ -369,9 +386,7 @@ class MESA:
         return score.detach(), hinge.mean(1), hits
 
     @torch.no_grad()
-    def _evaluate(
-        self, model: nn.Module, gens: StaircaseGenerators, pool: torch.Tensor, target: int, rng: torch.Generator
-    ) -> list[float]:
+    def _evaluate(self, model: nn.Module, gens: StaircaseGenerators, pool: torch.Tensor, target: int, rng: torch.Generator) -> list[float]:
         """ASR of each level's fresh samples on random clean non-target images."""
         n_lv, total = gens.levels, int(self.config.eval_samples)
         device = gens.mlp.layers[0].weight.device
@@ -398,9 +413,7 @@ class MESA:
     # --- sampling -------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(
-        self, n: int, rng: torch.Generator | None = None, level: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int, rng: torch.Generator | None = None, level: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """n triggers from the ensemble (a level drawn per sample by the
         ensemble weights) or from one ``level``. Returns (patterns n x C x h x w,
         masks n x h x w) on the generators' device. Pass ``rng`` for

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from gdm_ray.core.data import ImageSet
-from gdm_ray.core.triggers import Trigger
 from gdm_ray.core.train import model_device
+from gdm_ray.core.triggers import Trigger
 
 if TYPE_CHECKING:
     from gdm_ray.core.defense import TriggerSampler
@@ -69,7 +69,7 @@ def attack_success_rate(
 def sampled_asr(
     model: nn.Module,
     data: ImageSet,
-    sampler: "TriggerSampler",
+    sampler: TriggerSampler,
     target: int,
     rng: torch.Generator,
     batch_size: int = 512,

@@ -28,7 +28,16 @@ from torch import nn
 from gdm_ray.core.errors import ModelLoadError
 from gdm_ray.core.models import ARCHS, build_model
 
-__all__ = ["LoadedModel", "save_torchscript", "save_safetensors", "load_model", "load_model_bytes", "file_sha256", "MODEL_SUFFIXES", "clone_model"]
+__all__ = [
+    "LoadedModel",
+    "save_torchscript",
+    "save_safetensors",
+    "load_model",
+    "load_model_bytes",
+    "file_sha256",
+    "MODEL_SUFFIXES",
+    "clone_model",
+]
 
 META_NAME = "gdm_ray.json"
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".safetensors")

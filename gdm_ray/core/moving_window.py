@@ -23,8 +23,7 @@ from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.first_pass import ScanConfig, mask_asr, search_chunk, split_images
 from gdm_ray.core.train import frozen, model_device
 
-__all__ = ["default_window", "HeatMap", "WindowPlan", "plan_windows", "WindowFind", "search_windows", "window_result",
-           "window_heatmap"]  # fmt: skip
+__all__ = ["default_window", "HeatMap", "WindowPlan", "plan_windows", "WindowFind", "search_windows", "window_result", "window_heatmap"]
 
 
 def default_window(image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -138,8 +137,9 @@ def search_windows(
         for n, i in enumerate(which):
             idx = plan.chunks[i]
             rng = torch.Generator().manual_seed(plan.seed + i)
-            found = search_chunk(model, x_tr, y_tr, [plan.target] * len(idx), plan.regions(idx).to(device), cfg, rng, progress,
-                                  n * int(cfg.steps), total)  # fmt: skip
+            found = search_chunk(
+                model, x_tr, y_tr, [plan.target] * len(idx), plan.regions(idx).to(device), cfg, rng, progress, n * int(cfg.steps), total
+            )
             for j, (p, m) in zip(idx, found):
                 out[j] = (p.cpu(), m.cpu(), mask_asr(model, x_ev, y_ev, plan.target, p, m), float(m.sum()))
     return out
@@ -162,8 +162,21 @@ def window_result(plan: WindowPlan, found: dict[int, WindowFind], cfg: ScanConfi
     hot = (heat >= 0.5 * heat.max()).nonzero() if float(heat.max()) > 0 else torch.tensor([[peak[0], peak[1]]])
     r0, c0 = (int(v) for v in hot.min(0).values)
     r1, c1 = (int(v) for v in hot.max(0).values)
-    return HeatMap(plan.target, heat, plan.corners, (wh, ww), strength, asr, size, peak, (r0, c0, r1 - r0 + 1, c1 - c0 + 1),
-                   torch.stack(pats), torch.stack(masks), seconds, len(plan.chunks) * int(cfg.steps))  # fmt: skip
+    return HeatMap(
+        plan.target,
+        heat,
+        plan.corners,
+        (wh, ww),
+        strength,
+        asr,
+        size,
+        peak,
+        (r0, c0, r1 - r0 + 1, c1 - c0 + 1),
+        torch.stack(pats),
+        torch.stack(masks),
+        seconds,
+        len(plan.chunks) * int(cfg.steps),
+    )
 
 
 def window_heatmap(
@@ -186,4 +199,3 @@ def window_heatmap(
     t0 = time.perf_counter()
     plan = plan_windows(data, target, cfg, window, stride, rng)
     return window_result(plan, search_windows(model, data, cfg, plan, progress=progress), cfg, time.perf_counter() - t0)
-

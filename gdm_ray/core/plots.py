@@ -77,8 +77,13 @@ def _composite(pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (1 - mask.unsqueeze(0)) * 0.5 + mask.unsqueeze(0) * pattern
 
 
-def save_level_grid(path: Path, samples: list[tuple[torch.Tensor, torch.Tensor]], title: str = "",
-                    row_labels: list[str] | None = None, titles: list[list[str]] | None = None) -> Path:  # fmt: skip
+def save_level_grid(
+    path: Path,
+    samples: list[tuple[torch.Tensor, torch.Tensor]],
+    title: str = "",
+    row_labels: list[str] | None = None,
+    titles: list[list[str]] | None = None,
+) -> Path:
     """One row per level: its sampled triggers (pattern blended on grey by mask);
     ``titles[r][c]`` captions single cells."""
     plt = _pyplot()
@@ -115,8 +120,7 @@ def save_pca_scatter(path: Path, samples: list[torch.Tensor], title: str = "", l
     cmap = plt.get_cmap("viridis")
     for i, f in enumerate(flat):
         pts = (f - mean) @ axes2
-        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, color=cmap(i / max(1, len(flat) - 1)),
-                   label=labels[i] if labels else f"level {i}")  # fmt: skip
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, color=cmap(i / max(1, len(flat) - 1)), label=labels[i] if labels else f"level {i}")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=7, markerscale=2)
@@ -150,8 +154,14 @@ def save_curves(path: Path, history: list[dict[str, float]], title: str = "") ->
     return path
 
 
-def save_heatmap(path: Path, heat: torch.Tensor, image: torch.Tensor, box: tuple[int, int, int, int],
-                 best: tuple[torch.Tensor, torch.Tensor] | None = None, title: str = "") -> Path:  # fmt: skip
+def save_heatmap(
+    path: Path,
+    heat: torch.Tensor,
+    image: torch.Tensor,
+    box: tuple[int, int, int, int],
+    best: tuple[torch.Tensor, torch.Tensor] | None = None,
+    title: str = "",
+) -> Path:
     """The moving-window heat map beside an example image with the hot box
     drawn, and (optionally) the strongest window's trigger applied to it."""
     plt = _pyplot()
@@ -200,9 +210,19 @@ def save_zoo_scores(path: Path, ids: list[str], scores: list[float | None], thre
     return path
 
 
-def save_sweep(path: Path, names: list[str], values: list[float | None], best: int | None, metric: str,
-               x_name: str | None = None, xs: list[float] | None = None, ys: list[float | None] | None = None,
-               groups: list[str] | None = None, y_name: str = "ASR after defense", title: str = "") -> Path:
+def save_sweep(
+    path: Path,
+    names: list[str],
+    values: list[float | None],
+    best: int | None,
+    metric: str,
+    x_name: str | None = None,
+    xs: list[float] | None = None,
+    ys: list[float | None] | None = None,
+    groups: list[str] | None = None,
+    y_name: str = "ASR after defense",
+    title: str = "",
+) -> Path:
     """A sweep at a glance: one bar per trial (its ``metric``, the best one
     green, failed trials a grey 'error' mark) and, when ``x_name`` is given,
     ``ys`` (e.g. the ASR after the defense) against that parameter (e.g.
@@ -210,12 +230,14 @@ def save_sweep(path: Path, names: list[str], values: list[float | None], best: i
     the trigger size)."""
     plt = _pyplot()
     two = x_name is not None and xs is not None and ys is not None
-    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(max(4.0, 0.45 * len(names) + 1.5) + (4.2 if two else 0), 3.4),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(max(4.0, 0.45 * len(names) + 1.5) + (4.2 if two else 0), 3.4), squeeze=False)
     ax = axes[0][0]
     pos = range(len(names))
-    ax.bar(pos, [0.0 if v is None else float(v) for v in values],
-           color=["lightgrey" if v is None else ("tab:green" if i == best else "tab:blue") for i, v in enumerate(values)])  # fmt: skip
+    ax.bar(
+        pos,
+        [0.0 if v is None else float(v) for v in values],
+        color=["lightgrey" if v is None else ("tab:green" if i == best else "tab:blue") for i, v in enumerate(values)],
+    )
     for i, v in enumerate(values):
         if v is None:
             ax.text(i, 0, "error", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgrey")

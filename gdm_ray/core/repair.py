@@ -86,8 +86,12 @@ class Measurement:
 
     def as_dict(self) -> dict:
         """As metrics.json writes it (class keys as strings)."""
-        return {"clean_accuracy": self.clean_accuracy, "asr": self.asr, "found_asr": self.found_asr,
-                "found_asr_by_class": {str(k): v for k, v in self.found_asr_by_class.items()}}  # fmt: skip
+        return {
+            "clean_accuracy": self.clean_accuracy,
+            "asr": self.asr,
+            "found_asr": self.found_asr,
+            "found_asr_by_class": {str(k): v for k, v in self.found_asr_by_class.items()},
+        }
 
 
 def measure(

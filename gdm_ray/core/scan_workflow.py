@@ -34,7 +34,7 @@ from gdm_ray.core.first_pass import (
     ScanPlan,
     ScanResult,
     plan_scan,
-    reference_anomaly,  # fmt: skip
+    reference_anomaly,
     rescore,
     scan_chunks,
     scan_result,
@@ -42,9 +42,25 @@ from gdm_ray.core.first_pass import (
 from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
 from gdm_ray.core.moving_window import HeatMap, WindowFind, WindowPlan, plan_windows, search_windows, window_result
 
-__all__ = ["MIN_ZOO", "ZooScanPlan", "ModelScan", "ZooScan", "ScanContext", "ResumeState", "Progress", "FirstPassJob",
-           "WindowJob", "MesaJob", "plan_zoo_scan", "plan_model_scan", "run_zoo_scan", "first_pass_chunk",
-           "window_chunk", "class_mesa_job", "search_base"]  # fmt: skip
+__all__ = [
+    "MIN_ZOO",
+    "ZooScanPlan",
+    "ModelScan",
+    "ZooScan",
+    "ScanContext",
+    "ResumeState",
+    "Progress",
+    "FirstPassJob",
+    "WindowJob",
+    "MesaJob",
+    "plan_zoo_scan",
+    "plan_model_scan",
+    "run_zoo_scan",
+    "first_pass_chunk",
+    "window_chunk",
+    "class_mesa_job",
+    "search_base",
+]
 
 # fewer models than this cannot say what a class's trigger size usually is
 MIN_ZOO = 3
@@ -101,12 +117,28 @@ def plan_zoo_scan(
     base = search_base(rng)  # drawn right after the plan, as `gdm-ray scan` always has
     if reference is not None and any(len(r) != data.num_classes for r in reference):
         raise ConfigError(f"reference: every model needs sizes for all {data.num_classes} classes")
-    return ZooScanPlan(ids, cfg, mesa if full_search and not baseline and mesa is not None else None,
-                       bool(cfg.moving_window) and not baseline, first, base, int(seed), calibrate, reference)  # fmt: skip
+    return ZooScanPlan(
+        ids,
+        cfg,
+        mesa if full_search and not baseline and mesa is not None else None,
+        bool(cfg.moving_window) and not baseline,
+        first,
+        base,
+        int(seed),
+        calibrate,
+        reference,
+    )
 
 
-def plan_model_scan(data: ImageSet, model_id: str, cfg: ScanConfig, mesa: MESAConfig | None, seed: int,
-                    full_search: bool = True, reference: list[list[float]] | None = None) -> ZooScanPlan:  # fmt: skip
+def plan_model_scan(
+    data: ImageSet,
+    model_id: str,
+    cfg: ScanConfig,
+    mesa: MESAConfig | None,
+    seed: int,
+    full_search: bool = True,
+    reference: list[list[float]] | None = None,
+) -> ZooScanPlan:
     """The plan of one model's scan (``gdm-ray scan``, ``defend target_class=auto``)."""
     return plan_zoo_scan(data, [model_id], cfg, mesa, seed, full_search, calibrate=False, reference=reference)
 
@@ -135,8 +167,7 @@ class ZooScan:
 class ScanContext(ModelContext):
     """What every job of a scan shares: the models, the clean data and the plan."""
 
-    def __init__(self, models: Sequence[ModelBlob], data: ImageSet, eval_data: ImageSet, plan: ZooScanPlan,
-                 device: str = "cpu") -> None:  # fmt: skip
+    def __init__(self, models: Sequence[ModelBlob], data: ImageSet, eval_data: ImageSet, plan: ZooScanPlan, device: str = "cpu") -> None:
         super().__init__(models, device)
         self.data, self.eval_data, self.plan = data, eval_data, plan
 
@@ -182,21 +213,29 @@ def window_chunk(ctx: ScanContext, job: WindowJob) -> dict[int, WindowFind]:
 
 def class_mesa_job(ctx: ScanContext, job: MesaJob) -> tuple[MESA, MESAResult, float]:
     assert ctx.plan.mesa is not None
-    return class_mesa(ctx.model(job.model_id), ctx.data, ctx.eval_data, job.target, ctx.plan.mesa, job.heat,
-                      mesa_seed(job.seed), ctx.plan.eval_seed)  # fmt: skip
+    return class_mesa(
+        ctx.model(job.model_id), ctx.data, ctx.eval_data, job.target, ctx.plan.mesa, job.heat, mesa_seed(job.seed), ctx.plan.eval_seed
+    )
 
 
 def _window_plan(data: ImageSet, cfg: ScanConfig, k: int, seed: int) -> WindowPlan:
     """What ``search_class`` places for class k with this seed."""
-    return plan_windows(data, k, cfg, tuple(cfg.window) if cfg.window else None, tuple(cfg.stride) if cfg.stride else None,
-                        torch.Generator().manual_seed(window_seed(seed)))  # fmt: skip
+    return plan_windows(
+        data,
+        k,
+        cfg,
+        tuple(cfg.window) if cfg.window else None,
+        tuple(cfg.stride) if cfg.stride else None,
+        torch.Generator().manual_seed(window_seed(seed)),
+    )
 
 
 class _Run:
     """One run of a plan: the stages, and what each model has so far."""
 
-    def __init__(self, plan: ZooScanPlan, ctx: ScanContext, executor: Executor, state: ResumeState | None,
-                 progress: Progress | None) -> None:  # fmt: skip
+    def __init__(
+        self, plan: ZooScanPlan, ctx: ScanContext, executor: Executor, state: ResumeState | None, progress: Progress | None
+    ) -> None:
         self.plan, self.ctx, self.executor, self.state, self.progress = plan, ctx, executor, state, progress
         self.out = {m: ModelScan(m, ctx.models[m].sha256, ctx.models[m].path, None, None) for m in plan.models}
         self.resumed = 0
@@ -226,8 +265,11 @@ class _Run:
     def first_pass(self) -> None:
         plan, fp = self.plan, self.plan.first_pass
         found: dict[str, dict[int, list[ClassTrigger]]] = {m: {} for m in plan.models}
-        keys = {(m, i): self.state.key(m, self.ctx.models[m].sha256, plan.scan, fp, i) if self.state is not None else ""
-                for m in plan.models for i in range(fp.passes)}  # fmt: skip
+        keys = {
+            (m, i): self.state.key(m, self.ctx.models[m].sha256, plan.scan, fp, i) if self.state is not None else ""
+            for m in plan.models
+            for i in range(fp.passes)
+        }
         jobs = []
         for (m, i), key in keys.items():
             cached = self.state.load(key) if self.state is not None else None

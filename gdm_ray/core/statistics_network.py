@@ -53,9 +53,7 @@ def corrected_log_mean_exp(t: torch.Tensor, log_ma: torch.Tensor) -> torch.Tenso
     return _CorrectedLogMeanExp.apply(t, log_ma.detach().to(t))
 
 
-def donsker_varadhan(
-    t_joint: torch.Tensor, t_marginal: torch.Tensor, log_ma: torch.Tensor | None = None
-) -> torch.Tensor:
+def donsker_varadhan(t_joint: torch.Tensor, t_marginal: torch.Tensor, log_ma: torch.Tensor | None = None) -> torch.Tensor:
     """I_hat = mean(T_joint) - log mean exp(T_marginal) over the last axis.
 
     With ``log_ma`` the second term's gradient uses MINE's moving-average
@@ -81,9 +79,7 @@ class StatisticsNetwork(nn.Module):
         z: B x noise_dim, x: B x ... (x_dim values). Returns B.
     """
 
-    def __init__(
-        self, noise_dim: int, x_dim: int, hidden: int = 128, layers: int = 2, rng: torch.Generator | None = None
-    ) -> None:
+    def __init__(self, noise_dim: int, x_dim: int, hidden: int = 128, layers: int = 2, rng: torch.Generator | None = None) -> None:
         super().__init__()
         _check(noise_dim, x_dim, hidden, layers)
         self.noise_dim, self.x_dim = int(noise_dim), int(x_dim)
@@ -161,9 +157,7 @@ class MINE(nn.Module):
         t = self.network(torch.cat([z, z_marg], dim=-2), torch.cat([x, x], dim=-2))
         return t[..., :b], t[..., b:]
 
-    def forward(
-        self, z: torch.Tensor, x: torch.Tensor, rng: torch.Generator | None = None, update: bool = True
-    ) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, x: torch.Tensor, rng: torch.Generator | None = None, update: bool = True) -> torch.Tensor:
         t_joint, t_marg = self.scores(z, x, rng)
         lme = (torch.logsumexp(t_marg, dim=-1) - math.log(t_marg.shape[-1])).detach()
         if self.log_ma.shape != lme.shape:

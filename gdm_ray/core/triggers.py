@@ -90,9 +90,7 @@ class Trigger:
         if self.pattern.dim() != 3:
             raise ConfigError(f"trigger pattern must be C x h x w, got shape {tuple(self.pattern.shape)}")
         if self.mask.shape != self.pattern.shape[1:]:
-            raise ConfigError(
-                f"trigger mask shape {tuple(self.mask.shape)} does not match pattern {tuple(self.pattern.shape[1:])}"
-            )
+            raise ConfigError(f"trigger mask shape {tuple(self.mask.shape)} does not match pattern {tuple(self.pattern.shape[1:])}")
         _check_unit_range("trigger mask", self.mask)
         _check_unit_range("trigger pattern", self.pattern)
 
@@ -121,9 +119,7 @@ def _check_unit_range(name: str, t: torch.Tensor) -> None:
 
 def _check_fits(trigger_hw: tuple[int, int], image_hw: tuple[int, int]) -> None:
     if trigger_hw[0] > image_hw[0] or trigger_hw[1] > image_hw[1]:
-        raise ConfigError(
-            f"trigger size {trigger_hw[0]}x{trigger_hw[1]} is larger than the image {image_hw[0]}x{image_hw[1]}"
-        )
+        raise ConfigError(f"trigger size {trigger_hw[0]}x{trigger_hw[1]} is larger than the image {image_hw[0]}x{image_hw[1]}")
 
 
 def _resolve_fixed(row: int, col: int, trigger_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -136,9 +132,7 @@ def _resolve_fixed(row: int, col: int, trigger_hw: tuple[int, int], image_hw: tu
     return r, c
 
 
-def random_positions(
-    n: int, trigger_hw: tuple[int, int], image_hw: tuple[int, int], rng: torch.Generator | None = None
-) -> torch.Tensor:
+def random_positions(n: int, trigger_hw: tuple[int, int], image_hw: tuple[int, int], rng: torch.Generator | None = None) -> torch.Tensor:
     """n uniformly random top-left corners at which a trigger fits entirely."""
     _check_fits(trigger_hw, image_hw)
     hi = torch.tensor([image_hw[0] - trigger_hw[0] + 1, image_hw[1] - trigger_hw[1] + 1])
@@ -159,9 +153,7 @@ def place(
     return torch.tensor([list(fixed)], dtype=torch.long).expand(n, 2)
 
 
-def apply_trigger(
-    images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
+def apply_trigger(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Blend a trigger into a batch of images at the given top-left corners.
 
     images: N x C x H x W; pattern: C x h x w or N x C x h x w (one per image,

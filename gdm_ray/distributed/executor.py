@@ -80,8 +80,7 @@ class RayExecutor:
             ray.shutdown()
             self._started = False
 
-    def map(self, fn: Callable[[C, J], R], jobs: Sequence[J], context: C,
-            on_result: OnResult | None = None) -> list[JobResult[J, R]]:  # fmt: skip
+    def map(self, fn: Callable[[C, J], R], jobs: Sequence[J], context: C, on_result: OnResult | None = None) -> list[JobResult[J, R]]:
         if not jobs:
             return []
         if not ray.is_initialized():
@@ -121,8 +120,7 @@ class RayExecutor:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=f"{desc} (Ray tasks)", unit="task", file=sys.stderr, mininterval=1.0, leave=False,
-                    dynamic_ncols=True)  # fmt: skip
+        return tqdm(total=total, desc=f"{desc} (Ray tasks)", unit="task", file=sys.stderr, mininterval=1.0, leave=False, dynamic_ncols=True)
 
     def summary(self) -> dict[str, Any]:
         return {"tasks_run": self.run, "tasks_failed": self.failed, "nodes": dict(self.nodes)}

@@ -55,7 +55,11 @@ def ingress_env(mode: str, haproxy: str | None = None) -> tuple[str, dict[str, s
     if mode == "proxy" or not binary:
         return "proxy", {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     drain = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", DRAIN_S)
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": binary, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain}
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": binary,
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain,
+    }
     for key, port in SIDE_PORTS.items():
         env[key] = os.environ.get(key) or str(_free_or_other(port))
     return "haproxy", env

@@ -80,7 +80,11 @@ def init_ray(cfg: RayConfig) -> bool:
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:
-        hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token"
+        hint = (
+            ""
+            if os.environ.get("RAY_AUTH_MODE") == "token"
+            else "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token"
+        )
         raise ConfigError(f"ray.address={address}: cannot join the Ray cluster there ({str(exc).splitlines()[0][:200]}{hint})") from None
     return True
 
@@ -100,8 +104,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
 
 def task_options(cfg: RayConfig) -> dict[str, Any]:
     """``.options(...)`` for a gdm-ray task: resources and retries from config."""
-    opts: dict[str, Any] = {"num_cpus": float(cfg.task_cpus), "num_gpus": float(cfg.task_gpus),
-                            "max_retries": int(cfg.max_retries)}  # fmt: skip
+    opts: dict[str, Any] = {"num_cpus": float(cfg.task_cpus), "num_gpus": float(cfg.task_gpus), "max_retries": int(cfg.max_retries)}
     if cfg.resources:
         opts["resources"] = {str(k): float(v) for k, v in dict(cfg.resources).items()}
     return opts

@@ -38,8 +38,23 @@ from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.metrics import EVAL_SEED_OFFSET
 from gdm_ray.distributed.runtime import RayConfig, pin_threads
 
-__all__ = ["SweepConfig", "SpaceParam", "TrialContext", "TrialRecord", "SPEC_KINDS", "MODES", "METRICS", "parse_space",
-           "combinations", "apply_params", "param_fields", "evaluate_trial", "run_trial", "run_tune", "can_restore"]  # fmt: skip
+__all__ = [
+    "SweepConfig",
+    "SpaceParam",
+    "TrialContext",
+    "TrialRecord",
+    "SPEC_KINDS",
+    "MODES",
+    "METRICS",
+    "parse_space",
+    "combinations",
+    "apply_params",
+    "param_fields",
+    "evaluate_trial",
+    "run_trial",
+    "run_tune",
+    "can_restore",
+]
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 MODES = ("grid", "random")
@@ -65,8 +80,10 @@ class SweepConfig:
         if int(self.num_samples) < 1:
             raise ConfigError(f"sweep.num_samples={self.num_samples} must be >= 1")
         if self.mode == "grid" and int(self.num_samples) != 1:
-            raise ConfigError(f"sweep.num_samples={self.num_samples} with sweep.mode=grid would repeat identical trials "
-                              "(every trial is seeded from seed=); use sweep.mode=random")  # fmt: skip
+            raise ConfigError(
+                f"sweep.num_samples={self.num_samples} with sweep.mode=grid would repeat identical trials "
+                "(every trial is seeded from seed=); use sweep.mode=random"
+            )
         if self.metric not in METRICS:
             raise ConfigError(f"sweep.metric={self.metric!r} must be one of {', '.join(METRICS)}")
         if self.max_concurrent is not None and int(self.max_concurrent) < 1:
@@ -163,12 +180,14 @@ def _param(key: str, spec: Any, mode: str, groups: Mapping[str, type]) -> SpaceP
     cls = groups.get(group)
     if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
         known = ", ".join(f"{g}.<field>" for g in groups)
-        raise ConfigError(f"sweep.space: unknown key {key!r} (sweepable: {known}, e.g. mesa.alpha, mesa.trigger_size, "
-                          "mesa.levels, mesa.betas)")  # fmt: skip
+        raise ConfigError(
+            f"sweep.space: unknown key {key!r} (sweepable: {known}, e.g. mesa.alpha, mesa.trigger_size, mesa.levels, mesa.betas)"
+        )
     where = f"sweep.space.{key}={_spec_text(spec)}"
     if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
-        raise ConfigError(f"{where}: a spec is one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [low, high]}}, "
-                          "{loguniform: [low, high]}")  # fmt: skip
+        raise ConfigError(
+            f"{where}: a spec is one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [low, high]}}, {{loguniform: [low, high]}}"
+        )
     kind, values = next(iter(spec.items()))
     if mode == "grid" and kind != "grid":
         raise ConfigError(f"{where}: sweep.mode=grid takes {{grid: [...]}} specs only (use sweep.mode=random for {kind})")
@@ -225,8 +244,14 @@ def apply_params(base: Mapping[str, Mapping], params: Mapping[str, Any]) -> dict
 
 def param_fields(params: list[SpaceParam], groups: Mapping[str, type]) -> list[pa.Field]:
     """One Parquet column per swept key, typed by its config field."""
-    types = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(), "str": pa.string(),
-             "list[int]": pa.list_(pa.int64()), "list[float]": pa.list_(pa.float64())}  # fmt: skip
+    types = {
+        "float": pa.float64(),
+        "int": pa.int64(),
+        "bool": pa.bool_(),
+        "str": pa.string(),
+        "list[int]": pa.list_(pa.int64()),
+        "list[float]": pa.list_(pa.float64()),
+    }
     return [pa.field(p.key, types.get(_field_kind(groups[p.group], p.name), pa.string())) for p in params]
 
 
@@ -288,14 +313,24 @@ def evaluate_trial(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, An
         real = make_trigger(TriggerSpec(**ctx.real_trigger), c, (h, w))
         rng = torch.Generator().manual_seed(ctx.seed)
         found = search_triggers("mesa", model, ctx.defense, ctx.target, mesa_cfg, None, rng)
-        fixed = repair(model, ctx.defense, ctx.eval, {ctx.target: found.sampler}, defense_cfg, rng, ctx.seed + EVAL_SEED_OFFSET,
-                       real, ctx.real_target)  # fmt: skip
+        fixed = repair(
+            model, ctx.defense, ctx.eval, {ctx.target: found.sampler}, defense_cfg, rng, ctx.seed + EVAL_SEED_OFFSET, real, ctx.real_target
+        )
         before, after = fixed.before, fixed.after
         acc_drop = (before.clean_accuracy - after.clean_accuracy) * 100.0
-        out.update(objective=after.asr + acc_drop / 100.0, asr_after=after.asr, acc_drop=acc_drop,
-                   found_asr_after=after.found_asr, asr_before=before.asr, acc_before=before.clean_accuracy,
-                   acc_after=after.clean_accuracy, found_asr_before=before.found_asr, search_seconds=found.seconds,
-                   retrain_seconds=fixed.retrain_seconds, device=str(device))  # fmt: skip
+        out.update(
+            objective=after.asr + acc_drop / 100.0,
+            asr_after=after.asr,
+            acc_drop=acc_drop,
+            found_asr_after=after.found_asr,
+            asr_before=before.asr,
+            acc_before=before.clean_accuracy,
+            acc_after=after.clean_accuracy,
+            found_asr_before=before.found_asr,
+            search_seconds=found.seconds,
+            retrain_seconds=fixed.retrain_seconds,
+            device=str(device),
+        )
     except GdmRayError as exc:
         out.update(error=_one_line(exc), objective=float("nan"))
     out["seconds"] = time.perf_counter() - t0
@@ -360,8 +395,15 @@ def can_restore(experiment: str | Path, filesystem: Any = None) -> bool:
     return Path(experiment).is_dir() and Tuner.can_restore(str(experiment))
 
 
-def run_tune(experiment: str | Path, params: list[SpaceParam], sweep: SweepConfig, ctx: TrialContext, ray_cfg: RayConfig,
-             verbose: int = 1, filesystem: Any = None) -> tuple[list[TrialRecord], bool]:  # fmt: skip
+def run_tune(
+    experiment: str | Path,
+    params: list[SpaceParam],
+    sweep: SweepConfig,
+    ctx: TrialContext,
+    ray_cfg: RayConfig,
+    verbose: int = 1,
+    filesystem: Any = None,
+) -> tuple[list[TrialRecord], bool]:
     """Run (or, when ``experiment`` holds one, restore and finish) the Tune
     experiment; Ray must be running. ``experiment`` is a local folder or, with
     ``filesystem`` (pyarrow's S3), ``bucket/prefix/name`` there: Tune then keeps
@@ -374,8 +416,16 @@ def run_tune(experiment: str | Path, params: list[SpaceParam], sweep: SweepConfi
     return records, restored
 
 
-def _tuner(experiment: str | Path, restored: bool, params: list[SpaceParam], sweep: SweepConfig, ctx: TrialContext,
-           ray_cfg: RayConfig, verbose: int, filesystem: Any) -> Any:  # fmt: skip
+def _tuner(
+    experiment: str | Path,
+    restored: bool,
+    params: list[SpaceParam],
+    sweep: SweepConfig,
+    ctx: TrialContext,
+    ray_cfg: RayConfig,
+    verbose: int,
+    filesystem: Any,
+) -> Any:
     """The Tune experiment: restored from ``experiment``, or a new one there."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
@@ -383,8 +433,9 @@ def _tuner(experiment: str | Path, restored: bool, params: list[SpaceParam], swe
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _resources(ray_cfg))
     if restored:
         # finished trials keep their results; unfinished and crashed ones run again
-        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=filesystem)  # fmt: skip
+        return tune.Tuner.restore(
+            str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
     parent, name = str(experiment).rstrip("/").rsplit("/", 1)
     return tune.Tuner(
         trainable,

@@ -153,8 +153,9 @@ class PendingDataset:
             return False
 
 
-def read_dataset(root: str | Path, table: str, store: Mapping[str, Any] | None = None, run: str | None = None,
-                 model: str | None = None) -> pa.Table:  # fmt: skip
+def read_dataset(
+    root: str | Path, table: str, store: Mapping[str, Any] | None = None, run: str | None = None, model: str | None = None
+) -> pa.Table:
     """One table of the dataset under ``root``, every run and model (or only ``run`` /
     ``model``), with ``run`` and ``model`` columns from the partition folders."""
     prefix = f"{table}/" + (f"run={_value(run)}/" if run is not None else "")

@@ -30,8 +30,9 @@ __all__ = ["SCHEMA_VERSION", "write_rows", "read_rows", "write_table", "read_tab
 SCHEMA_VERSION = 1
 
 
-def write_rows(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema | None = None,
-               store: Mapping[str, Any] | None = None) -> str:  # fmt: skip
+def write_rows(
+    path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema | None = None, store: Mapping[str, Any] | None = None
+) -> str:
     """Write ``rows`` (dicts with the same keys) as one Parquet file, atomically."""
     table = pa.Table.from_pylist([{"schema_version": SCHEMA_VERSION, **r} for r in rows], schema=schema)
     return write_table(path, table, store)
@@ -79,8 +80,11 @@ def list_parquet(root: str | Path, under: str = "", store: Mapping[str, Any] | N
 def read_results(root: str | Path, name: str = "verdicts.parquet", store: Mapping[str, Any] | None = None) -> pa.Table:
     """Every run's ``name`` table under ``root`` (one folder per run), concatenated,
     with a ``run`` column (the run folder's path relative to root)."""
-    runs = [(str(PurePosixPath(rel).parent), where) for rel, where in list_parquet(root, "", store)
-            if PurePosixPath(rel).name == name and not any(part.startswith(".") for part in rel.split("/"))]  # fmt: skip
+    runs = [
+        (str(PurePosixPath(rel).parent), where)
+        for rel, where in list_parquet(root, "", store)
+        if PurePosixPath(rel).name == name and not any(part.startswith(".") for part in rel.split("/"))
+    ]
     if not runs:
         raise StoreError(f"{root}: no {name} in any run under it")
     tables = []

@@ -25,19 +25,26 @@ class Provenance:
         return {"config_hash": self.config_hash, "code_version": self.code_version}
 
 
-def verdict_row(scan: ModelScan, method: str, reference: str, provenance: Provenance,
-                seconds: float | None = None) -> dict[str, Any]:  # fmt: skip
+def verdict_row(scan: ModelScan, method: str, reference: str, provenance: Provenance, seconds: float | None = None) -> dict[str, Any]:
     """The model's verdict; ``seconds`` defaults to the scan's summed job time.
     A scan that failed gives its ``failed_row``."""
     if scan.error is not None or scan.result is None:
         return failed_row(scan.model_id, scan.path, scan.sha256, scan.error or "not scanned", method, provenance)
     r = scan.result
     return {
-        "model_id": scan.model_id, "model_path": scan.path, "model_sha256": scan.sha256, "error": None,
-        "backdoored": r.backdoored, "score": r.score, "target_class": r.flagged[0] if r.flagged else None,
-        "flagged": list(r.flagged), "method": method, "reference": reference,
-        "seconds": scan.seconds if seconds is None else seconds, **provenance.fields(),
-    }  # fmt: skip
+        "model_id": scan.model_id,
+        "model_path": scan.path,
+        "model_sha256": scan.sha256,
+        "error": None,
+        "backdoored": r.backdoored,
+        "score": r.score,
+        "target_class": r.flagged[0] if r.flagged else None,
+        "flagged": list(r.flagged),
+        "method": method,
+        "reference": reference,
+        "seconds": scan.seconds if seconds is None else seconds,
+        **provenance.fields(),
+    }
 
 
 def class_rows(scan: ModelScan, names: list[str], provenance: Provenance) -> list[dict[str, Any]]:
@@ -48,15 +55,35 @@ def class_rows(scan: ModelScan, names: list[str], provenance: Provenance) -> lis
         return []
     within = scan.within if scan.within is not None else r.anomaly
     return [
-        {"model_id": scan.model_id, "class": c.target, "class_name": names[c.target], "trigger_size": c.size,
-         "trigger_asr": c.asr, "valid": c.valid, "anomaly": r.anomaly[i], "anomaly_in_model": within[i],
-         "flagged": c.target in r.flagged, **provenance.fields()}
+        {
+            "model_id": scan.model_id,
+            "class": c.target,
+            "class_name": names[c.target],
+            "trigger_size": c.size,
+            "trigger_asr": c.asr,
+            "valid": c.valid,
+            "anomaly": r.anomaly[i],
+            "anomaly_in_model": within[i],
+            "flagged": c.target in r.flagged,
+            **provenance.fields(),
+        }
         for i, c in enumerate(r.classes)
-    ]  # fmt: skip
+    ]
 
 
 def failed_row(model_id: str, path: str, sha256: str | None, error: str, method: str, provenance: Provenance) -> dict[str, Any]:
     """The verdict row of a model that could not be loaded or scanned: its error, no verdict."""
-    return {"model_id": model_id, "model_path": path, "model_sha256": sha256, "error": error, "backdoored": None,
-            "score": None, "target_class": None, "flagged": [], "method": method, "reference": None, "seconds": None,
-            **provenance.fields()}  # fmt: skip
+    return {
+        "model_id": model_id,
+        "model_path": path,
+        "model_sha256": sha256,
+        "error": error,
+        "backdoored": None,
+        "score": None,
+        "target_class": None,
+        "flagged": [],
+        "method": method,
+        "reference": None,
+        "seconds": None,
+        **provenance.fields(),
+    }

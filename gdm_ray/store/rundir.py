@@ -154,7 +154,7 @@ class RunDir:
         if self.dataset is not None:
             self.dataset.discard()
 
-    def __enter__(self) -> "RunDir":
+    def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -65,7 +65,7 @@ class S3Config:
     retries: int = 2
 
     @classmethod
-    def from_cfg(cls, node: Mapping[str, Any] | None) -> "S3Config":
+    def from_cfg(cls, node: Mapping[str, Any] | None) -> S3Config:
         values = dict(node or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -91,8 +91,11 @@ class S3Config:
 
         from pyarrow import fs
 
-        kw: dict[str, Any] = {"region": self.region_name, "connect_timeout": float(self.connect_timeout),
-                              "request_timeout": float(self.read_timeout)}  # fmt: skip
+        kw: dict[str, Any] = {
+            "region": self.region_name,
+            "connect_timeout": float(self.connect_timeout),
+            "request_timeout": float(self.read_timeout),
+        }
         if self.access_key_id and self.secret_access_key:
             kw.update(access_key=self.access_key_id, secret_key=self.secret_access_key, session_token=self.session_token)
         if self.endpoint:
@@ -141,16 +144,20 @@ class S3:
             if code == "NoSuchBucket":
                 raise StoreError(f"{uri}: bucket {bucket!r} does not exist at {self.cfg.describe()}") from None
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"):
-                raise StoreError(f"{uri}: {self.cfg.describe()} rejected the credentials ({code}); check store.access_key_id/"
-                                 "secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None  # fmt: skip
+                raise StoreError(
+                    f"{uri}: {self.cfg.describe()} rejected the credentials ({code}); check store.access_key_id/"
+                    "secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+                ) from None
             if code in ("AccessDenied", "403", "Forbidden") or status == 403:
                 raise StoreError(f"{uri}: access denied by {self.cfg.describe()} ({code or status})") from None
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 raise StoreError(f"{uri}: no such object") from None
             raise StoreError(f"{uri}: S3 error {code or status}: {err.get('Message', exc)}") from None
         except bx.NoCredentialsError:
-            raise StoreError(f"{uri}: no S3 credentials; set store.access_key_id and store.secret_access_key "
-                             "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None  # fmt: skip
+            raise StoreError(
+                f"{uri}: no S3 credentials; set store.access_key_id and store.secret_access_key "
+                "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ) from None
         except (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError, bx.ConnectionClosedError) as exc:
             raise StoreError(f"{uri}: S3 endpoint {self.cfg.describe()} unreachable ({type(exc).__name__})") from None
         except bx.BotoCoreError as exc:
@@ -220,5 +227,6 @@ class S3:
 
 
 def _content_type(name: str) -> str | None:
-    return {".json": "application/json", ".png": "image/png", ".parquet": "application/vnd.apache.parquet",
-            ".md": "text/markdown"}.get(Path(name).suffix)  # fmt: skip
+    return {".json": "application/json", ".png": "image/png", ".parquet": "application/vnd.apache.parquet", ".md": "text/markdown"}.get(
+        Path(name).suffix
+    )

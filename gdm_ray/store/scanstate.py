@@ -55,8 +55,17 @@ class ScanState:
         try:
             with safe_open(str(self.folder / f"{key}.safetensors"), framework="pt") as f:
                 meta = json.loads(f.metadata()["classes"])
-                found = [ClassTrigger(int(c["target"]), f.get_tensor(f"pattern_{i}"), f.get_tensor(f"mask_{i}"), float(c["size"]),
-                                     float(c["asr"]), bool(c["valid"])) for i, c in enumerate(meta)]  # fmt: skip
+                found = [
+                    ClassTrigger(
+                        int(c["target"]),
+                        f.get_tensor(f"pattern_{i}"),
+                        f.get_tensor(f"mask_{i}"),
+                        float(c["size"]),
+                        float(c["asr"]),
+                        bool(c["valid"]),
+                    )
+                    for i, c in enumerate(meta)
+                ]
         except Exception:  # unreadable state is searched again, never trusted
             return None
         self.resumed += 1

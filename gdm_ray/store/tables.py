@@ -12,11 +12,11 @@ import pyarrow as pa
 __all__ = ["VERDICT_SCHEMA", "CLASS_SCHEMA", "REPAIR_SCHEMA", "trial_schema"]
 
 
-
 def _table(*fields: pa.Field) -> pa.Schema:
     """A row schema: the schema version first, the provenance every row carries last."""
-    return pa.schema([pa.field("schema_version", pa.int32()), *fields,
-                      pa.field("config_hash", pa.string()), pa.field("code_version", pa.string())])  # fmt: skip
+    return pa.schema(
+        [pa.field("schema_version", pa.int32()), *fields, pa.field("config_hash", pa.string()), pa.field("code_version", pa.string())]
+    )
 
 
 # One row per model. ``error`` is set (and the verdict columns null) when the

@@ -14,8 +14,19 @@ __all__ = ["trial_rows"]
 def trial_rows(records: list[Any], fields: list[pa.Field], hashes: list[str], code: str) -> list[dict[str, Any]]:
     """trials.parquet rows (gdm_ray.store.tables.trial_schema) from finished Tune trials
     (gdm_ray.distributed.sweep.TrialRecord: trial_id, params, metrics, error)."""
-    names = ("objective", "asr_after", "acc_drop", "found_asr_after", "asr_before", "acc_before", "acc_after",
-             "found_asr_before", "seconds", "search_seconds", "retrain_seconds")  # fmt: skip
+    names = (
+        "objective",
+        "asr_after",
+        "acc_drop",
+        "found_asr_after",
+        "asr_before",
+        "acc_before",
+        "acc_after",
+        "found_asr_before",
+        "seconds",
+        "search_seconds",
+        "retrain_seconds",
+    )
     rows = []
     for rec, h in zip(records, hashes):
         m = rec.metrics
