@@ -2,6 +2,7 @@
 
     python bench/structure.py               # this checkout; writes bench/results/structure.md
     python bench/structure.py --tree DIR    # another checkout (e.g. a clone at an older commit), printed only
+    python bench/structure.py --before DIR  # this checkout and the figures of an older one beside it
 
 Reports, from the source alone (ast, no imports run):
 - the 10 longest functions and the 10 largest modules (lines);
@@ -149,9 +150,13 @@ def report(f: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", type=Path, default=None, help="another checkout to measure (printed, not written)")
+    ap.add_argument("--before", type=Path, default=None, help="an older checkout whose figures the results file shows first")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     body = report(figures(args.tree or ROOT))
+    if args.before is not None and args.tree is None:
+        old = report(figures(args.before)).replace("## ", "### ")
+        body = f"## Now\n\n{body.replace('## ', '### ')}\n## Before: {args.before}\n\n{old}"
     print(body)
     if args.tree is None:
         from report import write_result

@@ -225,26 +225,9 @@ def scan_one_model(
     mid = Path(loaded.path).stem
     ref, others = _reference(s, splits.classes, loaded.sha256)  # fails before the search
     plan = plan_model_scan(splits.defense, mid, s.scan, s.mesa, s.seed, s.full_search, others)
-    blob = ModelBlob(
-        mid,
-        loaded.path,
-        loaded.sha256,
-        Path(loaded.path).read_bytes(),
-        s.arch.name if s.arch else None,
-        splits.shape,
-        splits.eval.num_classes,
-    )
-    done = run_zoo_scan(
-        plan,
-        [blob],
-        splits.defense,
-        splits.eval,
-        executor or InProcessExecutor(),
-        str(model_device(loaded.module)),
-        state,
-        progress,
-        loaded=loaded.module,
-    )
+    arch, device, ex = s.arch.name if s.arch else None, str(model_device(loaded.module)), executor or InProcessExecutor()
+    blob = ModelBlob(mid, loaded.path, loaded.sha256, Path(loaded.path).read_bytes(), arch, splits.shape, splits.eval.num_classes)
+    done = run_zoo_scan(plan, [blob], splits.defense, splits.eval, ex, device, state, progress, loaded=loaded.module)
     scan = done.models[mid]
     if scan.error is not None:
         raise GdmRayError(f"scan {mid}: {scan.error}")
@@ -252,18 +235,10 @@ def scan_one_model(
     prov = provenance or Provenance(config_hash(plain(s)), code_version())
     verdict = verdict_row(scan, s.scan.method, done.reference, prov, time.perf_counter() - t0)
     classes = class_rows(scan, splits.classes, prov)
-    write_json(
-        run_dir.path("scan.json"),
-        {
-            **verdict,
-            "classes": classes,
-            "flagged_detail": {str(k): v for k, v in extra.items()},
-            "scan": dataclasses.asdict(s.scan),
-            "reference_path": None if ref is None else str(ref),
-            "reference_models": 0 if others is None else len(others),
-            "resumed_chunks": done.resumed,
-        },
-    )
+    detail = {"flagged_detail": {str(k): v for k, v in extra.items()}, "scan": dataclasses.asdict(s.scan),
+              "reference_path": None if ref is None else str(ref), "reference_models": 0 if others is None else len(others),
+              "resumed_chunks": done.resumed}  # fmt: skip
+    write_json(run_dir.path("scan.json"), {**verdict, "classes": classes, **detail})
     return verdict, classes, {k: f.mesa for k, f in scan.searches.items() if f.mesa is not None}
 
 

@@ -20,7 +20,7 @@ from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.metrics import EVAL_SEED_OFFSET, sampled_asr
 from gdm_ray.core.model_io import LoadedModel, file_sha256, load_model, save_torchscript
 from gdm_ray.core.plots import save_curves, save_level_grid, save_pca_scatter
-from gdm_ray.core.repair import RepairResult, Search, repair, search_triggers
+from gdm_ray.core.repair import RepairResult, Search, measure, repair, search_triggers
 from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
 from gdm_ray.store import REPAIR_SCHEMA, RunDir, code_version, config_hash, write_json
 from gdm_ray.store.repair_rows import repair_row
@@ -167,20 +167,7 @@ def defend(s: DefendSettings) -> dict[str, Any]:
         if s.target_class == "auto" and s.out:
             state = ScanState(run_dir.state_dir())  # resumes the first pass
         samplers, summary = _find(s, loaded, splits, run_dir, rng, state)
-        metrics: dict[str, Any] = {
-            "model": loaded.path,
-            "model_sha256": loaded.sha256,
-            "method": s.method,
-            "target_class": s.target_class,
-            "targets": list(samplers),
-            "real_trigger": real_spec,
-            "real_target": real_target,
-            "search": summary,
-            "defense": dataclasses.asdict(s.defense),
-            "eval_images": len(splits.eval),
-            "config_hash": config_hash(plain(s)),
-            "code_version": code_version(),
-        }
+        metrics = _metrics(s, loaded, splits, list(samplers), real_spec, real_target, summary)
         if samplers:
             update, close = progress_bar(s.progress, "retrain")
             try:
@@ -189,8 +176,6 @@ def defend(s: DefendSettings) -> dict[str, Any]:
                 close()
             _write_repaired(run_dir, fixed, loaded, splits, s.method, metrics)
         else:  # the scan found no backdoor: nothing to repair, no model written
-            from gdm_ray.core.repair import measure
-
             before = measure(loaded.module, splits.eval, {}, eval_seed, real, real_target)
             metrics.update(before=before.as_dict(), after=None, retrain_seconds=0.0, repaired_sha256=None)
         row = repair_row(metrics, Path(loaded.path).stem, run_dir.join("model.pt"))
@@ -200,6 +185,17 @@ def defend(s: DefendSettings) -> dict[str, Any]:
         state.clear()  # published: nothing left to resume
     _print_repair(metrics, run_dir)
     return {**metrics, "out": run_dir.location}
+
+
+def _metrics(s: DefendSettings, loaded: LoadedModel, splits: Splits, targets: list[int], real_spec: dict | None,
+             real_target: int | None, summary: dict) -> dict[str, Any]:  # fmt: skip
+    """metrics.json's head: what was repaired, against which triggers, with which settings."""
+    return {
+        "model": loaded.path, "model_sha256": loaded.sha256, "method": s.method, "target_class": s.target_class,
+        "targets": targets, "real_trigger": real_spec, "real_target": real_target, "search": summary,
+        "defense": dataclasses.asdict(s.defense), "eval_images": len(splits.eval),
+        "config_hash": config_hash(plain(s)), "code_version": code_version(),
+    }  # fmt: skip
 
 
 def _write_repaired(run_dir: RunDir, fixed: RepairResult, loaded: LoadedModel, splits: Splits, method: str, metrics: dict) -> None:

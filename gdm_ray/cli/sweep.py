@@ -20,6 +20,7 @@ import torch
 from gdm_ray.cli.common import print_table, setup
 from gdm_ray.cli.search import _load, real_trigger
 from gdm_ray.cli.settings import SweepSettings, build, plain
+from gdm_ray.core.data import Splits
 from gdm_ray.core.defense import DefenseConfig
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.mesa import MESAConfig
@@ -94,23 +95,7 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
         if where.s3_uri and not S3(s.store).exists(join_uri(where.s3_uri, SUMMARY)):  # finished here, upload cut short
             _push(where.final, where.s3_uri, s.store)
         return _report_finished(where.final, where.name, dataset, Path(loaded.path).stem)
-    ctx = TrialContext(
-        model_bytes=Path(loaded.path).read_bytes(),
-        model_suffix=Path(loaded.path).suffix or ".pt",
-        arch=s.arch.name if s.arch else None,
-        defense=splits.defense,
-        eval=splits.eval,
-        target=s.target_class,
-        real_trigger=real_spec,
-        real_target=real_target,
-        base=base,
-        keys=[p.key for p in params],
-        seed=s.seed,
-        device=s.device,
-        cpus=float(s.ray.task_cpus),
-        gpus=float(s.ray.task_gpus),
-        keep_freed_memory=s.ray.keep_freed_memory,
-    )
+    ctx = _context(s, loaded, splits, base, params, real_spec, real_target)
     what = f"{len(combos)} grid trials" if s.sweep.mode == "grid" else f"{s.sweep.num_samples} random draws"
     print(
         f"gdm-ray sweep: {loaded.path}, class {s.target_class}, {what} over {', '.join(p.key for p in params)}; "
@@ -128,6 +113,17 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
         first = next((r["error"] for r in rows if r["error"]), "no metric")
         raise GdmRayError(f"no trial of the sweep in {where.name} finished ({len(rows)} failed; first: {first}); see {summary['table']}")
     return {**summary, "out": where.name}
+
+
+def _context(s: SweepSettings, loaded: LoadedModel, splits: Splits, base: dict[str, dict], params: list[SpaceParam],
+             real_spec: dict | None, real_target: int | None) -> TrialContext:  # fmt: skip
+    """What every trial gets through Ray's object store: the model's bytes, the two splits, the base settings."""
+    return TrialContext(
+        model_bytes=Path(loaded.path).read_bytes(), model_suffix=Path(loaded.path).suffix or ".pt",
+        arch=s.arch.name if s.arch else None, defense=splits.defense, eval=splits.eval, target=s.target_class,
+        real_trigger=real_spec, real_target=real_target, base=base, keys=[p.key for p in params], seed=s.seed,
+        device=s.device, cpus=float(s.ray.task_cpus), gpus=float(s.ray.task_gpus), keep_freed_memory=s.ray.keep_freed_memory,
+    )  # fmt: skip
 
 
 def _space(s: SweepSettings) -> tuple[list[SpaceParam], list[dict[str, Any]], dict[str, dict]]:
