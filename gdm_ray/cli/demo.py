@@ -65,15 +65,10 @@ def _train_zoo(s: DemoSettings, base: Path) -> tuple[list[str], dict[str, Any]]:
     cards = {}
     for k, (name, rate) in enumerate(models, start=1):
         _step(1, f"train model {k}/{len(models)} of the zoo ({name})")
-        a = AttackSettings(
-            **{**_run_keys(s), "seed": s.seed + k, "out": str(base / "models" / name)},
-            data=s.data,
-            arch=s.arch,
-            train=s.train,
-            trigger=s.trigger,
-            store=s.store,
-            attack=dataclasses.replace(s.attack, rate=rate),
-        )
+        # the attack's own fields of the demo's settings, with this model's seed, rate and folder
+        fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(AttackSettings)}
+        fields.update(seed=s.seed + k, out=str(base / "models" / name), attack=dataclasses.replace(s.attack, rate=rate))
+        a = AttackSettings(**fields)
         cards[name] = attack(a)
         zoo.mkdir(parents=True, exist_ok=True)
         shutil.copy(base / "models" / name / "model.pt", zoo / f"{name}.pt")

@@ -286,17 +286,13 @@ class DemoZoo:
 
 
 @dataclass
-class DemoSettings(RunSettings):
-    data: DataSpec = field(default_factory=DataSpec)
-    arch: ArchSpec = field(default_factory=ArchSpec)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    trigger: TriggerSpec = field(default_factory=TriggerSpec)
+class DemoSettings(AttackSettings):
+    """attack's settings (the zoo's models are trained with them) and the later steps' groups."""
+
     mesa: MESAConfig = field(default_factory=MESAConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    store: S3Config = field(default_factory=S3Config)
-    attack: AttackOptions = field(default_factory=AttackOptions)
     zoo: DemoZoo = field(default_factory=DemoZoo)
 
 
