@@ -37,7 +37,7 @@ def test_workers_keep_freed_memory():
     from gdm_ray.distributed.runtime import init_ray
 
     @ray.remote(num_cpus=1)
-    def faults(keep: bool) -> int:
+    def faults(keep: bool) -> list[int]:
         import resource
 
         import torch
@@ -47,10 +47,12 @@ def test_workers_keep_freed_memory():
         pin_threads(1, keep)
         for _ in range(3):
             torch.ones(16 << 20)  # the heap grows and settles
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(10):
-            torch.ones(16 << 20)  # 64 MiB: glibc's default mmaps and unmaps it each time
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        rounds = []
+        for _ in range(10):  # 64 MiB: glibc's default mmaps and unmaps it each time
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.ones(16 << 20)
+            rounds.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return rounds
 
     assert RayConfig().keep_freed_memory
     assert init_ray(RayConfig(num_cpus=1))
@@ -60,5 +62,7 @@ def test_workers_keep_freed_memory():
     finally:
         ray.shutdown()
         os.environ.pop("RAY_worker_niceness", None)
-    assert off > 10 * 16384 * 0.8, off
-    assert on < off / 4, (off, on)  # at most a round or two while the heap settles
+    # The quietest round of each: the worker's other threads fault too, more on a
+    # busy machine, but not in every round; a refaulting allocator does, 16384 pages each time.
+    assert min(off) > 16384 * 0.8, off
+    assert min(on) < min(off) / 4, (off, on)
