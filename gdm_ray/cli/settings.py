@@ -172,11 +172,10 @@ class DefendSettings(SearchSettings):
 
 
 @dataclass
-class ScanSettings(RunSettings):
-    model: str = MISSING
-    reference: str | None = None  # a zoo-scan output folder: judge each class against the same class in its models
+class _ScanGroups(RunSettings):
+    """What scan and zoo-scan share: the scan's groups and outputs."""
+
     full_search: bool = True  # MESA on each flagged class
-    use_ray: bool = False  # first-pass chunks and class searches as Ray tasks; same verdict
     samples_per_level: int = 12
     dataset: str | None = None
     data: DataSpec = field(default_factory=DataSpec)
@@ -185,6 +184,13 @@ class ScanSettings(RunSettings):
     arch: ArchSpec | None = None
     ray: RayConfig = field(default_factory=RayConfig)
     store: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
+class ScanSettings(_ScanGroups):
+    model: str = MISSING
+    reference: str | None = None  # a zoo-scan output folder: judge each class against the same class in its models
+    use_ray: bool = False  # first-pass chunks and class searches as Ray tasks; same verdict
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -203,18 +209,9 @@ class ZooOptions:
 
 
 @dataclass
-class ZooScanSettings(RunSettings):
+class ZooScanSettings(_ScanGroups):
     zoo: ZooOptions = field(default_factory=ZooOptions)
     use_ray: bool = True  # first passes and full searches as Ray tasks; false: one process
-    full_search: bool = True
-    samples_per_level: int = 12
-    dataset: str | None = None
-    data: DataSpec = field(default_factory=DataSpec)
-    scan: ScanConfig = field(default_factory=ScanConfig)
-    mesa: MESAConfig = field(default_factory=MESAConfig)
-    arch: ArchSpec | None = None
-    ray: RayConfig = field(default_factory=RayConfig)
-    store: S3Config = field(default_factory=S3Config)
 
 
 @dataclass
