@@ -18,6 +18,7 @@ FAST = [
     "data=synthetic",
     "progress=false",
     "threads=1",
+    "mesa.trigger_size=[3,3]",
     "mesa.steps=250",
     "mesa.log_every=50",
     "mesa.eval_samples=256",

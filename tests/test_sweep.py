@@ -28,6 +28,7 @@ TINY = ["data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threa
 FAST = [
     "data=synthetic",
     "data.samples=600",
+    "mesa.trigger_size=[3,3]",
     "mesa.steps=30",
     "mesa.log_every=10",
     "mesa.eval_samples=64",
@@ -187,6 +188,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(model, tmp_
         f"model={model}",
         "target_class=1",
         *FAST,
+        "mesa.trigger_size=[3,3]",
         "mesa.steps=60",
         "ray.num_cpus=1",
         "sweep.mode=random",

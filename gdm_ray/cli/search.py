@@ -88,6 +88,12 @@ def _write_mesa(s: SearchSettings, found: Search, loaded: LoadedModel, run_dir: 
         "entropy": result.entropy,
         "weights": result.weights,
         "steps": result.steps,
+        "trigger_size": list(mesa.config.trigger_size),
+        "position": mesa.config.position,
+        "with_mask": bool(mesa.config.with_mask),
+        "extent": result.extent,
+        "level_alpha": result.level_alpha,
+        "restarted": result.restarted,
     }
 
 

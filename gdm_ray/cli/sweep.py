@@ -143,6 +143,8 @@ def _check_fits(combos: list[dict[str, Any]], base: dict[str, dict], shape: tupl
     _, H, W = shape
     for combo in combos:
         m = apply_params(base, combo)["mesa"]
+        if m.get("trigger_size") is None:  # estimated per search: it fits by construction
+            continue
         th, tw = (int(v) for v in m["trigger_size"])
         if th > H or tw > W:
             raise ConfigError(f"mesa.trigger_size={[th, tw]} is larger than the image {H}x{W}")

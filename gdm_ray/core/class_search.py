@@ -49,14 +49,17 @@ def class_mesa(
     seed: int,
     eval_seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    first_pass: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[MESA, MESAResult, float]:
     """MESA on flagged class k, placed and sized by the heat map when there is
-    one; returns the fitted MESA, its result and its samples' held-out ASR."""
+    one, else (without ``mesa.trigger_size``) by the class's ``first_pass``
+    (pattern, mask); returns the fitted MESA, its result and its samples'
+    held-out ASR."""
     if heat is not None:  # the heat map sizes and places the complete search
         r0, c0, h, w = heat.box
         mesa_cfg = dataclasses.replace(mesa_cfg, trigger_size=[h, w], position=[r0, c0], with_mask=True)
     mesa = MESA(mesa_cfg)
-    res = mesa.fit(model, data, k, torch.Generator().manual_seed(seed), progress)
+    res = mesa.fit(model, data, k, torch.Generator().manual_seed(seed), progress, first_pass)
     return mesa, res, sampled_asr(model, eval_data, mesa, k, torch.Generator().manual_seed(eval_seed))
 
 
@@ -80,6 +83,7 @@ def search_class(
     window: bool,
     eval_seed: int = 0,
     bar: Bar | None = None,
+    first_pass: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ClassSearch:
     """The complete search of flagged class k: the moving window (``window``),
     then MESA (unless ``mesa_cfg`` is None), placed and sized by the heat map
@@ -106,7 +110,7 @@ def search_class(
         return ClassSearch(heat, None, None, None)
     update, close = bar(f"MESA, class {k}")
     try:
-        mesa, res, asr = class_mesa(model, data, eval_data, k, mesa_cfg, heat, mesa_seed(seed), eval_seed, update)
+        mesa, res, asr = class_mesa(model, data, eval_data, k, mesa_cfg, heat, mesa_seed(seed), eval_seed, update, first_pass)
     finally:
         close()
     return ClassSearch(heat, mesa, res, asr)

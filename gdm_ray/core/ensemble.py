@@ -88,6 +88,8 @@ def save_ensemble(
             "weights": [float(w) for w in mesa.weights],
             "entropy": list(result.entropy),
             "asr": list(result.asr),
+            "extent": result.extent,
+            "restarted": list(result.restarted),
             "target_class": int(result.target),
             "source_model_sha256": source_model_sha256,
             "generator": {"levels": gens.levels, **gens._arch()},

@@ -246,6 +246,15 @@ class StaircaseGenerators(nn.Module):
             noise=self.noise,
         )
 
+    def copy_level(self, i: int, other: StaircaseGenerators, j: int) -> None:
+        """Overwrite level ``i`` with level ``j`` of ``other`` (the same architecture)."""
+        if other._arch() != self._arch():
+            raise ConfigError("copy_level: the staircases have different architectures")
+        with torch.no_grad():
+            for mine, theirs in zip(self.mlp.layers, other.mlp.layers, strict=True):
+                mine.weight[i].copy_(theirs.weight[j])
+                mine.bias[i].copy_(theirs.bias[j])
+
     def level(self, i: int) -> TriggerGenerator:
         """A standalone copy of generator G_i (on the same device)."""
         if not 0 <= int(i) < self.levels:

@@ -45,6 +45,7 @@ every level 1/N.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -56,6 +57,8 @@ from torch.nn.functional import log_softmax, relu
 
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, DataError
+from gdm_ray.core.extent import Extent, estimate_extent, extent_from_mask
+from gdm_ray.core.first_pass import ScanConfig
 from gdm_ray.core.generator import NOISES, StaircaseGenerators, sample_noise
 from gdm_ray.core.statistics_network import MINE, StaircaseStatistics
 from gdm_ray.core.train import frozen, model_device
@@ -79,7 +82,16 @@ class MESAConfig:
       Adam optimisation of generators and statistics networks together.
     noise: "normal" (Z ~ N(0, I)) or "uniform" (U(0, 1)^d).
     hidden / layers: generator MLP; stat_hidden / stat_layers: statistics network.
-    trigger_size: [h, w]; with_mask: also learn an alpha mask (arbitrary shape).
+    trigger_size: [h, w]; None (the default) estimates the extent, and whether
+      the trigger has a fixed place, from the target class's first-pass mask
+      (gdm_ray.core.extent). with_mask: also learn a transparency mask
+      (arbitrary shape); None: on when the extent is estimated, off when
+      trigger_size is given. extent_steps: the estimate's search steps.
+    collapse_entropy / restarts / restart_alpha: a level whose entropy
+      estimate ends below collapse_entropy (nats) while its samples meet
+      beta_i has collapsed onto one trigger (MESA degenerates into the
+      one-trigger baseline); it is trained again from a fresh start, up to
+      ``restarts`` times, with its entropy weight times restart_alpha.
     testing: "softmax" or "ce" (see the module docstring).
     images_per_trigger: clean images each trigger is tested on per step
       (F is their mean; 1 is cheapest).
@@ -101,15 +113,19 @@ class MESAConfig:
     layers: int = 2
     stat_hidden: int = 128
     stat_layers: int = 2
-    trigger_size: list[int] = field(default_factory=lambda: [3, 3])
+    trigger_size: list[int] | None = None  # None: estimated (gdm_ray.core.extent)
     position: list[int] | None = None  # fixed top-left [row, col]; None = random per image
-    with_mask: bool = False
+    with_mask: bool | None = None  # None: on with an estimated extent
     testing: str = "softmax"
     images_per_trigger: int = 1
     ma_rate: float = 0.01
     log_every: int = 50
     eval_samples: int = 512
     ensemble: str = "staircase"
+    extent_steps: int = 300  # the extent estimate's first-pass search steps (gdm_ray.core.extent)
+    collapse_entropy: float = 0.05
+    restarts: int = 1
+    restart_alpha: float = 10.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,6 +153,7 @@ class MESAConfig:
             "images_per_trigger",
             "log_every",
             "eval_samples",
+            "extent_steps",
         ):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"mesa.{key}={getattr(self, key)} must be >= 1")
@@ -146,10 +163,21 @@ class MESAConfig:
             raise ConfigError(f"mesa.lr={self.lr} must be > 0")
         if not 0.0 < float(self.ma_rate) <= 1.0:
             raise ConfigError(f"mesa.ma_rate={self.ma_rate} must be in (0, 1]")
-        ts = list(self.trigger_size)
-        if len(ts) != 2 or min(int(s) for s in ts) < 1:
-            raise ConfigError(f"mesa.trigger_size={ts} must be two positive integers [h, w]")
-        self.trigger_size = [int(s) for s in ts]
+        if self.trigger_size is not None:
+            ts = list(self.trigger_size)
+            if len(ts) != 2 or min(int(s) for s in ts) < 1:
+                raise ConfigError(f"mesa.trigger_size={ts} must be two positive integers [h, w]")
+            self.trigger_size = [int(s) for s in ts]
+        if self.position is not None and self.trigger_size is None:
+            raise ConfigError(
+                f"mesa.position={list(self.position)} needs mesa.trigger_size (a fixed place of an estimated extent is estimated too)"
+            )
+        if not (math.isfinite(float(self.collapse_entropy)) and float(self.collapse_entropy) >= 0):
+            raise ConfigError(f"mesa.collapse_entropy={self.collapse_entropy} must be a finite number >= 0")
+        if int(self.restarts) < 0:
+            raise ConfigError(f"mesa.restarts={self.restarts} must be >= 0")
+        if not (math.isfinite(float(self.restart_alpha)) and float(self.restart_alpha) > 0):
+            raise ConfigError(f"mesa.restart_alpha={self.restart_alpha} must be > 0")
         if self.noise not in NOISES:
             raise ConfigError(f"mesa.noise={self.noise!r} must be one of {', '.join(NOISES)}")
         if self.testing not in TESTING_FUNCTIONS:
@@ -175,7 +203,7 @@ class MESAResult:
       the target with a fresh sample of that level's triggers applied.
     history: one row per level per logging interval, with the interval's
       means: step, level, beta, asr (of the training samples), score (mean
-      F), hinge, mi.
+      F), hinge, mi; a restart's rows also carry ``restart`` (its round).
     """
 
     target: int
@@ -189,6 +217,9 @@ class MESAResult:
     steps: int
     generators: StaircaseGenerators
     config: dict = field(default_factory=dict)
+    level_alpha: list[float] = field(default_factory=list)  # each level's entropy weight (raised where it restarted)
+    restarted: list[int] = field(default_factory=list)  # per level: the last restart round (0: none)
+    extent: dict | None = None  # the estimated extent (gdm_ray.core.extent.Extent), None when trigger_size was given
 
 
 class _GradScale(torch.autograd.Function):
@@ -240,20 +271,37 @@ class MESA:
         target: int,
         rng: torch.Generator | None = None,
         progress: Callable[[int, int, float], None] | None = None,
+        first_pass: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> MESAResult:
         """Train the N generators against the frozen ``model``.
 
         ``data`` holds clean images (the defender's set); only those whose
         label is not ``target`` are used. ``rng`` drives every random
-        draw (initialisation, noise, images, positions, shuffles); without one,
-        ``config.seed`` seeds a fresh one. ``progress(step, total, loss)`` is
-        called after every step. The model's parameters, ``requires_grad``
-        flags and train/eval mode are left as they were.
+        draw (the extent estimate, initialisation, noise, images, positions,
+        shuffles); without one, ``config.seed`` seeds a fresh one.
+        ``progress(step, total, loss)`` is called after every step. Without
+        ``config.trigger_size`` the extent is estimated first, from
+        ``first_pass`` (the class's first-pass pattern C x H x W and mask
+        H x W, when a scan has one) or from a first-pass search of the class;
+        ``self.config`` then holds the resolved size. The model's parameters,
+        ``requires_grad`` flags and train/eval mode are left as they were.
         """
         cfg = self.config
         rng = rng if rng is not None else torch.Generator().manual_seed(int(cfg.seed))
         target = int(target)
         ch, H, W = data.shape
+        if target < 0 or (data.num_classes > 0 and target >= data.num_classes):
+            raise ConfigError(f"target_class={target} but the data has {data.num_classes} classes (0..{data.num_classes - 1})")
+        pool = data.x[data.y != target]
+        if len(pool) == 0:
+            raise DataError(f"no clean images outside the target class {target} to test triggers on")
+        extent = None
+        if cfg.trigger_size is None:
+            extent = self._estimate(model, data, target, rng, first_pass)
+            with_mask = True if cfg.with_mask is None else bool(cfg.with_mask)
+            cfg = dataclasses.replace(cfg, trigger_size=list(extent.size), position=extent.position, with_mask=with_mask)
+        elif cfg.with_mask is None:
+            cfg = dataclasses.replace(cfg, with_mask=False)
         h, w = cfg.trigger_size
         if h > H or w > W:
             raise ConfigError(f"mesa.trigger_size={cfg.trigger_size} is larger than the image {H}x{W}")
@@ -261,19 +309,87 @@ class MESA:
             r, c = (int(v) for v in (list(cfg.position) + [-1, -1])[:2])
             if len(cfg.position) != 2 or r < 0 or c < 0 or r + h > H or c + w > W:
                 raise ConfigError(f"mesa.position={list(cfg.position)} does not fit a {h}x{w} trigger in the image {H}x{W}")
-        if target < 0 or (data.num_classes > 0 and target >= data.num_classes):
-            raise ConfigError(f"target_class={target} but the data has {data.num_classes} classes (0..{data.num_classes - 1})")
-        pool = data.x[data.y != target]
-        if len(pool) == 0:
-            raise DataError(f"no clean images outside the target class {target} to test triggers on")
+        self.config = cfg
 
         device = model_device(model)
         if pool.numel() * pool.element_size() <= _POOL_ON_DEVICE_BYTES:
             pool = pool.to(device)
-        n_lv, bs, k = int(cfg.levels), int(cfg.batch_size), int(cfg.images_per_trigger)
-        alpha = float(cfg.alpha)  # the entropy weight
-        betas = torch.tensor(cfg.beta_values, dtype=torch.float32, device=device)
-        gens = StaircaseGenerators(n_lv, ch, (h, w), cfg.noise_dim, cfg.hidden, cfg.layers, cfg.with_mask, cfg.noise, rng=rng).to(device)
+        n_lv, steps = int(cfg.levels), int(cfg.steps)
+        betas = cfg.beta_values
+        alphas = [float(cfg.alpha)] * n_lv
+        t0 = time.perf_counter()
+        with frozen(model):
+            gens, entropy, asr, history = self._train(model, pool, ch, target, list(range(n_lv)), alphas, rng, progress)
+            restarted = [0] * n_lv
+            for round_ in range(1, int(cfg.restarts) + 1):
+                collapsed = [i for i in range(n_lv) if entropy[i] < float(cfg.collapse_entropy) and asr[i] >= betas[i]]
+                if not collapsed:
+                    break
+                # a fresh start for the collapsed levels only, with a larger entropy weight
+                tries = [alphas[i] * float(cfg.restart_alpha) for i in collapsed]
+                report = None if progress is None else (lambda s, t, loss, r=round_: progress(r * steps + s, (r + 1) * steps, loss))
+                g2, e2, a2, h2 = self._train(model, pool, ch, target, collapsed, tries, rng, report)
+                history += [{**row, "restart": round_} for row in h2]
+                for j, i in enumerate(collapsed):
+                    restarted[i] = round_
+                    if e2[j] > entropy[i] and a2[j] >= betas[i]:  # keep the restart only where it is better
+                        gens.copy_level(i, g2, j)
+                        entropy[i], asr[i], alphas[i] = e2[j], a2[j], tries[j]
+        seconds = time.perf_counter() - t0
+
+        weights = self._ensemble_weights(torch.tensor(entropy), asr)
+        self.generators, self.weights = gens, weights
+        return MESAResult(
+            target=target,
+            betas=betas,
+            alpha=float(cfg.alpha),
+            weights=[float(v) for v in weights],
+            entropy=[float(v) for v in entropy],
+            asr=asr,
+            history=history,
+            seconds=seconds,
+            steps=steps,
+            generators=gens,
+            config=asdict(cfg),
+            level_alpha=alphas,
+            restarted=restarted,
+            extent=None if extent is None else extent.as_dict(),
+        )
+
+    def _estimate(
+        self, model: nn.Module, data: ImageSet, target: int, rng: torch.Generator, first_pass: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> Extent:
+        """The trigger's extent (one seed drawn from ``rng``, whichever way it is found)."""
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
+        scan = ScanConfig(steps=int(self.config.extent_steps))
+        if first_pass is not None:
+            pattern, mask = first_pass
+            return extent_from_mask(model, data, target, pattern, mask, rng=g, scan=scan)
+        return estimate_extent(model, data, target, g, scan)
+
+    def _train(
+        self,
+        model: nn.Module,
+        pool: torch.Tensor,
+        channels: int,
+        target: int,
+        levels: list[int],
+        alphas: list[float],
+        rng: torch.Generator,
+        progress: Callable[[int, int, float], None] | None,
+    ) -> tuple[StaircaseGenerators, list[float], list[float], list[dict[str, float]]]:
+        """Train a staircase for the levels ``levels`` (indices into the
+        betas) with entropy weights ``alphas``; returns the generators, each
+        level's entropy estimate and ASR, and the history rows."""
+        cfg = self.config
+        device = model_device(model)
+        n_lv, bs, k = len(levels), int(cfg.batch_size), int(cfg.images_per_trigger)
+        beta_list = [cfg.beta_values[i] for i in levels]
+        betas = torch.tensor(beta_list, dtype=torch.float32, device=device)
+        # one entropy weight per level; a scalar while they agree, so the usual case stays as it was
+        alpha = alphas[0] if len(set(alphas)) == 1 else torch.tensor(alphas, dtype=torch.float32, device=device).view(-1, 1, 1)
+        gens = StaircaseGenerators(n_lv, channels, tuple(cfg.trigger_size), cfg.noise_dim, cfg.hidden, cfg.layers, bool(cfg.with_mask),
+                                   cfg.noise, rng=rng).to(device)  # fmt: skip
         stats = StaircaseStatistics(n_lv, cfg.noise_dim, gens.out_dim, cfg.stat_hidden, cfg.stat_layers, rng=rng)
         mine = MINE(stats, cfg.ma_rate, levels=(n_lv,)).to(device)
         opt = torch.optim.Adam(list(gens.parameters()) + list(mine.parameters()), lr=float(cfg.lr))
@@ -282,67 +398,49 @@ class MESA:
         sums = torch.zeros(4, n_lv, device=device)  # asr, score, hinge, mi over the interval
         count = 0
         mi_ema, ema_rate = torch.zeros(n_lv, device=device), 0.02
-        t0 = time.perf_counter()
-        with frozen(model):
-            for step in range(1, int(cfg.steps) + 1):
-                z = gens.sample_noise(bs, rng).to(device)  # N x B x d
-                pattern, mask = gens(z)
-                x_flat = _flat(pattern, mask, cfg.with_mask)
-                # One MINE call serves both players: the statistics network T ascends
-                # I_hat at full strength, while the generators see dI_hat/dx scaled by
-                # alpha (scale_grad), which is the gradient of their -alpha * I_hat term.
-                mi = mine(z, scale_grad(x_flat, alpha), rng=rng)  # N
-                logits = self._classify(model, pool, pattern, mask, k, rng)  # (N*B*k) x K
-                score, hinge, asr = self._testing(logits, target, betas, n_lv, bs, k)
-                # L_i = -alpha * I_hat_i + hinge_i for G_i (alpha applied through scale_grad above)
-                loss = (hinge - mi).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        for step in range(1, int(cfg.steps) + 1):
+            z = gens.sample_noise(bs, rng).to(device)  # N x B x d
+            pattern, mask = gens(z)
+            x_flat = _flat(pattern, mask, bool(cfg.with_mask))
+            # One MINE call serves both players: the statistics network T ascends
+            # I_hat at full strength, while the generators see dI_hat/dx scaled by
+            # alpha (scale_grad), which is the gradient of their -alpha * I_hat term.
+            mi = mine(z, scale_grad(x_flat, alpha), rng=rng)  # N
+            logits = self._classify(model, pool, pattern, mask, k, rng)  # (N*B*k) x K
+            score, hinge, asr = self._testing(logits, target, betas, n_lv, bs, k)
+            # L_i = -alpha_i * I_hat_i + hinge_i for G_i (alpha applied through scale_grad above)
+            loss = (hinge - mi).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
-                with torch.no_grad():
-                    sums += torch.stack([asr, score, hinge, mi.detach()])
-                    mi_ema.mul_(1 - ema_rate).add_(mi.detach(), alpha=ema_rate)
-                count += 1
-                if step % int(cfg.log_every) == 0 or step == int(cfg.steps):
-                    means = (sums / count).cpu()
-                    for i in range(n_lv):
-                        history.append(
-                            dict(
-                                step=step,
-                                level=i,
-                                beta=cfg.beta_values[i],
-                                asr=float(means[0, i]),
-                                score=float(means[1, i]),
-                                hinge=float(means[2, i]),
-                                mi=float(means[3, i]),
-                            )
+            with torch.no_grad():
+                sums += torch.stack([asr, score, hinge, mi.detach()])
+                mi_ema.mul_(1 - ema_rate).add_(mi.detach(), alpha=ema_rate)
+            count += 1
+            if step % int(cfg.log_every) == 0 or step == int(cfg.steps):
+                means = (sums / count).cpu()
+                for j, i in enumerate(levels):
+                    history.append(
+                        dict(
+                            step=step,
+                            level=i,
+                            beta=beta_list[j],
+                            asr=float(means[0, j]),
+                            score=float(means[1, j]),
+                            hinge=float(means[2, j]),
+                            mi=float(means[3, j]),
                         )
-                    sums.zero_()
-                    count = 0
-                if progress is not None:
-                    progress(step, int(cfg.steps), float(loss.detach()))
-            # bias-corrected EMA (as Adam's), so short runs are not pulled towards 0
-            entropy = (mi_ema / (1 - (1 - ema_rate) ** int(cfg.steps))).cpu()
-            gens.eval()
-            asr_final = self._evaluate(model, gens, pool, target, rng)
-        seconds = time.perf_counter() - t0
-
-        weights = self._ensemble_weights(entropy, asr_final)
-        self.generators, self.weights = gens, weights
-        return MESAResult(
-            target=target,
-            betas=cfg.beta_values,
-            alpha=alpha,
-            weights=[float(v) for v in weights],
-            entropy=[float(v) for v in entropy],
-            asr=asr_final,
-            history=history,
-            seconds=seconds,
-            steps=int(cfg.steps),
-            generators=gens,
-            config=asdict(cfg),
-        )
+                    )
+                sums.zero_()
+                count = 0
+            if progress is not None:
+                progress(step, int(cfg.steps), float(loss.detach()))
+        # bias-corrected EMA (as Adam's), so short runs are not pulled towards 0
+        entropy = (mi_ema / (1 - (1 - ema_rate) ** int(cfg.steps))).cpu()
+        gens.eval()
+        asr_final = self._evaluate(model, gens, pool, target, rng)
+        return gens, [float(v) for v in entropy], asr_final, history
 
     def _classify(
         self, model: nn.Module, pool: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, k: int, rng: torch.Generator

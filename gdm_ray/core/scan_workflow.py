@@ -201,6 +201,7 @@ class MesaJob:
     target: int
     heat: HeatMap | None
     seed: int  # the class search's seed (MESA draws from mesa_seed(seed))
+    first_pass: tuple[torch.Tensor, torch.Tensor] | None = None  # the class's first-pass (pattern, mask): sizes MESA
 
 
 def first_pass_chunk(ctx: ScanContext, job: FirstPassJob) -> list[ClassTrigger]:
@@ -214,7 +215,15 @@ def window_chunk(ctx: ScanContext, job: WindowJob) -> dict[int, WindowFind]:
 def class_mesa_job(ctx: ScanContext, job: MesaJob) -> tuple[MESA, MESAResult, float]:
     assert ctx.plan.mesa is not None
     return class_mesa(
-        ctx.model(job.model_id), ctx.data, ctx.eval_data, job.target, ctx.plan.mesa, job.heat, mesa_seed(job.seed), ctx.plan.eval_seed
+        ctx.model(job.model_id),
+        ctx.data,
+        ctx.eval_data,
+        job.target,
+        ctx.plan.mesa,
+        job.heat,
+        mesa_seed(job.seed),
+        ctx.plan.eval_seed,
+        first_pass=job.first_pass,
     )
 
 
@@ -324,11 +333,15 @@ class _Run:
         ok = set(self.ok())
         return {key: window_result(p, finds[key], self.plan.scan, seconds[key]) for key, p in plans.items() if key[0] in ok}
 
+    def _first_pass(self, m: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        found = next(c for c in self.out[m].result.classes if c.target == k)
+        return found.pattern, found.mask
+
     def mesa(self, heats: dict[tuple[str, int], HeatMap]) -> dict[tuple[str, int], ClassSearch]:
         searches = {(m, k): ClassSearch(heats.get((m, k)), None, None, None) for m, k in self.flagged()}
         if self.plan.mesa is None:
             return searches
-        jobs = [MesaJob(m, k, heats.get((m, k)), self.plan.class_seed(k)) for m, k in searches]
+        jobs = [MesaJob(m, k, heats.get((m, k)), self.plan.class_seed(k), self._first_pass(m, k)) for m, k in searches]
 
         def done(res: JobResult) -> None:
             mesa, result, asr = res.value
