@@ -107,7 +107,7 @@ def test_defend_repairs_the_torchscript_model(model, method, tmp_path, capsys):
     assert repaired.sha256 == m["repaired_sha256"]
     assert repaired.meta["repaired_from"] == load_model(model).sha256
     assert "ASR of the real trigger" in stdout and "R-Acc of the real trigger" in stdout and "DER" in stdout
-    assert m["before"]["robust_accuracy"] < 0.1 < m["after"]["robust_accuracy"] and m["der"] > 0.8, m
+    assert m["before"]["robust_accuracy"] <= 0.1 and m["after"]["robust_accuracy"] > 0.5 and m["der"] > 0.75, m
 
 
 def test_defend_finetune_is_the_floor_no_search_and_every_metric(model, tmp_path, capsys):
@@ -127,7 +127,7 @@ def test_defend_finetune_is_the_floor_no_search_and_every_metric(model, tmp_path
         runs[target] = m
         assert m["method"] == "finetune" and m["targets"] == [] and m["search"]["search_seconds"] < 0.5 and m["real_target"] == 1
         b, a = m["before"], m["after"]
-        assert b["asr"] >= 0.9 and b["robust_accuracy"] <= 1 - b["asr"] and a["robust_accuracy"] <= 1 - a["asr"]
+        assert b["asr"] >= 0.9 and b["robust_accuracy"] + b["asr"] <= 1 + 1e-12 and a["robust_accuracy"] + a["asr"] <= 1 + 1e-12
         assert b["found_asr"] is None and a["found_asr_by_class"] == {}
         der = (max(0, b["asr"] - a["asr"]) - max(0, b["clean_accuracy"] - a["clean_accuracy"]) + 1) / 2
         assert m["der"] == pytest.approx(der, abs=1e-12) and 0 <= m["der"] <= 1
