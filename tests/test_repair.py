@@ -74,7 +74,13 @@ def test_repair_result_fields_and_the_original_is_untouched(backdoored):
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # retraining changed the copy only
     assert any(not torch.equal(v, original[k]) for k, v in res.repaired.state_dict().items())
     d = res.before.as_dict()
-    assert set(d) == {"clean_accuracy", "asr", "found_asr_by_class", "found_asr"} and list(d["found_asr_by_class"]) == [str(TARGET)]
+    assert set(d) == {"clean_accuracy", "asr", "robust_accuracy", "found_asr_by_class", "found_asr"}
+    assert list(d["found_asr_by_class"]) == [str(TARGET)]
+    for m in (res.before, res.after):  # the real trigger's R-Acc, on the ASR's placements: the two cannot overlap
+        assert m.robust_accuracy is not None and 0.0 <= m.robust_accuracy and m.robust_accuracy + m.asr <= 1.0 + 1e-12
+    # (how well this fixture's 1-epoch repair works varies: its model is not seeded; test_search_cli checks the figures)
+    assert res.der == (max(0, res.before.asr - res.after.asr) - max(0, res.before.clean_accuracy - res.after.clean_accuracy) + 1) / 2
+    assert 0.0 <= res.der <= 1.0
 
 
 def test_same_seed_same_result_and_unknown_real_trigger(backdoored):
@@ -86,6 +92,7 @@ def test_same_seed_same_result_and_unknown_real_trigger(backdoored):
     assert a.after.found_asr_by_class == b.after.found_asr_by_class and a.losses == b.losses
     assert all(torch.equal(v, b.repaired.state_dict()[k]) for k, v in a.repaired.state_dict().items())
     assert a.before.asr is not None and b.before.asr is None and b.after.asr is None and b.before.as_dict()["asr"] is None
+    assert a.der is not None and b.der is None and b.before.robust_accuracy is None and b.after.as_dict()["robust_accuracy"] is None
     _, c = _search_and_repair(backdoored, "baseline", seed=SEED + 1)
     assert c.losses != a.losses  # the seed reaches the search and the retraining
 
@@ -98,7 +105,7 @@ def test_measurements_are_on_fixed_placements_and_before_can_be_skipped(backdoor
     res = repair(
         model, splits.defense, splits.eval, {TARGET: found.sampler}, DEFENSE, torch.Generator().manual_seed(0), 11, measure_before=False
     )
-    assert res.before is None and res.after.asr is None and set(res.after.found_asr_by_class) == {TARGET}
+    assert res.before is None and res.after.asr is None and set(res.after.found_asr_by_class) == {TARGET} and res.der is None
 
 
 def test_bad_requests_are_config_errors(backdoored):
@@ -107,3 +114,30 @@ def test_bad_requests_are_config_errors(backdoored):
         search_triggers("nope", model, splits.defense, TARGET, MESA_CFG, BASE_CFG, torch.Generator())
     with pytest.raises(ConfigError, match="at least one class"):
         repair(model, splits.defense, splits.eval, {}, DEFENSE, torch.Generator(), 0)
+    with pytest.raises(ConfigError, match="no samplers"):
+        repair(model, splits.defense, splits.eval, {TARGET: object()}, DEFENSE, torch.Generator(), 0, finetune=True)  # type: ignore[dict-item]
+
+
+def test_finetune_searches_nothing_and_retrains_on_clean_images_only(backdoored):
+    """The floor: the same clean data and DefenseConfig budget, no search, no triggers."""
+    model, splits, trigger = backdoored
+    original = _state(model)
+    rng = torch.Generator().manual_seed(SEED)
+    state = rng.get_state()
+    found = search_triggers("finetune", model, splits.defense, TARGET, None, None, rng)
+    assert found.method == "finetune" and found.sampler is None and found.mesa is None and found.baseline is None
+    assert found.seconds < 0.01 and torch.equal(rng.get_state(), state)  # nothing searched, nothing drawn
+    res = repair(model, splits.defense, splits.eval, {}, DEFENSE, rng, SEED + EVAL_SEED_OFFSET, trigger, TARGET, finetune=True)
+    assert res.targets == [] and res.losses and len(res.losses) == DEFENSE.epochs and res.retrain_seconds > 0
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(v, original[k]) for k, v in res.repaired.state_dict().items())
+    for m in (res.before, res.after):
+        assert m.found_asr_by_class == {} and m.found_asr is None and m.asr is not None and m.robust_accuracy is not None
+    # before: the backdoored model itself, measured as the other methods measure it
+    _, other = _search_and_repair(backdoored, "baseline")
+    assert (res.before.clean_accuracy, res.before.asr, res.before.robust_accuracy) == (
+        other.before.clean_accuracy,
+        other.before.asr,
+        other.before.robust_accuracy,
+    )
+    assert res.before.asr > 0.5 and res.der is not None and 0.0 <= res.der <= 1.0  # the fixture is backdoored (how strongly varies)

@@ -134,6 +134,7 @@ def test_defend_auto_repairs_two_targets_at_once(tmp_path, capsys):
     assert row["targets"] == m["targets"] and row["target_class"] == "auto" and row["model_id"] == "two"
     assert row["found_asr_after"] == m["after"]["found_asr"] and row["repaired_sha256"] == m["repaired_sha256"]
     assert row["repaired_model"] == str(out / "model.pt") and row["asr_before"] is None  # no card: the real trigger is unknown
+    assert row["robust_accuracy_before"] is None and row["robust_accuracy_after"] is None and row["der"] is None and m["der"] is None
     repaired = load_model(out / "model.pt").module
     after = [attack_success_rate(repaired, splits.eval, a.trigger, a.target) for a in attacks]
     assert max(after) < 0.3, after

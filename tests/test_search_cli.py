@@ -107,7 +107,57 @@ def test_defend_repairs_the_torchscript_model(model, method, tmp_path, capsys):
     repaired = load_model(out / "model.pt")
     assert repaired.sha256 == m["repaired_sha256"]
     assert repaired.meta["repaired_from"] == load_model(model).sha256
-    assert "ASR of the real trigger" in stdout
+    assert "ASR of the real trigger" in stdout and "R-Acc of the real trigger" in stdout and "DER" in stdout
+    assert m["before"]["robust_accuracy"] <= 0.1 and m["after"]["robust_accuracy"] > 0.5 and m["der"] > 0.75, m
+
+
+def test_defend_finetune_is_the_floor_no_search_and_every_metric(model, tmp_path, capsys):
+    """method=finetune: no search and none of its pictures, the same retraining budget on
+    clean images; metrics.json and repair.parquet with R-Acc and DER. It needs no target:
+    target_class=auto scans nothing and gives the same repair as a class index."""
+    import pyarrow.parquet as pq
+
+    runs = {}
+    for target in ("1", "auto"):
+        out = tmp_path / f"ft-{target}"
+        args = ["defend", f"model={model}", f"target_class={target}", "method=finetune", *FAST, "defense.epochs=2", f"out={out}"]
+        code, stdout, err = run_cli(args, capsys)
+        assert code == 0, err
+        assert {p.name for p in out.iterdir()} == {"model.pt", "metrics.json", "repair.parquet"}, list(out.iterdir())
+        m = json.loads((out / "metrics.json").read_text())
+        runs[target] = m
+        assert m["method"] == "finetune" and m["targets"] == [] and m["search"]["search_seconds"] < 0.5 and m["real_target"] == 1
+        b, a = m["before"], m["after"]
+        assert b["asr"] >= 0.9 and b["robust_accuracy"] + b["asr"] <= 1 + 1e-12 and a["robust_accuracy"] + a["asr"] <= 1 + 1e-12
+        assert b["found_asr"] is None and a["found_asr_by_class"] == {}
+        der = (max(0, b["asr"] - a["asr"]) - max(0, b["clean_accuracy"] - a["clean_accuracy"]) + 1) / 2
+        assert m["der"] == pytest.approx(der, abs=1e-12) and 0 <= m["der"] <= 1
+        (row,) = pq.read_table(out / "repair.parquet").to_pylist()
+        assert row["method"] == "finetune" and row["targets"] == [] and row["target_class"] == target
+        assert row["robust_accuracy_before"] == b["robust_accuracy"] and row["robust_accuracy_after"] == a["robust_accuracy"]
+        assert row["der"] == m["der"] and row["asr_after"] == a["asr"] and row["found_asr_before"] is None
+        repaired = load_model(out / "model.pt")
+        assert repaired.sha256 == m["repaired_sha256"] == row["repaired_sha256"]
+        original = load_model(model).module.state_dict()
+        assert any(not torch.equal(v, original[k]) for k, v in repaired.module.state_dict().items())  # it did retrain
+        assert "none: plain fine-tuning" in stdout and "R-Acc of the real trigger" in stdout and "DER" in stdout
+    assert runs["1"]["before"] == runs["auto"]["before"] and runs["1"]["after"] == runs["auto"]["after"]
+
+
+@pytest.mark.parametrize(
+    "command, extra, code, needle",
+    [
+        ("search", FAST, 1, "method=finetune searches no triggers"),
+        ("sweep", ["data=synthetic", "progress=false"], 2, "'method'"),  # the sweep is MESA's: no method to choose (a usage error)
+    ],
+)
+def test_finetune_has_nothing_to_search_or_sweep(model, command, extra, code, needle, tmp_path, capsys):
+    out = tmp_path / "bad"
+    got, _, err = run_cli([command, f"model={model}", "target_class=1", "method=finetune", *extra, f"out={out}"], capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("gdm-ray: error:")]
+    assert got == code and len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0], lines[0]
+    assert not out.exists()
 
 
 def test_clone_of_torchscript_model_is_trainable_and_independent(model):

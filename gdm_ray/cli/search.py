@@ -1,5 +1,7 @@
 """`gdm-ray search` and `gdm-ray defend`: the trigger search and the repair
-(gdm_ray.core.repair), their pictures, artifacts and tables."""
+(gdm_ray.core.repair), their pictures, artifacts and tables. ``defend
+method=finetune`` is the floor a repair must beat: no search, plain
+fine-tuning on the same clean images with the same defense budget."""
 
 from __future__ import annotations
 
@@ -143,7 +145,11 @@ def real_trigger(
 def _find(
     s: DefendSettings, loaded: LoadedModel, splits: Splits, run_dir: RunDir, rng: torch.Generator, state: ScanState | None
 ) -> tuple[dict[int, TriggerSampler], dict]:
-    """The triggers to repair against: one class's search, or (target_class=auto) every flagged class's MESA."""
+    """The triggers to repair against: one class's search, or (target_class=auto) every flagged class's MESA;
+    none for finetune, which searches nothing (any target_class, auto included: no scan)."""
+    if s.method == "finetune":
+        found = search_triggers("finetune", loaded.module, splits.defense, s.target_class, None, None, rng)
+        return {}, {"method": "finetune", "search_seconds": round(found.seconds, 2), "target_class": s.target_class}
     if s.target_class != "auto":
         found, summary = run_search(s, loaded, splits, run_dir, rng)
         return {s.target_class: found.sampler}, summary
@@ -157,33 +163,39 @@ def _find(
 
 def defend(s: DefendSettings) -> dict[str, Any]:
     """Search (or, with target_class=auto, scan every class), then retrain
-    against the found triggers of every target; write the repaired model and metrics."""
+    against the found triggers of every target (method=finetune: no search,
+    retrain on the clean images alone); write the repaired model and metrics."""
     device = setup(s)
     loaded, splits = _load(s, device)
     real, real_target, real_spec = real_trigger(s.trigger, s.target_class, Path(loaded.path), splits)
     rng, eval_seed = torch.Generator().manual_seed(s.seed), s.seed + EVAL_SEED_OFFSET
-    what = "every class (target_class=auto)" if s.target_class == "auto" else f"class {s.target_class}"
+    finetune = s.method == "finetune"
+    if finetune:
+        what = "no trigger search (plain fine-tuning)"
+    else:
+        what = "every class (target_class=auto)" if s.target_class == "auto" else f"class {s.target_class}"
     print(
-        f"gdm-ray defend: {loaded.path}, {what}, {s.method}; search and retrain on {len(splits.defense)} "
-        f"clean images, metrics on {len(splits.eval)} held-out images",
+        f"gdm-ray defend: {loaded.path}, {what}, {s.method}; {'retrain' if finetune else 'search and retrain'} on "
+        f"{len(splits.defense)} clean images, metrics on {len(splits.eval)} held-out images",
         file=sys.stderr,
     )
     state: ScanState | None = None
     with RunDir(s.out, "defend", s.store, s.dataset) as run_dir:
-        if s.target_class == "auto" and s.out:
+        if s.target_class == "auto" and not finetune and s.out:
             state = ScanState(run_dir.state_dir())  # resumes the first pass
         samplers, summary = _find(s, loaded, splits, run_dir, rng, state)
         metrics = _metrics(s, loaded, splits, list(samplers), real_spec, real_target, summary)
-        if samplers:
+        if samplers or finetune:
             update, close = progress_bar(s.progress, "retrain")
             try:
-                fixed = repair(loaded.module, splits.defense, splits.eval, samplers, s.defense, rng, eval_seed, real, real_target, update)
+                args = (loaded.module, splits.defense, splits.eval, samplers, s.defense, rng, eval_seed, real, real_target, update)
+                fixed = repair(*args, finetune=finetune)
             finally:
                 close()
             _write_repaired(run_dir, fixed, loaded, splits, s.method, metrics)
         else:  # the scan found no backdoor: nothing to repair, no model written
             before = measure(loaded.module, splits.eval, {}, eval_seed, real, real_target)
-            metrics.update(before=before.as_dict(), after=None, retrain_seconds=0.0, repaired_sha256=None)
+            metrics.update(before=before.as_dict(), after=None, der=None, retrain_seconds=0.0, repaired_sha256=None)
         row = repair_row(metrics, Path(loaded.path).stem, run_dir.join("model.pt"))
         run_dir.write_table("repair.parquet", [row], REPAIR_SCHEMA, "repairs")
         write_json(run_dir.path("metrics.json"), metrics)
@@ -215,6 +227,7 @@ def _write_repaired(run_dir: RunDir, fixed: RepairResult, loaded: LoadedModel, s
     metrics.update(
         before=fixed.before.as_dict(),
         after=fixed.after.as_dict(),
+        der=fixed.der,
         retrain_seconds=round(fixed.retrain_seconds, 2),
         repaired_sha256=file_sha256(run_dir.path("model.pt")),
     )
@@ -227,19 +240,25 @@ def _pct(v: float | None) -> str:
 def _print_repair(metrics: dict, run_dir: RunDir) -> None:
     before, after = metrics["before"], metrics["after"]
     if after is None:
-        print_table(
-            [
-                ("verdict", "no backdoor found: nothing to repair"),
-                ("clean accuracy", f"{before['clean_accuracy']:.2%}"),
-                ("ASR of the real trigger", _pct(before["asr"])),
-            ]
-        )
-    else:
         rows = [
-            ("repaired classes", ", ".join(map(str, metrics["targets"]))),
+            ("verdict", "no backdoor found: nothing to repair"),
+            ("clean accuracy", f"{before['clean_accuracy']:.2%}"),
+            ("ASR of the real trigger", _pct(before["asr"])),
+        ]
+        if before.get("robust_accuracy") is not None:
+            rows.append(("R-Acc of the real trigger", _pct(before["robust_accuracy"])))
+        print_table(rows)
+    else:
+        repaired = ", ".join(map(str, metrics["targets"])) if metrics["targets"] else "none: plain fine-tuning, no triggers"
+        rows = [
+            ("repaired classes", repaired),
             ("clean accuracy", f"{before['clean_accuracy']:.2%} -> {after['clean_accuracy']:.2%}"),
             ("ASR of the real trigger", f"{_pct(before['asr'])} -> {_pct(after['asr'])}"),
         ]
+        if before.get("robust_accuracy") is not None:  # BackdoorBench's R-Acc and DER: known with the real trigger
+            rows.append(("R-Acc of the real trigger", f"{_pct(before['robust_accuracy'])} -> {_pct(after['robust_accuracy'])}"))
+        if metrics.get("der") is not None:
+            rows.append(("DER (BackdoorBench; 0.5 = no change)", f"{metrics['der']:.3f}"))
         rows += [
             (f"ASR of the found triggers, class {k}", f"{before['found_asr_by_class'][k]:.2%} -> {v:.2%}")
             for k, v in after["found_asr_by_class"].items()

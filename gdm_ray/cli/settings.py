@@ -25,6 +25,7 @@ from gdm_ray.core.defense import DefenseConfig
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.first_pass import ScanConfig
 from gdm_ray.core.mesa import MESAConfig
+from gdm_ray.core.repair import METHODS, SEARCH_METHODS
 from gdm_ray.core.train import TrainConfig
 from gdm_ray.core.triggers import TriggerSpec
 from gdm_ray.distributed.runtime import RayConfig
@@ -132,14 +133,11 @@ class EvaluateSettings(RunSettings):
             raise ConfigError(f"split={self.split!r} must be eval, defense or train")
 
 
-METHODS = ("mesa", "baseline")
-
-
 @dataclass
 class SearchSettings(RunSettings):
     model: str = MISSING  # the classifier to search
     target_class: Any = MISSING  # the class whose triggers to model
-    method: str = "mesa"  # mesa | baseline
+    method: str = "mesa"  # mesa | baseline (defend also: finetune)
     samples_per_level: int = 12  # triggers per level shown in samples.png
     data: DataSpec = field(default_factory=DataSpec)
     mesa: MESAConfig = field(default_factory=MESAConfig)
@@ -149,14 +147,22 @@ class SearchSettings(RunSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r} must be one of {', '.join(METHODS)}")
+        if self.method == "finetune" and "finetune" not in self.methods():
+            raise ConfigError(
+                "method=finetune searches no triggers (plain fine-tuning on the clean images): "
+                "run it with gdm-ray defend method=finetune; search takes method=mesa or baseline"
+            )
+        if self.method not in self.methods():
+            raise ConfigError(f"method={self.method!r} must be one of {', '.join(self.methods())}")
         _target(self.target_class, allow_auto=self.allows_auto())
-        if self.target_class == "auto" and self.method != "mesa":
+        if self.target_class == "auto" and self.method == "baseline":
             raise ConfigError(f"target_class=auto scans with MESA; method={self.method} needs a class index")
 
     def allows_auto(self) -> bool:
         return False
+
+    def methods(self) -> tuple[str, ...]:
+        return SEARCH_METHODS
 
 
 @dataclass
@@ -169,6 +175,9 @@ class DefendSettings(SearchSettings):
 
     def allows_auto(self) -> bool:
         return True
+
+    def methods(self) -> tuple[str, ...]:
+        return METHODS  # finetune too: the floor, no search (target_class=auto then scans nothing)
 
 
 @dataclass

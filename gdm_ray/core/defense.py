@@ -86,10 +86,12 @@ def retrain(
     phases 6, 8, 2 53-68%: retraining against the natural triggers first made
     the later class-2 repair remove the found triggers but not the real one.
     (Each sampler's full ``epochs`` in one shared phase, 9 epochs: 20%.)
+    No samplers: one phase of plain fine-tuning for the full ``epochs``, no
+    triggers (the floor a repair must beat; ``rate`` is then unused).
     Returns the mean loss of each epoch of every phase.
     """
     if not samplers:
-        raise ConfigError("retrain needs at least one trigger sampler")
+        return train_classifier(model, clean, cfg.train_config(), rng, None, progress)
     k = len(samplers)
     phase_cfg = dataclasses.replace(cfg.train_config(), epochs=float(cfg.epochs) / k)
     losses: list[float] = []

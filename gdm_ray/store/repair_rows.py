@@ -23,6 +23,9 @@ def repair_row(metrics: dict[str, Any], model_id: str, model_uri: str) -> dict[s
         "acc_after": after.get("clean_accuracy"),
         "found_asr_before": before["found_asr"],
         "found_asr_after": after.get("found_asr"),
+        "robust_accuracy_before": before.get("robust_accuracy"),  # metrics.json before R-Acc had none
+        "robust_accuracy_after": after.get("robust_accuracy"),
+        "der": metrics.get("der"),
         "search_seconds": float(metrics["search"]["search_seconds"]),
         "retrain_seconds": float(metrics["retrain_seconds"]),
         "repaired_model": model_uri if metrics["repaired_sha256"] else None,

@@ -48,14 +48,15 @@ CLASS_SCHEMA = _table(
     pa.field("flagged", pa.bool_()),
 )
 
-# One row per repair (``gdm-ray defend``'s repair.parquet). The ASR columns
-# are of the real trigger (null when defend did not know it); the found
-# triggers' ASR is the mean over the repaired classes.
+# One row per repair (``gdm-ray defend``'s repair.parquet). The ASR, robust
+# accuracy (R-Acc) and DER columns are of the real trigger (null when defend
+# did not know it); the found triggers' ASR is the mean over the repaired
+# classes (null for finetune, which searches none).
 REPAIR_SCHEMA = _table(
     pa.field("model_id", pa.string()),
     pa.field("model_path", pa.string()),
     pa.field("model_sha256", pa.string()),
-    pa.field("method", pa.string()),  # mesa | baseline
+    pa.field("method", pa.string()),  # mesa | baseline | finetune
     pa.field("target_class", pa.string()),  # what was asked: a class index or "auto"
     pa.field("targets", pa.list_(pa.int64())),  # the classes repaired, in repair order (empty: nothing found)
     pa.field("asr_before", pa.float64()),
@@ -64,6 +65,9 @@ REPAIR_SCHEMA = _table(
     pa.field("acc_after", pa.float64()),
     pa.field("found_asr_before", pa.float64()),
     pa.field("found_asr_after", pa.float64()),
+    pa.field("robust_accuracy_before", pa.float64()),  # BackdoorBench's R-Acc: triggered non-target images kept in their class
+    pa.field("robust_accuracy_after", pa.float64()),
+    pa.field("der", pa.float64()),  # BackdoorBench's defense effectiveness rating, in [0, 1] (0.5: no change)
     pa.field("search_seconds", pa.float64()),
     pa.field("retrain_seconds", pa.float64()),
     pa.field("repaired_model", pa.string()),  # where the repaired TorchScript model was written (null: none)
