@@ -20,6 +20,7 @@ from torch import nn
 
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.model_io import clone_model
 from gdm_ray.core.train import TrainConfig, train_classifier
 from gdm_ray.core.triggers import apply_trigger, place
 
@@ -46,6 +47,9 @@ class DefenseConfig:
     schedule: str = "cosine"
     crop_pad: int = 0
     flip: bool = False
+    batchnorm: str = "train"  # train | frozen: keep the model's BatchNorm statistics
+    distill: float = 0.0  # weight of distillation from the original model (0: off)
+    temperature: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.rate) <= 1.0:
@@ -62,6 +66,9 @@ class DefenseConfig:
             schedule=self.schedule,
             crop_pad=self.crop_pad,
             flip=self.flip,
+            batchnorm=self.batchnorm,
+            distill=self.distill,
+            temperature=self.temperature,
         )
 
 
@@ -90,16 +97,25 @@ def retrain(
     triggers (the floor a repair must beat; ``rate`` is then unused).
     Returns the mean loss of each epoch of every phase.
     """
+    teacher = _teacher(model) if float(cfg.distill) > 0 else None
     if not samplers:
-        return train_classifier(model, clean, cfg.train_config(), rng, None, progress)
+        return train_classifier(model, clean, cfg.train_config(), rng, None, progress, teacher)
     k = len(samplers)
     phase_cfg = dataclasses.replace(cfg.train_config(), epochs=float(cfg.epochs) / k)
     losses: list[float] = []
     for i, sampler in enumerate(samplers):
         # every phase has the same step count: one progress bar spans them
         report = None if progress is None else (lambda step, total, loss, i=i: progress(i * total + step, k * total, loss))
-        losses += train_classifier(model, clean, phase_cfg, rng, _trigger_hook(sampler, cfg.rate, clean.shape), report)
+        losses += train_classifier(model, clean, phase_cfg, rng, _trigger_hook(sampler, cfg.rate, clean.shape), report, teacher)
     return losses
+
+
+def _teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of the model as it came: the distillation's teacher."""
+    teacher = clone_model(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def _trigger_hook(sampler: TriggerSampler, rate: float, shape: tuple[int, int, int]) -> Callable:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.functional import kl_div, log_softmax
 
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError
@@ -39,6 +40,9 @@ class TrainConfig:
     crop_pad: int = 0  # random-crop padding (0 = off)
     flip: bool = False  # random horizontal flips
     channels_last: bool = True  # faster convolutions on CPU
+    batchnorm: str = "train"  # train (update running statistics) | frozen (keep them, as the model came)
+    distill: float = 0.0  # weight of the distillation term (needs a teacher; see train_classifier)
+    temperature: float = 2.0  # distillation temperature
 
     def __post_init__(self) -> None:
         if float(self.epochs) <= 0:
@@ -53,6 +57,12 @@ class TrainConfig:
             raise ConfigError(f"train.schedule={self.schedule!r} must be onecycle, cosine or constant")
         if int(self.crop_pad) < 0:
             raise ConfigError(f"train.crop_pad={self.crop_pad} must be >= 0")
+        if self.batchnorm not in ("train", "frozen"):
+            raise ConfigError(f"train.batchnorm={self.batchnorm!r} must be 'train' or 'frozen'")
+        if not float(self.distill) >= 0:
+            raise ConfigError(f"train.distill={self.distill} must be >= 0")
+        if not float(self.temperature) > 0:
+            raise ConfigError(f"train.temperature={self.temperature} must be > 0")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -82,6 +92,14 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+_BATCHNORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
+
+
+def _is_batchnorm(m: nn.Module) -> bool:
+    """A BatchNorm layer, also inside a loaded TorchScript model (whose submodules keep only their original name)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(m, "original_name", None) in _BATCHNORMS
+
+
 def augment(x: torch.Tensor, crop_pad: int, flip: bool, rng: torch.Generator) -> torch.Tensor:
     """Random crop with reflect padding and random horizontal flip, batched."""
     n, _, h, w = x.shape
@@ -106,12 +124,19 @@ def train_classifier(
     rng: torch.Generator,
     batch_hook: BatchHook | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[float]:
     """Train in place; returns the mean loss of each epoch.
 
     ``rng`` drives shuffling, augmentation and the hook's randomness,
     so a run is reproducible from its seed. ``progress(step, total, loss)``
-    is called after every step.
+    is called after every step. With a ``teacher`` and ``cfg.distill`` > 0
+    the loss adds ``distill * T^2 * KL(teacher || model)`` at temperature T,
+    the teacher seeing each image as it was before the hook: a repair then
+    learns the original model's answer on the clean version of a triggered
+    image (its behaviour off the backdoor) instead of the hard label alone.
+    ``cfg.batchnorm="frozen"`` keeps every BatchNorm layer in eval mode, so
+    its running statistics stay those the model came with.
     """
     device = model_device(model)
     n = len(data)
@@ -145,7 +170,12 @@ def train_classifier(
         model.train()
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
-            return _loop(model, data, cfg, rng, batch_hook, progress, opt, sched, loss_fn, bs, total)
+            if cfg.batchnorm == "frozen":
+                for m in model.modules():
+                    if _is_batchnorm(m):
+                        m.eval()
+            distill = (teacher, float(cfg.distill), float(cfg.temperature)) if teacher is not None and float(cfg.distill) > 0 else None
+            return _loop(model, data, cfg, rng, batch_hook, progress, opt, sched, loss_fn, bs, total, distill)
     finally:
         model.train(was_training)
         if cfg.channels_last:
@@ -164,6 +194,7 @@ def _loop(
     loss_fn: nn.Module,
     bs: int,
     total: int,
+    distill: tuple[nn.Module, float, float] | None = None,
 ) -> list[float]:
     device = model_device(model)
     n = len(data)
@@ -178,12 +209,21 @@ def _loop(
             x = data.x[idx].to(device, non_blocking=True)
             y = data.y[idx].to(device, non_blocking=True)
             x = augment(x, int(cfg.crop_pad), bool(cfg.flip), rng)
+            soft = None
+            if distill is not None:
+                with torch.no_grad():
+                    soft = log_softmax(distill[0](x).float() / distill[2], dim=1)
             if batch_hook is not None:
                 x, y = batch_hook(x, y, rng)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            out = model(x)
+            loss = loss_fn(out, y)
+            if soft is not None:
+                _, weight, temp = distill
+                kl = kl_div(log_softmax(out.float() / temp, dim=1), soft, log_target=True, reduction="batchmean")
+                loss = loss + weight * temp**2 * kl
             loss.backward()
             opt.step()
             if sched is not None:
