@@ -98,6 +98,21 @@ def test_evaluate_other_trigger_has_low_asr(attacked, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["asr"] < 0.5
 
 
+def test_sig_attack_card_rebuilds_its_trigger(tmp_path, capsys):
+    """trigger.family=sig through attack, and evaluate measures the same ASR from the card alone."""
+    out = tmp_path / "sig"
+    args = ["attack", *TINY, "trigger.family=sig", "trigger.delta=0.3", "attack.rate=0.3", "train.epochs=2", f"out={out}"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    card = json.loads((out / "model.json").read_text())
+    assert card["trigger"]["family"] == "sig" and card["trigger"]["delta"] == 0.3
+    ev = tmp_path / "ev"
+    code, _, err = run_cli(["evaluate", f"model={out / 'model.pt'}", *EVAL, f"out={ev}"], capsys)
+    assert code == 0, err
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["asr"] == pytest.approx(card["asr"])
+
+
 def test_same_config_same_card(tmp_path, capsys):
     cards = []
     for k in range(2):
@@ -145,6 +160,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, capsys):
         (["attack", *TINY, "train.epochs=0"], ["train.epochs=0"]),
         (["attack", *TINY, "train.epochs=oops"], ["train.epochs", "oops"]),
         (["attack", *TINY, "trigger=blend", "trigger.blend=1.5"], ["trigger.blend=1.5"]),
+        (["attack", *TINY, "trigger=sig", "trigger.delta=2"], ["trigger.delta=2"]),
+        (["attack", *TINY, "trigger.family=sig", "trigger.frequency=0"], ["trigger.frequency=0"]),
         (["attack", *TINY, "+data.bogus=1"], ["bogus"]),
         (
             ["attack", *TINY, "device=cuda:7"] if not torch.cuda.is_available() else ["attack", *TINY, "attack.target_class=99"],

@@ -234,7 +234,15 @@ def _spec_for(family: str, png_path) -> TriggerSpec:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_builds(family, channels, rgba_png):
     trig = make_trigger(_spec_for(family, rgba_png[0]), channels, (16, 16))
-    expected_hw = {"bw3x3": (3, 3), "color3x3": (3, 3), "random": (2, 4), "block": (4, 4), "blend": (16, 16), "png": (4, 5)}
+    expected_hw = {
+        "bw3x3": (3, 3),
+        "color3x3": (3, 3),
+        "random": (2, 4),
+        "block": (4, 4),
+        "blend": (16, 16),
+        "png": (4, 5),
+        "sig": (16, 16),
+    }
     assert trig.pattern.shape == (channels, *expected_hw[family])
     assert trig.mask.shape == expected_hw[family]
     assert trig.pattern.dtype == torch.float32 and trig.mask.dtype == torch.float32
@@ -291,6 +299,69 @@ def test_blend_constant_alpha_full_image():
     images = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(0))
     out = trig.apply(images)
     torch.testing.assert_close(out, 0.75 * images + 0.25 * trig.pattern)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sig_signal_values_exact(channels):
+    """v(i, j) = delta * sin(2 pi j f / W) added to every row and channel, written out by hand for W = 4, f = 1."""
+    delta = 0.2
+    trig = make_trigger(TriggerSpec(family="sig", delta=delta, frequency=1.0), channels, (3, 4))
+    assert trig.mode == "add" and trig.size == (3, 4)
+    assert float(trig.pattern.min()) >= 0 and float(trig.pattern.max()) <= 1
+    images = torch.full((2, channels, 3, 4), 0.5)
+    out = trig.apply(images)
+    # sin(2 pi j / 4) for j = 0..3 is 0, 1, 0, -1
+    row = torch.tensor([0.5, 0.5 + delta, 0.5, 0.5 - delta])
+    torch.testing.assert_close(out, row.view(1, 1, 1, 4).expand(2, channels, 3, 4), atol=1e-6, rtol=0)
+    # the default, BackdoorBench's 40/255 at 6 periods, on a CIFAR-sized image
+    sig = make_trigger(TriggerSpec(family="sig"), 3, (32, 32))
+    j = torch.arange(32, dtype=torch.float64)
+    v = (40 / 255) * torch.sin(2 * torch.pi * j * 6 / 32)
+    x = torch.full((1, 3, 32, 32), 0.5)
+    torch.testing.assert_close(sig.apply(x)[0, 1, 7], (0.5 + v).float(), atol=1e-6, rtol=0)
+
+
+def test_sig_clips_to_unit_range():
+    trig = make_trigger(TriggerSpec(family="sig", delta=0.5, frequency=1.0), 1, (2, 4))
+    images = torch.tensor([[0.9, 0.9, 0.1, 0.1], [0.0, 1.0, 0.3, 0.2]]).view(1, 1, 2, 4)
+    out = trig.apply(images)
+    expected = torch.tensor([[0.9, 1.0, 0.1, 0.0], [0.0, 1.0, 0.3, 0.0]]).view(1, 1, 2, 4)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_sig_is_differentiable_and_leaves_blend_mode_alone(gen):
+    """The additive mode keeps gradients to the images; every other family stays a blend."""
+    trig = make_trigger(TriggerSpec(family="sig", delta=0.1), 3, (8, 8))
+    x = torch.full((2, 3, 8, 8), 0.5, requires_grad=True)
+    trig.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    for family in ("bw3x3", "color3x3", "random", "block", "blend"):
+        assert make_trigger(TriggerSpec(family=family), 3, (16, 16)).mode == "blend", family
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"delta": 0.0}, "trigger.delta"),
+        ({"delta": -0.1}, "trigger.delta"),
+        ({"delta": 1.5}, "trigger.delta"),
+        ({"frequency": 0.0}, "trigger.frequency"),
+        ({"frequency": -2.0}, "trigger.frequency"),
+        ({"frequency": float("inf")}, "trigger.frequency"),
+    ],
+)
+def test_sig_bad_delta_or_frequency(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        TriggerSpec(family="sig", **kwargs)
+    TriggerSpec(family="bw3x3", **kwargs)  # only a sig trigger reads them
+
+
+def test_unknown_trigger_mode():
+    with pytest.raises(ConfigError, match="mode"):
+        Trigger(torch.zeros(1, 2, 2), torch.ones(2, 2), mode="multiply")
+    with pytest.raises(ConfigError, match="mode"):
+        apply_trigger(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 2), torch.ones(2, 2), torch.zeros(1, 2, dtype=torch.long), "multiply")
 
 
 @pytest.mark.parametrize("channels", [1, 3])

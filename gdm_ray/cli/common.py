@@ -108,11 +108,17 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 
 def card_for(model_path: Path) -> dict[str, Any]:
-    """The model card (model.json beside the model), or {} when there is none."""
+    """The model card (model.json beside the model), or {} when there is none.
+    A relative trigger.path (a png trigger shipped beside the card) is read
+    relative to the card's folder, so a zoo folder can move."""
     card = model_path.with_suffix(".json")
     if card.is_file():
         try:
-            return json.loads(card.read_text())
+            data = json.loads(card.read_text())
         except (OSError, json.JSONDecodeError):
             raise ConfigError(f"model card {card} is not valid JSON") from None
+        trigger = data.get("trigger") if isinstance(data, dict) else None
+        if isinstance(trigger, dict) and trigger.get("path") and not Path(str(trigger["path"])).is_absolute():
+            trigger["path"] = str(card.parent / str(trigger["path"]))
+        return data
     return {}

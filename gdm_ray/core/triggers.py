@@ -5,10 +5,19 @@ it covers (DESIGN.md section 1, "arbitrary shape"). The operation is batched
 and differentiable in both pattern and mask, so the same function serves the
 attack, the metrics, and the generators of the trigger search (which hand in
 one pattern per image).
+
+Additive triggers (SIG, Barni, Kallas, Tondi, "A new backdoor attack in CNNs by
+training set corruption without label poisoning", ICIP 2019) add a signal
+instead of blending one in: ``after = clip(before + a * (2 * pattern - 1), 0, 1)``
+(``mode="add"``). The signed offset is encoded in the same two unit-range
+tensors as a blend: the pattern says the direction (0.5 = no change, 1 = up,
+0 = down) and the mask the strength, so every [0, 1] check, picture and
+placement rule of a blended trigger still holds and no third tensor is needed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +32,18 @@ __all__ = [
     "apply_trigger",
     "make_trigger",
     "random_positions",
+    "sig_pattern",
     "FAMILIES",
+    "MODES",
 ]
 
-FAMILIES = ("bw3x3", "color3x3", "random", "block", "blend", "png")
+FAMILIES = ("bw3x3", "color3x3", "random", "block", "blend", "png", "sig")
+MODES = ("blend", "add")
+
+# SIG's defaults as BackdoorBench v2 (config/attack/sig/default.yaml) uses them:
+# amplitude 40 of 255 grey levels, 6 periods over the image width.
+SIG_DELTA = 40 / 255
+SIG_FREQUENCY = 6.0
 
 
 @dataclass
@@ -40,7 +57,11 @@ class TriggerSpec:
       random    uniform random pattern of ``size`` drawn with ``seed``;
       block     a ``size`` block, ``fill`` "solid" (``color``) or "noise";
       blend     full-image noise blended with constant opacity ``blend``;
-      png       an RGBA (or LA) PNG at ``path``: its alpha channel is the mask.
+      png       an RGBA (or LA) PNG at ``path``: its alpha channel is the mask;
+      sig       SIG's additive horizontal sinusoid over the whole image (or
+                ``size``): ``v(i, j) = delta * sin(2 pi j frequency / W)``,
+                ``after = clip(before + v, 0, 1)``; ``delta`` in (0, 1] on the
+                [0, 1] pixel scale, ``frequency`` periods over the width W.
     placement: "random" (a new location per image) or "fixed" (``row``, ``col``;
       negative values count from the bottom/right edge as in Python indexing).
     """
@@ -53,6 +74,8 @@ class TriggerSpec:
     color: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     blend: float = 0.1
     path: str | None = None
+    delta: float = SIG_DELTA
+    frequency: float = SIG_FREQUENCY
     placement: str = "random"
     row: int = 0
     col: int = 0
@@ -66,6 +89,11 @@ class TriggerSpec:
             raise ConfigError(f"trigger.number={self.number} must be in 0..511 for a 3x3 black-white trigger")
         if self.family == "blend" and not 0.0 <= float(self.blend) <= 1.0:
             raise ConfigError(f"trigger.blend={self.blend} must be in [0, 1]")
+        if self.family == "sig":
+            if not 0.0 < float(self.delta) <= 1.0:
+                raise ConfigError(f"trigger.delta={self.delta} must be in (0, 1] (the signal's amplitude on the [0, 1] pixel scale)")
+            if not (math.isfinite(float(self.frequency)) and float(self.frequency) > 0.0):
+                raise ConfigError(f"trigger.frequency={self.frequency} must be a positive number of periods over the image width")
         if self.fill not in ("solid", "noise"):
             raise ConfigError(f"trigger.fill={self.fill!r} must be 'solid' or 'noise'")
         if self.size is not None:
@@ -78,15 +106,22 @@ class TriggerSpec:
 
 @dataclass
 class Trigger:
-    """A concrete trigger: pattern C x h x w in [0,1], mask h x w in [0,1]."""
+    """A concrete trigger: pattern C x h x w in [0,1], mask h x w in [0,1].
+
+    mode "blend" (every family but sig): ``after = (1 - mask) * before + mask * pattern``;
+    mode "add" (sig): ``after = clip(before + mask * (2 * pattern - 1), 0, 1)``.
+    """
 
     pattern: torch.Tensor
     mask: torch.Tensor
     placement: str = "random"
     row: int = 0
     col: int = 0
+    mode: str = "blend"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"trigger mode {self.mode!r} must be one of {', '.join(MODES)}")
         if self.pattern.dim() != 3:
             raise ConfigError(f"trigger pattern must be C x h x w, got shape {tuple(self.pattern.shape)}")
         if self.mask.shape != self.pattern.shape[1:]:
@@ -109,7 +144,7 @@ class Trigger:
 
     def apply(self, images: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         pos = self.positions(images.shape[0], tuple(images.shape[2:]), rng)
-        return apply_trigger(images, self.pattern.to(images), self.mask.to(images), pos)
+        return apply_trigger(images, self.pattern.to(images), self.mask.to(images), pos, self.mode)
 
 
 def _check_unit_range(name: str, t: torch.Tensor) -> None:
@@ -153,13 +188,17 @@ def place(
     return torch.tensor([list(fixed)], dtype=torch.long).expand(n, 2)
 
 
-def apply_trigger(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Blend a trigger into a batch of images at the given top-left corners.
+def apply_trigger(
+    images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, mode: str = "blend"
+) -> torch.Tensor:
+    """Blend (or, mode "add", add) a trigger into a batch of images at the given top-left corners.
 
     images: N x C x H x W; pattern: C x h x w or N x C x h x w (one per image,
     as a generator produces); mask: h x w or N x h x w; positions: N x 2 long.
     Returns a new tensor; gradients flow to pattern and mask (and images).
     """
+    if mode not in MODES:
+        raise ConfigError(f"trigger mode {mode!r} must be one of {', '.join(MODES)}")
     n, ch, H, W = images.shape
     if pattern.dim() == 3:
         pattern = pattern.unsqueeze(0).expand(n, -1, -1, -1)
@@ -180,7 +219,10 @@ def apply_trigger(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tenso
     flat = images.permute(0, 2, 3, 1)  # N x H x W x C view
     before = flat[idx, rows, cols]  # n x h x w x C
     a = mask.unsqueeze(-1)
-    after = (1 - a) * before + a * pattern.permute(0, 2, 3, 1)
+    if mode == "add":
+        after = (before + a * (2 * pattern.permute(0, 2, 3, 1) - 1)).clamp(0.0, 1.0)
+    else:
+        after = (1 - a) * before + a * pattern.permute(0, 2, 3, 1)
     out = flat.index_put((idx, rows, cols), after)
     return out.permute(0, 3, 1, 2).contiguous()
 
@@ -212,13 +254,27 @@ def make_trigger(spec: TriggerSpec, channels: int, image_hw: tuple[int, int]) ->
         h, w = spec.size or list(image_hw)
         pattern = torch.rand(channels, h, w, generator=rng)
         mask = torch.full((h, w), float(spec.blend))
+    elif fam == "sig":
+        h, w = spec.size or list(image_hw)
+        pattern, mask = sig_pattern(channels, (h, w), float(spec.delta), float(spec.frequency))
     else:  # png
         pattern, mask = _load_png(Path(str(spec.path)), channels, spec.size)
-    trig = Trigger(pattern, mask, spec.placement, int(spec.row), int(spec.col))
+    mode = "add" if fam == "sig" else "blend"
+    trig = Trigger(pattern, mask, spec.placement, int(spec.row), int(spec.col), mode)
     _check_fits(trig.size, image_hw)
     if spec.placement == "fixed":
         _resolve_fixed(trig.row, trig.col, trig.size, image_hw)
     return trig
+
+
+def sig_pattern(channels: int, hw: tuple[int, int], delta: float, frequency: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SIG's signal v(i, j) = delta * sin(2 pi j frequency / w) as an additive
+    trigger's (pattern, mask): pattern 0.5 + 0.5 * sin(...), mask delta, so
+    ``mask * (2 * pattern - 1) == v``; the same on every row and channel."""
+    h, w = hw
+    wave = torch.sin(2 * math.pi * torch.arange(w, dtype=torch.float64) * float(frequency) / w)
+    pattern = (0.5 + 0.5 * wave).to(torch.float32).view(1, 1, w).expand(channels, h, w).contiguous()
+    return pattern, torch.full((h, w), float(delta))
 
 
 def _channel_values(values: list[float], channels: int) -> torch.Tensor:
