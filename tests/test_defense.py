@@ -41,7 +41,7 @@ def backdoored():
 @pytest.fixture(scope="module")
 def fitted(backdoored):
     model, splits, _ = backdoored
-    mesa = MESA(MESAConfig(trigger_size=[3, 3], steps=300, alpha=0.1, log_every=100))
+    mesa = MESA(MESAConfig(trigger_size=[3, 3], restarts=0, steps=300, alpha=0.1, log_every=100))
     result = mesa.fit(model, splits.defense, TARGET, torch.Generator().manual_seed(1))
     return mesa, result
 

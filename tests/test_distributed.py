@@ -29,6 +29,7 @@ SCAN = [
     "scan.steps=150",
     "scan.classes_per_pass=2",
     "mesa.trigger_size=[3,3]",
+    "mesa.restarts=0",
     "mesa.steps=100",
     "mesa.eval_samples=128",
     "samples_per_level=4",

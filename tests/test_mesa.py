@@ -44,7 +44,7 @@ def fits(backdoored: nn.Module, synthetic_splits: Splits) -> dict[float, tuple[M
     """The default staircase (3 levels, betas 0, 1/3, 2/3) searched with a large and a tiny alpha."""
     out = {}
     for alpha in (1.0, 0.001):
-        mesa = MESA(MESAConfig(trigger_size=[3, 3], alpha=alpha, steps=STEPS, log_every=50))
+        mesa = MESA(MESAConfig(trigger_size=[3, 3], restarts=0, alpha=alpha, steps=STEPS, log_every=50))
         out[alpha] = (mesa, mesa.fit(backdoored, synthetic_splits.defense, TARGET, torch.Generator().manual_seed(0)))
     return out
 
@@ -136,7 +136,7 @@ def test_ensemble_sample_draws_a_level_per_sample(fits):
 
 def test_same_seed_same_samples(backdoored, synthetic_splits):
     def run(seed: int) -> tuple[torch.Tensor, list]:
-        mesa = MESA(MESAConfig(trigger_size=[3, 3], steps=20, log_every=10))
+        mesa = MESA(MESAConfig(trigger_size=[3, 3], restarts=0, steps=20, log_every=10))
         result = mesa.fit(backdoored, synthetic_splits.defense, TARGET, torch.Generator().manual_seed(seed))
         return mesa.sample(50, rng=torch.Generator().manual_seed(7))[0], result.history
 
@@ -160,7 +160,9 @@ def test_model_is_frozen_and_restored(backdoored, synthetic_splits):
         seen.append((model.training, any(p.requires_grad for p in model.parameters())))
         assert total == 5 and math.isfinite(loss)
 
-    MESA(MESAConfig(trigger_size=[3, 3], steps=5)).fit(model, synthetic_splits.defense, TARGET, torch.Generator().manual_seed(0), progress)
+    MESA(MESAConfig(trigger_size=[3, 3], restarts=0, steps=5)).fit(
+        model, synthetic_splits.defense, TARGET, torch.Generator().manual_seed(0), progress
+    )
     assert seen == [(False, False)] * 5  # eval mode and frozen during the search
     assert [p.requires_grad for p in model.parameters()] == flags
     assert [m.training for m in model.modules()] == modes
@@ -169,7 +171,7 @@ def test_model_is_frozen_and_restored(backdoored, synthetic_splits):
 
 
 def test_ce_testing_function_with_mask_mask(backdoored, synthetic_splits):
-    cfg = MESAConfig(trigger_size=[3, 3], levels=2, betas=[0.0, 0.5], steps=150, testing="ce", with_mask=True, noise="uniform")
+    cfg = MESAConfig(trigger_size=[3, 3], restarts=0, levels=2, betas=[0.0, 0.5], steps=150, testing="ce", with_mask=True, noise="uniform")
     mesa = MESA(cfg)
     result = mesa.fit(backdoored, synthetic_splits.defense, TARGET, torch.Generator().manual_seed(0))
     assert result.betas == [0.0, 0.5]
@@ -211,7 +213,7 @@ def test_fit_errors(backdoored, synthetic_splits):
     with pytest.raises(ConfigError, match=r"mesa.trigger_size=\[20, 3\] is larger than the image 16x16"):
         MESA(MESAConfig(trigger_size=[20, 3], steps=1)).fit(model, synthetic_splits.defense, TARGET, torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match="target_class=4"):
-        MESA(MESAConfig(trigger_size=[3, 3], steps=1)).fit(model, synthetic_splits.defense, 4, torch.Generator().manual_seed(0))
+        MESA(MESAConfig(trigger_size=[3, 3], restarts=0, steps=1)).fit(model, synthetic_splits.defense, 4, torch.Generator().manual_seed(0))
     assert model.training and all(p.requires_grad for p in model.parameters())
 
 

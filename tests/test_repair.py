@@ -19,7 +19,7 @@ from gdm_ray.core.triggers import TriggerSpec, make_trigger
 
 TARGET = 1
 SEED = 3
-MESA_CFG = MESAConfig(trigger_size=[3, 3], steps=60, log_every=30, eval_samples=64, levels=2)
+MESA_CFG = MESAConfig(trigger_size=[3, 3], restarts=0, steps=60, log_every=30, eval_samples=64, levels=2)
 BASE_CFG = BaselineConfig(steps=40, restarts=1)
 DEFENSE = DefenseConfig(epochs=1, batch_size=64)
 

@@ -12,7 +12,15 @@ from conftest import SCAN_DATA as DATA  # noqa: E402
 from gdm_ray.cli.main import main
 from gdm_ray.core.ensemble import load_ensemble
 
-FAST = [*DATA, "scan.steps=150", "mesa.trigger_size=[3,3]", "mesa.steps=100", "mesa.eval_samples=128", "samples_per_level=4"]
+FAST = [
+    *DATA,
+    "scan.steps=150",
+    "mesa.trigger_size=[3,3]",
+    "mesa.restarts=0",
+    "mesa.steps=100",
+    "mesa.eval_samples=128",
+    "samples_per_level=4",
+]
 
 
 def test_scan_flags_the_target_and_writes_contract_tables(models, tmp_path, capsys):

@@ -19,6 +19,7 @@ FAST = [
     "progress=false",
     "threads=1",
     "mesa.trigger_size=[3,3]",
+    "mesa.restarts=0",
     "mesa.steps=250",
     "mesa.log_every=50",
     "mesa.eval_samples=256",

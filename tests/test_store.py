@@ -20,7 +20,15 @@ from gdm_ray.store.parquet import read_results, write_table
 from gdm_ray.store.rundir import RunDir
 from gdm_ray.store.s3 import S3, StoreError
 
-FAST = [*SCAN_DATA, "scan.steps=150", "mesa.trigger_size=[3,3]", "mesa.steps=100", "mesa.eval_samples=128", "samples_per_level=4"]
+FAST = [
+    *SCAN_DATA,
+    "scan.steps=150",
+    "mesa.trigger_size=[3,3]",
+    "mesa.restarts=0",
+    "mesa.steps=100",
+    "mesa.eval_samples=128",
+    "samples_per_level=4",
+]
 
 
 def one_line_error(capsys, *needles: str) -> str:
@@ -117,6 +125,7 @@ def searched(s3_server, models) -> str:
         "target_class=2",
         *SCAN_DATA,
         "mesa.trigger_size=[3,3]",
+        "mesa.restarts=0",
         "mesa.steps=60",
         "mesa.eval_samples=128",
         f"out={out}",
@@ -243,6 +252,7 @@ def test_sweep_writes_to_s3_and_a_rerun_elsewhere_reports_it(s3_server, bucket, 
         "data=synthetic",
         "data.samples=600",
         "mesa.trigger_size=[3,3]",
+        "mesa.restarts=0",
         "mesa.steps=30",
         "mesa.eval_samples=64",
         "defense.epochs=1",
@@ -313,6 +323,7 @@ def test_sweep_on_s3_killed_on_one_machine_resumes_on_another(s3_server, bucket,
         "data=synthetic",
         "data.samples=600",
         "mesa.trigger_size=[3,3]",
+        "mesa.restarts=0",
         "mesa.steps=60",
         "mesa.eval_samples=64",
         "defense.epochs=1",
