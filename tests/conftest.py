@@ -115,3 +115,8 @@ def finished_trials(read_states) -> dict[str, dict]:
         if trial["status"] == "TERMINATED":
             done[trial["trial_id"]] = json.loads(meta_json)["last_result"]
     return done
+
+
+# CLI runs that test something other than MESA's extent estimate and restarts
+# pin the paper's 3x3 square and no restarts (a run of a few steps looks collapsed)
+PINNED_MESA = ["mesa.trigger_size=[3,3]", "mesa.restarts=0"]

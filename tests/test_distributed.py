@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import SCAN_DATA
+from conftest import PINNED_MESA, SCAN_DATA
 
 from gdm_ray.cli.main import main
 from gdm_ray.core.errors import ConfigError
@@ -28,8 +28,7 @@ SCAN = [
     *SCAN_DATA,
     "scan.steps=150",
     "scan.classes_per_pass=2",
-    "mesa.trigger_size=[3,3]",
-    "mesa.restarts=0",
+    *PINNED_MESA,
     "mesa.steps=100",
     "mesa.eval_samples=128",
     "samples_per_level=4",

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import SCAN_DATA as DATA  # noqa: E402
+from conftest import PINNED_MESA  # noqa: E402
+from conftest import SCAN_DATA as DATA
 
 from gdm_ray.cli.main import main
 from gdm_ray.core.ensemble import load_ensemble
@@ -15,8 +16,7 @@ from gdm_ray.core.ensemble import load_ensemble
 FAST = [
     *DATA,
     "scan.steps=150",
-    "mesa.trigger_size=[3,3]",
-    "mesa.restarts=0",
+    *PINNED_MESA,
     "mesa.steps=100",
     "mesa.eval_samples=128",
     "samples_per_level=4",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PINNED_MESA
 
 from gdm_ray.cli.main import main
 from gdm_ray.core.ensemble import load_ensemble
@@ -18,8 +19,7 @@ FAST = [
     "data=synthetic",
     "progress=false",
     "threads=1",
-    "mesa.trigger_size=[3,3]",
-    "mesa.restarts=0",
+    *PINNED_MESA,
     "mesa.steps=250",
     "mesa.log_every=50",
     "mesa.eval_samples=256",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SCAN_DATA, finished_trials
+from conftest import PINNED_MESA, SCAN_DATA, finished_trials
 
 from gdm_ray.cli.main import main
 from gdm_ray.core.ensemble import EnsembleError, load_ensemble
@@ -23,8 +23,7 @@ from gdm_ray.store.s3 import S3, StoreError
 FAST = [
     *SCAN_DATA,
     "scan.steps=150",
-    "mesa.trigger_size=[3,3]",
-    "mesa.restarts=0",
+    *PINNED_MESA,
     "mesa.steps=100",
     "mesa.eval_samples=128",
     "samples_per_level=4",
@@ -124,8 +123,7 @@ def searched(s3_server, models) -> str:
         f"model={models['backdoored']}",
         "target_class=2",
         *SCAN_DATA,
-        "mesa.trigger_size=[3,3]",
-        "mesa.restarts=0",
+        *PINNED_MESA,
         "mesa.steps=60",
         "mesa.eval_samples=128",
         f"out={out}",
@@ -251,8 +249,7 @@ def test_sweep_writes_to_s3_and_a_rerun_elsewhere_reports_it(s3_server, bucket, 
         "target_class=1",
         "data=synthetic",
         "data.samples=600",
-        "mesa.trigger_size=[3,3]",
-        "mesa.restarts=0",
+        *PINNED_MESA,
         "mesa.steps=30",
         "mesa.eval_samples=64",
         "defense.epochs=1",
@@ -322,8 +319,7 @@ def test_sweep_on_s3_killed_on_one_machine_resumes_on_another(s3_server, bucket,
         "target_class=1",
         "data=synthetic",
         "data.samples=600",
-        "mesa.trigger_size=[3,3]",
-        "mesa.restarts=0",
+        *PINNED_MESA,
         "mesa.steps=60",
         "mesa.eval_samples=64",
         "defense.epochs=1",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import finished_trials
+from conftest import PINNED_MESA, finished_trials
 
 from gdm_ray.cli.main import main
 from gdm_ray.core.defense import DefenseConfig
@@ -28,8 +28,7 @@ TINY = ["data=synthetic", "train=tiny", "arch.width=8", "progress=false", "threa
 FAST = [
     "data=synthetic",
     "data.samples=600",
-    "mesa.trigger_size=[3,3]",
-    "mesa.restarts=0",
+    *PINNED_MESA,
     "mesa.steps=30",
     "mesa.log_every=10",
     "mesa.eval_samples=64",
@@ -189,8 +188,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(model, tmp_
         f"model={model}",
         "target_class=1",
         *FAST,
-        "mesa.trigger_size=[3,3]",
-        "mesa.restarts=0",
+        *PINNED_MESA,
         "mesa.steps=60",
         "ray.num_cpus=1",
         "sweep.mode=random",
