@@ -1,5 +1,6 @@
 """What a repair can do to keep clean accuracy: distillation from the
-original model and frozen BatchNorm statistics (gdm_ray.core.train)."""
+original model, frozen BatchNorm statistics (gdm_ray.core.train) and the
+stopping epoch chosen on held-out clean images (gdm_ray.core.selection)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import pytest
 import torch
 
 from gdm_ray.core.data import make_synthetic
+from gdm_ray.core.defense import DefenseConfig
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.model_io import clone_model
 from gdm_ray.core.models import build_model
+from gdm_ray.core.repair import repair
+from gdm_ray.core.selection import EpochPicker, holdout_split
 from gdm_ray.core.train import TrainConfig, train_classifier
 
 CFG = TrainConfig(epochs=1, batch_size=64, lr=0.05, schedule="constant", channels_last=False)
@@ -60,3 +64,53 @@ def test_distillation_changes_the_training_and_needs_a_teacher():
 def test_train_config_checks_the_ingredients(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig(**kw)
+
+
+class _FixedTrigger:
+    """A found-trigger stand-in: the same white 3x3 square every draw."""
+
+    def sample(self, n, rng=None, level=None):
+        return torch.ones(n, 1, 3, 3), torch.ones(n, 3, 3)
+
+
+def test_holdout_split_is_disjoint_seeded_and_checks_its_share():
+    data = make_synthetic(n=100, num_classes=4, image_size=(8, 8), seed=0)
+    fit, held = holdout_split(data, 0.2, torch.Generator().manual_seed(0))
+    assert (len(fit), len(held)) == (80, 20)
+    again = holdout_split(data, 0.2, torch.Generator().manual_seed(0))[1]
+    assert torch.equal(held.x, again.x)
+    rows = lambda s: {tuple(r.flatten().tolist()) for r in s.x}  # noqa: E731
+    assert not rows(fit) & rows(held)
+    with pytest.raises(ConfigError, match="defense.holdout=0.001"):
+        holdout_split(data, 0.001, torch.Generator())
+    with pytest.raises(ConfigError, match="defense.holdout=1.5"):
+        DefenseConfig(holdout=1.5)
+
+
+def test_epoch_picker_puts_the_best_epochs_weights_back():
+    model, data = _model_and_data()
+    train_classifier(model, data, CFG, torch.Generator().manual_seed(0))
+    good = [t.clone() for t in model.state_dict().values()]
+    picker = EpochPicker(model, data, {0: _FixedTrigger()}, seed=0)
+    picker()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # every image gets the same answer: accuracy near chance
+    picker()
+    assert picker.epochs[1]["clean_accuracy"] < picker.epochs[0]["clean_accuracy"]
+    picker.restore()
+    assert all(torch.equal(a, b) for a, b in zip(good, model.state_dict().values()))
+    assert picker.summary()["chosen_epoch"] == 1 and len(picker.summary()["epochs"]) == 2
+
+
+def test_repair_with_a_holdout_records_its_choice_and_leaves_the_default_alone():
+    model, data = _model_and_data()
+    cfg = DefenseConfig(epochs=2, batch_size=64, lr=0.01)
+    plain = repair(model, data, data, {0: _FixedTrigger()}, cfg, torch.Generator().manual_seed(0), 1)
+    assert plain.selection is None
+    held = repair(model, data, data, {0: _FixedTrigger()}, dataclasses.replace(cfg, holdout=0.25), torch.Generator().manual_seed(0), 1)
+    sel = held.selection
+    assert sel["holdout_images"] == 64 and [e["epoch"] for e in sel["epochs"]] == [1, 2]
+    assert sel["chosen_epoch"] in (1, 2)
+    best = max(e["score"] for e in sel["epochs"])
+    assert sel["epochs"][sel["chosen_epoch"] - 1]["score"] == best

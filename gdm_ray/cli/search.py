@@ -228,6 +228,7 @@ def _write_repaired(run_dir: RunDir, fixed: RepairResult, loaded: LoadedModel, s
         before=fixed.before.as_dict(),
         after=fixed.after.as_dict(),
         der=fixed.der,
+        selection=fixed.selection,
         retrain_seconds=round(fixed.retrain_seconds, 2),
         repaired_sha256=file_sha256(run_dir.path("model.pt")),
     )

@@ -50,10 +50,13 @@ class DefenseConfig:
     batchnorm: str = "train"  # train | frozen: keep the model's BatchNorm statistics
     distill: float = 0.0  # weight of distillation from the original model (0: off)
     temperature: float = 2.0
+    holdout: float = 0.0  # share of the clean images kept out to choose the stopping epoch on (0: off; core/selection.py)
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.rate) <= 1.0:
             raise ConfigError(f"defense.rate={self.rate} must be in (0, 1]")
+        if not 0.0 <= float(self.holdout) < 1.0:
+            raise ConfigError(f"defense.holdout={self.holdout} must be in [0, 1)")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -79,6 +82,7 @@ def retrain(
     cfg: DefenseConfig,
     rng: torch.Generator,
     progress: Callable[[int, int, float], None] | None = None,
+    epoch_end: Callable[[], None] | None = None,
 ) -> list[float]:
     """Retrain ``model`` in place on ``clean`` with sampled triggers, true labels kept.
 
@@ -95,18 +99,20 @@ def retrain(
     (Each sampler's full ``epochs`` in one shared phase, 9 epochs: 20%.)
     No samplers: one phase of plain fine-tuning for the full ``epochs``, no
     triggers (the floor a repair must beat; ``rate`` is then unused).
-    Returns the mean loss of each epoch of every phase.
+    Returns the mean loss of each epoch of every phase; ``epoch_end()`` is
+    called after each of them.
     """
     teacher = _teacher(model) if float(cfg.distill) > 0 else None
     if not samplers:
-        return train_classifier(model, clean, cfg.train_config(), rng, None, progress, teacher)
+        return train_classifier(model, clean, cfg.train_config(), rng, None, progress, teacher, epoch_end)
     k = len(samplers)
     phase_cfg = dataclasses.replace(cfg.train_config(), epochs=float(cfg.epochs) / k)
     losses: list[float] = []
     for i, sampler in enumerate(samplers):
         # every phase has the same step count: one progress bar spans them
         report = None if progress is None else (lambda step, total, loss, i=i: progress(i * total + step, k * total, loss))
-        losses += train_classifier(model, clean, phase_cfg, rng, _trigger_hook(sampler, cfg.rate, clean.shape), report, teacher)
+        hook = _trigger_hook(sampler, cfg.rate, clean.shape)
+        losses += train_classifier(model, clean, phase_cfg, rng, hook, report, teacher, epoch_end)
     return losses
 
 

@@ -31,6 +31,7 @@ from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
 from gdm_ray.core.metrics import asr_and_robust_accuracy, clean_accuracy, defense_effectiveness_rating, sampled_asr
 from gdm_ray.core.model_io import clone_model
+from gdm_ray.core.selection import EpochPicker, holdout_split
 from gdm_ray.core.triggers import Trigger
 
 __all__ = ["METHODS", "SEARCH_METHODS", "Search", "search_triggers", "Measurement", "measure", "RepairResult", "repair"]
@@ -137,6 +138,7 @@ class RepairResult:
     repaired: nn.Module
     retrain_seconds: float
     losses: list[float]
+    selection: dict | None = None  # the held-out epoch choice (core/selection.py), when defense.holdout > 0
 
     @property
     def der(self) -> float | None:
@@ -176,7 +178,13 @@ def repair(
     before = measure(model, eval_data, samplers, eval_seed, real, real_target) if measure_before else None
     repaired = clone_model(model)
     t0 = time.perf_counter()
-    losses = retrain(repaired, clean, list(samplers.values()), cfg, rng, progress)
+    picker = None
+    if float(cfg.holdout) > 0:
+        clean, held = holdout_split(clean, cfg.holdout, rng)
+        picker = EpochPicker(repaired, held, samplers, eval_seed)
+    losses = retrain(repaired, clean, list(samplers.values()), cfg, rng, progress, picker)
+    if picker is not None:
+        picker.restore()
     seconds = time.perf_counter() - t0
     after = measure(repaired, eval_data, samplers, eval_seed, real, real_target)
-    return RepairResult(list(samplers), before, after, repaired, seconds, losses)
+    return RepairResult(list(samplers), before, after, repaired, seconds, losses, None if picker is None else picker.summary())

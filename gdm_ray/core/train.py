@@ -125,6 +125,7 @@ def train_classifier(
     batch_hook: BatchHook | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     teacher: nn.Module | None = None,
+    epoch_end: Callable[[], None] | None = None,
 ) -> list[float]:
     """Train in place; returns the mean loss of each epoch.
 
@@ -136,7 +137,9 @@ def train_classifier(
     learns the original model's answer on the clean version of a triggered
     image (its behaviour off the backdoor) instead of the hard label alone.
     ``cfg.batchnorm="frozen"`` keeps every BatchNorm layer in eval mode, so
-    its running statistics stay those the model came with.
+    its running statistics stay those the model came with. ``epoch_end()`` is
+    called after every epoch (a last partial one included), the model in
+    whatever mode it trains in.
     """
     device = model_device(model)
     n = len(data)
@@ -175,7 +178,7 @@ def train_classifier(
                     if _is_batchnorm(m):
                         m.eval()
             distill = (teacher, float(cfg.distill), float(cfg.temperature)) if teacher is not None and float(cfg.distill) > 0 else None
-            return _loop(model, data, cfg, rng, batch_hook, progress, opt, sched, loss_fn, bs, total, distill)
+            return _loop(model, data, cfg, rng, batch_hook, progress, opt, sched, loss_fn, bs, total, distill, epoch_end)
     finally:
         model.train(was_training)
         if cfg.channels_last:
@@ -195,6 +198,7 @@ def _loop(
     bs: int,
     total: int,
     distill: tuple[nn.Module, float, float] | None = None,
+    epoch_end: Callable[[], None] | None = None,
 ) -> list[float]:
     device = model_device(model)
     n = len(data)
@@ -236,4 +240,6 @@ def _loop(
                 progress(step, total, lv)
         losses.append(epoch_loss / max(1, epoch_count))
         epoch_loss, epoch_count = 0.0, 0
+        if epoch_end is not None:
+            epoch_end()
     return losses
