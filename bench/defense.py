@@ -8,11 +8,14 @@ For each data set: 5 backdoored models (3x3 black-white and 3x3 random-colour
 triggers at random locations, varied targets, poisoning rate 0.1), made as
 bench/attack.py makes them: Fashion-MNIST from scratch, CIFAR-10 by
 fine-tuning the clean model of bench/attack.py (trained here when missing). Every model
-is repaired twice through the same code path as `gdm-ray defend`: once with
-MESA's ensemble (method=mesa), once with the baseline's single
-reverse-engineered trigger (method=baseline, the "point defense"). ASR and
-clean accuracy are measured on the eval split, which neither the search nor
-the retraining sees.
+is repaired three times through the same code path as `gdm-ray defend`: with
+MESA's ensemble (method=mesa), with the baseline's single reverse-engineered
+trigger (method=baseline, the "point defense"), and by plain fine-tuning on
+the same clean data with the same budget and no triggers (method=finetune,
+the control any repair must beat). ASR, clean accuracy and robust accuracy
+(R-Acc: triggered images classified as their true class) are measured on the
+eval split, which neither the search nor the retraining sees; DER is
+BackdoorBench's defense effectiveness rating of the before/after figures.
 
 Retraining is noisy where a repair ends near the clean model's own rate
 (one CIFAR-10 model's MESA repair: 2.5-3.4% over 5 seeds). So each repair's
@@ -57,13 +60,14 @@ from gdm_ray.cli.settings import DefendSettings, build  # noqa: E402
 from gdm_ray.core.baseline import PixelBaseline, load_trigger  # noqa: E402
 from gdm_ray.core.ensemble import load_ensemble  # noqa: E402
 from gdm_ray.core.mesa import MESA  # noqa: E402
-from gdm_ray.core.metrics import EVAL_SEED_OFFSET, attack_success_rate  # noqa: E402
+from gdm_ray.core.metrics import EVAL_SEED_OFFSET, attack_success_rate, defense_effectiveness_rating  # noqa: E402
 from gdm_ray.core.model_io import load_model  # noqa: E402
 from gdm_ray.core.repair import repair  # noqa: E402
 from gdm_ray.core.train import frozen  # noqa: E402
 from gdm_ray.core.triggers import TriggerSpec, make_trigger  # noqa: E402
 from gdm_ray.store.provenance import code_version  # noqa: E402
 
+METHODS = ("mesa", "baseline", "finetune")
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpg.tar.gz"
 
 # (label, trigger overrides, target class); 5 per data set, targets varied
@@ -149,6 +153,7 @@ def retrains(
             "seed": 0,
             "asr": first["after"]["asr"],
             "clean_accuracy": first["after"]["clean_accuracy"],
+            "robust_accuracy": first["after"].get("robust_accuracy"),
             "code_version": first.get("code_version"),
         }
     ]
@@ -158,11 +163,12 @@ def retrains(
         return runs + [done[s] for s in range(1, n)]
     dcfg = defend_settings(ds, model, target, method, out, extra).defense
     net = load_model(model, splits.shape, splits.eval.num_classes).module
-    sampler = (
-        load_ensemble(out / "ensemble")
-        if method == "mesa"
-        else PixelBaseline.from_result(load_trigger(out / "trigger.safetensors", target))
-    )
+    if method == "mesa":
+        samplers = {target: load_ensemble(out / "ensemble")}
+    elif method == "baseline":
+        samplers = {target: PixelBaseline.from_result(load_trigger(out / "trigger.safetensors", target))}
+    else:  # finetune: no triggers, the same budget
+        samplers = {}
     for s in range(1, n):
         if s not in done:
             # the core repair `defend seed=s` would run, against the saved triggers (the "before" is the defend run's)
@@ -170,16 +176,23 @@ def retrains(
                 net,
                 splits.defense,
                 splits.eval,
-                {target: sampler},
+                samplers,
                 dcfg,
                 torch.Generator().manual_seed(s),
                 s + EVAL_SEED_OFFSET,
                 trigger,
                 target,
                 measure_before=False,
+                finetune=method == "finetune",
             ).after
             asr = after.asr
-            done[s] = {"seed": s, "asr": asr, "clean_accuracy": after.clean_accuracy, "code_version": code_version()}
+            done[s] = {
+                "seed": s,
+                "asr": asr,
+                "clean_accuracy": after.clean_accuracy,
+                "robust_accuracy": after.robust_accuracy,
+                "code_version": code_version(),
+            }
             f.write_text(json.dumps(sorted(done.values(), key=lambda r: r["seed"]), indent=1) + "\n")
             print(f"  {out.name} retraining seed {s}: ASR {pct(asr)}, acc {pct(done[s]['clean_accuracy'])}", flush=True)
     return runs + [done[s] for s in range(1, n)]
@@ -190,6 +203,9 @@ def overhead(splits, ds: dict, model: Path, target: int, extra: list[str], steps
     mesa_over = [o for o in extra if o.startswith("mesa.")]
     mcfg = compose_settings("search", [f"model={model}", f"target_class={target}", *ds["data"], *mesa_over]).mesa
     mcfg.steps = steps
+    # the ratio is the batched staircase training's cost per step: the extent estimate and a
+    # collapsed level's restart are extra passes before and after it (in the "MESA s" column)
+    mcfg.trigger_size, mcfg.restarts = [3, 3], 0
     loaded = load_model(model, splits.shape, splits.eval.num_classes)
     net = loaded.module
     pool = splits.defense.x[splits.defense.y != target]
@@ -215,13 +231,31 @@ def pct(v: float) -> str:
     return f"{100 * v:.2f}%"
 
 
+def pct_or_dash(v: float | None) -> str:
+    return "-" if v is None else pct(v)
+
+
 def spread(runs: list[dict]) -> str:
     """Median ASR of the runs, with their range."""
     a = [r["asr"] for r in runs]
     return pct(statistics.median(a)) + (f" ({100 * min(a):.2f}-{100 * max(a):.2f})" if len(a) > 1 else "")
 
 
-def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_retrains: int) -> tuple[list[list[str]], dict]:
+def median_of(runs: list[dict], key: str) -> float | None:
+    v = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(v) if v else None
+
+
+def der_of(before: dict, runs: list[dict]) -> float:
+    """Median DER over the retrainings (each against the defend run's "before")."""
+    return statistics.median(
+        defense_effectiveness_rating(before["asr"], r["asr"], before["clean_accuracy"], r["clean_accuracy"]) for r in runs
+    )
+
+
+def bench(
+    name: str, work: Path, quick: bool, n_models: int, repeats: int, n_retrains: int
+) -> tuple[list[list[str]], list[list[str]], dict]:
     ds = DATASETS[name]
     extra = ["mesa.steps=200", "baseline.steps=100", "baseline.restarts=1", "defense.epochs=1"] if quick else []
     base = ["data.limit_train=4000", "data.limit_defense=1000", "data.limit_eval=1000"] if quick else []
@@ -230,7 +264,7 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
     clean_dir = (work if quick else ROOT / "bench" / "work" / "attack") / ("fm-clean" if name == "fashion_mnist" else "c10-clean")
     clean = model_for(ds, clean_over, clean_dir)
     print(f"{ds['label']} clean model: {clean['clean_accuracy']:.2%} ({clean_dir})", flush=True)
-    rows, res, versions, retrain_versions = [], [], set(), set()
+    rows, controls, res, versions, retrain_versions = [], [], [], set(), set()
     splits = load_data(compose_settings("defend", ["model=x", "target_class=0", *ds["data"]]).data)  # the floors' and the overhead's
     clean_net = load_model(clean_dir / "model.pt", splits.shape, splits.eval.num_classes).module
     models = [ds.get("models", {}).get(i, m) for i, m in enumerate(MODELS)]
@@ -241,13 +275,14 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
         model = work / tag / "model.pt"
         trigger = real_trigger(splits, card)
         runs = {}
-        for method in ("mesa", "baseline"):
+        for method in METHODS:
             d = defend_one(ds, model, target, method, work / f"{tag}-{method}", extra)
             runs[method] = (d, retrains(ds, splits, trigger, model, target, method, work / f"{tag}-{method}", extra, d, n_retrains))
-        (m, m_runs), (b, b_runs) = runs["mesa"], runs["baseline"]
-        versions |= {m.get("code_version"), b.get("code_version")}
-        retrain_versions |= {r.get("code_version") for r in m_runs[1:] + b_runs[1:]}
+        (m, m_runs), (b, b_runs), (f, f_runs) = runs["mesa"], runs["baseline"], runs["finetune"]
+        versions |= {d.get("code_version") for d, _ in runs.values()}
+        retrain_versions |= {r.get("code_version") for _, rs in runs.values() for r in rs[1:]}
         before = m["before"]
+        secs = lambda r: r["search"]["search_seconds"] + r["retrain_seconds"]  # noqa: E731
         floor = floor_asr(splits, clean_net, trigger, target, n_retrains)
         after = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         res.append(
@@ -260,9 +295,24 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
                 "base_drop": 100 * (before["clean_accuracy"] - after(b_runs, "clean_accuracy")),
                 "mesa_single": m["after"]["asr"],
                 "base_single": b["after"]["asr"],
+                "ft": after(f_runs, "asr"),
+                "ft_drop": 100 * (before["clean_accuracy"] - after(f_runs, "clean_accuracy")),
+                "label": label,
             }
         )
-        secs = lambda r: r["search"]["search_seconds"] + r["retrain_seconds"]  # noqa: E731
+        controls.append(
+            [
+                ds["label"],
+                label,
+                spread(f_runs),
+                pct(after(f_runs, "clean_accuracy")),
+                f"{res[-1]['ft_drop']:+.2f}",
+                f"{secs(f):.0f}",
+                pct_or_dash(before.get("robust_accuracy")),
+                *(pct_or_dash(median_of(rs, "robust_accuracy")) for rs in (m_runs, b_runs, f_runs)),
+                *(f"{der_of(before, rs):.3f}" for rs in (m_runs, b_runs, f_runs)),
+            ]
+        )
         rows.append(
             [
                 ds["label"],
@@ -296,6 +346,11 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
         "mesa_excess_worst": max(r["mesa"] - r["floor"] for r in res),
         "base_excess_worst": max(r["base"] - r["floor"] for r in res),
         "mesa_single_worst": worst("mesa_single"),
+        "ft_worst": worst("ft"),
+        "ft_drop_worst": worst("ft_drop"),
+        # models where plain fine-tuning does as well as a repair (the repair buys nothing there)
+        "mesa_not_above_ft": [r["label"] for r in res if r["mesa"] >= r["ft"]],
+        "base_not_above_ft": [r["label"] for r in res if r["base"] >= r["ft"]],
         "base_single_worst": worst("base_single"),
         "retrains": n_retrains,
         "retrain_versions": sorted(str(v) for v in retrain_versions),
@@ -314,7 +369,7 @@ def bench(name: str, work: Path, quick: bool, n_models: int, repeats: int, n_ret
             "bare_seconds": statistics.median(b for _, b in runs),
         }
     )
-    return rows, summary
+    return rows, controls, summary
 
 
 def main() -> int:
@@ -351,10 +406,11 @@ def main() -> int:
         "baseline drop (pts)",
         "baseline s",
     ]
-    rows, sums, checks = [], {}, []
+    rows, controls, sums, checks = [], [], {}, []
     for name in [args.only] if args.only else list(DATASETS):
-        r, s = bench(name, work, args.quick, n_models, args.repeats, n_retrains)
+        r, c, s = bench(name, work, args.quick, n_models, args.repeats, n_retrains)
         rows += r
+        controls += c
         sums[name] = s
         label = DATASETS[name]["label"]
         checks += [
@@ -367,6 +423,12 @@ def main() -> int:
             (
                 f"{label}: MESA's worst ASR ({pct(s['mesa_worst'])}) below the baseline's worst ({pct(s['base_worst'])})",
                 s["mesa_worst"] < s["base_worst"],
+            ),
+            (
+                f"{label}: MESA and the baseline each leave less ASR than plain fine-tuning (fine-tune worst "
+                f"{pct(s['ft_worst'])}, drop worst {s['ft_drop_worst']:+.2f}); MESA not below it on: "
+                f"{', '.join(s['mesa_not_above_ft']) or 'none'}; baseline not below it on: {', '.join(s['base_not_above_ft']) or 'none'}",
+                not s["mesa_not_above_ft"] and not s["base_not_above_ft"],
             ),
             (
                 f"{label}: (for information) one retraining per repair, the `defend` run's own (seed 0): MESA worst "
@@ -403,7 +465,27 @@ def main() -> int:
         ]
         for n, s in sums.items()
     ]
+    ctrl_header = [
+        "data set",
+        "trigger",
+        "ASR after fine-tune",
+        "acc after fine-tune",
+        "fine-tune drop (pts)",
+        "fine-tune s",
+        "R-Acc before",
+        "R-Acc after MESA",
+        "R-Acc after baseline",
+        "R-Acc after fine-tune",
+        "DER MESA",
+        "DER baseline",
+        "DER fine-tune",
+    ]
     body = markdown_table(header, rows) + "\n\n" + markdown_table(summ_header, summ) + "\n\n"
+    body += (
+        "Controls and BackdoorBench's metrics: plain fine-tuning (no triggers, the same data and budget), robust accuracy"
+        " (triggered non-target images classified as their true class) and DER (1 = backdoor gone at no accuracy cost,"
+        " 0.5 = nothing changed), medians over the same retrainings:\n\n" + markdown_table(ctrl_header, controls) + "\n\n"
+    )
     body += "\n".join(f"- {'info' if ok is None else 'met' if ok else 'NOT MET'}: {text}" for text, ok in checks)
     body += (
         "\n- Models: as in bench/attack.py (Fashion-MNIST from scratch, CIFAR-10 fine-tuned from the clean"
@@ -413,7 +495,8 @@ def main() -> int:
         f" medians of {n_retrains} retraining(s) against the same found triggers (seeds 0..{n_retrains - 1}, each"
         " on its own eval placements; range in brackets); the search runs once. Seconds = search + the first"
         " retraining. Overhead: the bare loop runs the classifier forward+backward (frozen weights, gradient"
-        " w.r.t. the input) on batches of levels x batch_size clean images, as many steps as the MESA search."
+        " w.r.t. the input) on batches of levels x batch_size clean images, as many steps as the MESA search, which is"
+        " pinned to the triggers' 3x3 size with no restarts: the ratio is the staircase training's own cost per step."
         "\n- Clean model's ASR: the clean model the backdoors were made from (CIFAR-10: fine-tuned from; Fashion-MNIST:"
         " the same recipe without poisoning), with the same trigger, eval images and placements (median over the seeds): the share that"
         " the trigger's pixels send to the target with no backdoor at all. A repaired model near it has no"

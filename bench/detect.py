@@ -22,7 +22,10 @@ Then `gdm-ray defend target_class=auto scan.moving_window=true` on each
 irregular-trigger model measures the real trigger's ASR after the repair,
 twice: judging the model's classes against each other alone (natural triggers
 get flagged and repaired too), and against the zoo just scanned
-(reference=zoo-scan folder; the model itself is left out of the reference).
+(reference=zoo-scan folder; the model itself is left out of the reference);
+and plain fine-tuning with the same data and budget (method=finetune, the
+control a repair must beat). Beside ASR and clean accuracy: BackdoorBench's
+robust accuracy (R-Acc) and DER.
 Writes bench/results/detect.md (detect-quick.md with --quick).
 """
 
@@ -163,6 +166,14 @@ def build(m: ZooModel, splits, folder: Path, quick: bool) -> dict:
     return card
 
 
+# how each repair of the irregular-trigger models judges classes (finetune: the control, no search)
+REPAIR_MODES = {
+    "alone": "the model's own classes",
+    "zoo": "the zoo (reference=zoo-scan)",
+    "finetune": "none: plain fine-tuning, no triggers (control)",
+}
+
+
 def roc_auc(pos: list[float], neg: list[float]) -> float:
     """P(score of a backdoored model > score of a clean one), ties count half."""
     if not pos or not neg:
@@ -239,7 +250,8 @@ def main() -> None:
     # alone, once against the zoo scanned above (reference=)
     repairs = []
     for mid in [i for i in cards if "irregular" in i][: 1 if quick else 2]:
-        for mode, extra in (("alone", []), ("zoo", [f"reference={work / 'zoo-scan-batched'}"])):
+        modes = (("alone", []), ("zoo", [f"reference={work / 'zoo-scan-batched'}"]), ("finetune", ["method=finetune"]))
+        for mode, extra in modes:
             out = work / f"defend-{mid}" if mode == "alone" else work / f"defend-{mid}-{mode}"
             if (out / "metrics.json").is_file() and not args.rescan:  # a finished repair of this zoo model is reused
                 print(f"defend {mid} ({mode}): reusing {out}", flush=True)
@@ -292,15 +304,19 @@ def main() -> None:
     repair_rows = []
     for mid, mode, m in repairs:
         before, after = m["before"], m["after"] or {}
+        fraction = lambda d, k: "-" if d.get(k) is None else f"{d[k]:.2%}"  # noqa: E731
         repair_rows.append(
             [
                 mid,
-                "the model's own classes" if mode == "alone" else "the zoo (reference=zoo-scan)",
+                REPAIR_MODES[mode],
                 ",".join(map(str, m["targets"])) or "-",
-                f"{before['asr']:.2%}",
-                f"{after['asr']:.2%}" if after else "-",
-                f"{before['clean_accuracy']:.2%}",
-                f"{after['clean_accuracy']:.2%}" if after else "-",
+                fraction(before, "asr"),
+                fraction(after, "asr"),
+                fraction(before, "clean_accuracy"),
+                fraction(after, "clean_accuracy"),
+                fraction(before, "robust_accuracy"),
+                fraction(after, "robust_accuracy"),
+                "-" if m.get("der") is None else f"{m['der']:.3f}",
             ]
         )
 
@@ -315,8 +331,16 @@ def main() -> None:
             f"{g['median_seconds']:.0f}s vs {base['median_seconds']:.0f}s)",
         ),
     ]
+    by = {(mid, mode): m for mid, mode, m in repairs}
     for mid, mode, m in repairs:
         asr = (m["after"] or {}).get("asr")
+        if mode == "finetune":  # the control: the repairs must leave less ASR than it
+            ft = "-" if asr is None else f"{asr:.2%}"
+            left = {o: (by[(mid, o)]["after"] or by[(mid, o)]["before"])["asr"] for o in ("alone", "zoo")}  # nothing repaired: as before
+            worse = [o for o, v in left.items() if asr is not None and v >= asr]
+            text = f"{mid}: both repairs leave less ASR than plain fine-tuning ({ft}); not on: {', '.join(worse) or 'none'}"
+            checks.append((not worse, text))
+            continue
         how = "alone" if mode == "alone" else "reference=zoo-scan"
         checks.append(
             (
@@ -365,7 +389,19 @@ def main() -> None:
             "`defend target_class=auto scan.moving_window=true` on the fixed-location irregular trigger:",
             "Repairs made by code version(s): " + ", ".join(sorted({m["code_version"] for _, _, m in repairs})) + ".",
             markdown_table(
-                ["model", "classes judged against", "repaired targets", "ASR before", "ASR after", "acc before", "acc after"], repair_rows
+                [
+                    "model",
+                    "classes judged against",
+                    "repaired targets",
+                    "ASR before",
+                    "ASR after",
+                    "acc before",
+                    "acc after",
+                    "R-Acc before",
+                    "R-Acc after",
+                    "DER",
+                ],
+                repair_rows,
             ),
             "\n".join(f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks),
         ]

@@ -1,0 +1,174 @@
+"""What each accuracy-keeping ingredient of a repair buys (issue 19, part 3).
+
+    python bench/ingredients.py                # 5 third-party models, every variant (about an hour on 2 cores)
+    python bench/ingredients.py --quick        # smoke run: the quick zoo's models, short searches
+    python bench/ingredients.py --only fm-vgg-ring7-fixed
+
+A repair retrains the model it did not train with a recipe that is not the
+model's own, and on third-party models that has cost 1.8-2.4 points of clean
+accuracy. This bench holds the search fixed and changes only the
+retraining: per model (bench/thirdparty.py's, made with their own recipes and
+poisoning), one `gdm-ray defend method=mesa` run at the defaults, told the
+target class, finds the trigger ensemble; then the core repair retrains the
+model against that same ensemble under each variant of the defense settings:
+
+- defaults: configs as shipped;
+- distillation from the original model on the image before its trigger
+  (defense.distill=1, temperature 2);
+- BatchNorm statistics kept as the model came (defense.batchnorm=frozen);
+- the stopping epoch chosen on 10% of the clean images held out
+  (defense.holdout=0.1; core/selection.py);
+- a lower learning rate (defense.lr=0.003) and a smaller triggered share
+  (defense.rate=0.2), the two knobs a recipe mismatch would suggest;
+- distillation + frozen BatchNorm + holdout together;
+- plain fine-tuning (no triggers, the same budget) at the defaults: the control.
+
+Figures on gdm-ray's eval split, measured by bench/thirdparty.py's own code:
+ASR of the real trigger and clean-accuracy loss against the model as it came.
+Finished retrainings are reused from --work (resume); --fresh starts over.
+Writes bench/results/ingredients.md (ingredients-quick.md with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import thirdparty  # noqa: E402
+from report import markdown_table, write_result  # noqa: E402
+
+from gdm_ray.cli.common import load_data  # noqa: E402
+from gdm_ray.cli.compose import compose_settings  # noqa: E402
+from gdm_ray.cli.search import defend  # noqa: E402
+from gdm_ray.core.ensemble import load_ensemble  # noqa: E402
+from gdm_ray.core.metrics import EVAL_SEED_OFFSET  # noqa: E402
+from gdm_ray.core.model_io import load_model  # noqa: E402
+from gdm_ray.core.repair import repair  # noqa: E402
+from gdm_ray.store.provenance import code_version  # noqa: E402
+
+WORK = ROOT / "bench" / "work" / "ingredients"
+DATA = {"fashion_mnist": ["data=fashion_mnist"], "cifar10": ["data=cifar10", f"data.path={thirdparty.CIFAR}"]}
+QUICK = ["data.limit_defense=1000", "data.limit_eval=1000", "mesa.steps=200", "mesa.extent_steps=100", "defense.epochs=1"]
+# three architectures (BatchNorm or not), three recipes, both data sets, 3x3 to 8x8, fixed and random places
+MODELS = ["fm-lenet-noise5-fixed", "fm-vgg-ring7-fixed", "fm-preact-bar2x7-random", "c10-preact-noise3-random", "c10-vgg-checker8-fixed"]
+# (label, defense overrides, retrain against the found triggers?)
+VARIANTS = [
+    ("defaults", {}, True),
+    ("distill", {"distill": 1.0}, True),
+    ("BN frozen", {"batchnorm": "frozen"}, True),
+    ("holdout 0.1", {"holdout": 0.1}, True),
+    ("lr 0.003", {"lr": 0.003}, True),
+    ("rate 0.2", {"rate": 0.2}, True),
+    ("distill + BN frozen + holdout", {"distill": 1.0, "batchnorm": "frozen", "holdout": 0.1}, True),
+    ("fine-tune (control)", {}, False),
+]
+
+
+def search(spec: thirdparty.ModelSpec, model: Path, out: Path, quick: bool) -> dict:
+    """The one MESA search of a model (`defend` at the defaults, target known); reused when finished."""
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    over = [f"model={model}", f"target_class={spec.target}", "method=mesa", f"out={out}", "progress=false", *DATA[spec.data]]
+    return defend(compose_settings("defend", [*over, *(QUICK if quick else [])]))
+
+
+def variant(spec: thirdparty.ModelSpec, model: Path, found: Path, label: str, over: dict, triggers: bool, out: Path, quick: bool) -> dict:
+    """One retraining of ``model`` against the ensemble in ``found`` (none for the control), measured independently."""
+    f = out / (label.replace(" ", "-").replace("+", "and").replace("(", "").replace(")", "") + ".json")
+    if f.is_file():
+        return json.loads(f.read_text())
+    s = compose_settings("defend", [f"model={model}", f"target_class={spec.target}", *DATA[spec.data], *(QUICK if quick else [])])
+    cfg = dataclasses.replace(s.defense, **over)
+    splits = load_data(s.data)
+    net = load_model(model, splits.shape, splits.eval.num_classes).module
+    samplers = {spec.target: load_ensemble(found / "ensemble")} if triggers else {}
+    fixed = repair(
+        net, splits.defense, splits.eval, samplers, cfg, torch.Generator().manual_seed(0), EVAL_SEED_OFFSET,
+        measure_before=False, finetune=not triggers,
+    )  # fmt: skip
+    _, eval_set = thirdparty.load_data(spec.data)
+    trig = thirdparty.make_poison_trigger(spec, eval_set.shape[0], eval_set.shape[1:])
+    row = {
+        "asr": thirdparty.measure_asr(fixed.repaired, eval_set, trig, spec.target, seed=1),
+        "accuracy": thirdparty.measure_accuracy(fixed.repaired, eval_set),
+        "selection": fixed.selection,
+        "seconds": round(fixed.retrain_seconds, 1),
+        "defense": dataclasses.asdict(cfg),
+        "code_version": code_version(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(row, indent=1) + "\n")
+    print(f"  {spec.name} {label}: ASR {row['asr']:.2%}, acc {row['accuracy']:.2%}, {row['seconds']:.0f}s", flush=True)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the quick zoo, short searches, small splits")
+    ap.add_argument("--only", nargs="*", help="zoo models by name")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+    code_version()  # fixed now: results record the code that ran
+    work = args.work or WORK / ("quick" if args.quick else "full")
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    specs = thirdparty.zoo_spec(args.quick)
+    names = args.only or ([s.name for s in specs if s.trigger is not None][:2] if args.quick else MODELS)
+    refs = {s.clean_ref for s in specs if s.name in names}
+    specs = [s for s in specs if s.name in names or s.name in refs]
+    folder = work / "zoo"
+    built = {s.name: card for s, card, _ in thirdparty.build_all(specs, folder)}
+    rows, drops, asrs = [], {v[0]: [] for v in VARIANTS}, {v[0]: [] for v in VARIANTS}
+    for spec in [s for s in specs if s.trigger is not None]:
+        card, model = built[spec.name], folder / f"{spec.name}.pt"
+        print(f"{spec.name}: search", flush=True)
+        found = work / spec.name / "search"
+        search(spec, model, found, args.quick)
+        row = [spec.name, thirdparty._describe(spec), f"{card['asr']:.2%}", f"{card['clean_accuracy']:.2%}"]
+        for label, over, triggers in VARIANTS:
+            r = variant(spec, model, found, label, over, triggers, work / spec.name, args.quick)
+            drop = 100 * (card["clean_accuracy"] - r["accuracy"])
+            drops[label].append(drop)
+            asrs[label].append(r["asr"])
+            chosen = (r.get("selection") or {}).get("chosen_epoch")
+            row.append(f"{r['asr']:.2%} / {drop:+.2f}" + (f" (epoch {chosen})" if chosen else ""))
+        rows.append(row)
+    summary = [
+        [label, f"{statistics.median(drops[label]):+.2f}", f"{max(drops[label]):+.2f}", f"{statistics.median(asrs[label]):.2%}",
+         f"{max(asrs[label]):.2%}"]
+        for label, _, _ in VARIANTS
+    ]  # fmt: skip
+    body = "\n".join(
+        [
+            "One MESA search per model (`defend` at the defaults, target known); then the same ensemble retrains the"
+            " model under each variant of the defense settings (seed 0). Cell: ASR of the real trigger after / clean-"
+            "accuracy loss in points (negative: a gain), measured by bench/thirdparty.py's code on gdm-ray's eval split;"
+            " holdout variants name the epoch they kept.",
+            "",
+            markdown_table(["model", "trigger", "ASR before", "acc before", *[v[0] for v in VARIANTS]], rows),
+            "",
+            markdown_table(["variant", "acc loss: median (pts)", "worst", "ASR after: median", "worst"], summary),
+            "",
+            "- Variants: " + "; ".join(f"{label}: {over or 'the defaults'}" for label, over, _ in VARIANTS),
+        ]
+    )
+    path = write_result("ingredients-quick" if args.quick else "ingredients", "Repair ingredients: what keeps clean accuracy", body)
+    print(body)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
