@@ -92,7 +92,10 @@ def test_epoch_picker_puts_the_best_epochs_weights_back():
     train_classifier(model, data, CFG, torch.Generator().manual_seed(0))
     good = [t.clone() for t in model.state_dict().values()]
     picker = EpochPicker(model, data, {0: _FixedTrigger()}, seed=0)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.eval()  # as defense.batchnorm=frozen leaves it while the rest trains
     picker()
+    assert model.training and not bn.training
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()  # every image gets the same answer: accuracy near chance

@@ -49,24 +49,27 @@ class EpochPicker:
     samplers: dict[int, TriggerSampler]
     seed: int
     epochs: list[dict] = field(default_factory=list)
+    chosen_epoch: int | None = None
     _best: list[torch.Tensor] | None = None
-    _best_score: float = -math.inf
 
     def __call__(self) -> None:
         """Called at the end of every epoch of the retraining."""
-        was = self.model.training
-        self.model.eval()
+        # predict() puts the whole model back in train mode afterwards, which would undo
+        # defense.batchnorm=frozen: every submodule's own mode is restored here
+        modes = [m.training for m in self.model.modules()]
         try:
             acc = clean_accuracy(self.model, self.holdout)
             draws = lambda: torch.Generator().manual_seed(self.seed)  # noqa: E731
             found = {k: sampled_asr(self.model, self.holdout, s, k, draws()) for k, s in self.samplers.items()}
         finally:
-            self.model.train(was)
+            for m, mode in zip(self.model.modules(), modes):
+                m.training = mode
         worst = max(found.values(), default=0.0)
         score = acc - (0.0 if math.isnan(worst) else worst)
         self.epochs.append({"epoch": len(self.epochs) + 1, "clean_accuracy": acc, "found_asr": worst, "score": score})
-        if score >= self._best_score:  # ties go to the later epoch: more of the schedule run
-            self._best_score = score
+        best = max(e["score"] for e in self.epochs)
+        if score >= best:  # ties go to the later epoch: more of the schedule run
+            self.chosen_epoch = len(self.epochs)
             self._best = [t.detach().clone() for t in self.model.state_dict().values()]
 
     def restore(self) -> None:
@@ -76,13 +79,6 @@ class EpochPicker:
         with torch.no_grad():
             for t, saved in zip(self.model.state_dict().values(), self._best):
                 t.copy_(saved)
-
-    @property
-    def chosen_epoch(self) -> int | None:
-        if not self.epochs:
-            return None
-        best = max(e["score"] for e in self.epochs)
-        return max(e["epoch"] for e in self.epochs if e["score"] == best)
 
     def summary(self) -> dict:
         """What metrics.json records of the choice."""
