@@ -284,7 +284,7 @@ def bench(
         before = m["before"]
         secs = lambda r: r["search"]["search_seconds"] + r["retrain_seconds"]  # noqa: E731
         floor = floor_asr(splits, clean_net, trigger, target, n_retrains)
-        after = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+        after = median_of
         res.append(
             {
                 "before": before["asr"],
