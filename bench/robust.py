@@ -168,6 +168,7 @@ def scatter_repairs(n: int, work: Path, records: Path, quick: bool) -> list[dict
     """Per scatter model: ASR before and after MESA's and the baseline's repairs (target known)."""
     targets = [int(t) for t in np.random.RandomState(2024).randint(0, 10, n)]
     clean_dir = (work if quick else ROOT / "bench" / "work" / "attack") / "c10-clean"
+    clean = [*SCATTER_CLEAN, *DATA["cifar10"], *(SCATTER_QUICK if quick else []), *(["train.epochs=1"] if quick else [])]
     done = []
     for i, target in enumerate(targets):
         name, recipe = scatter_model(i, target, quick)
@@ -177,7 +178,6 @@ def scatter_repairs(n: int, work: Path, records: Path, quick: bool) -> list[dict
             rec = record_path(records, name, label)
             row = read_record(rec)
             if row is None or row.get("recipe") != recipe:
-                clean = [*SCATTER_CLEAN, *DATA["cifar10"], *(SCATTER_QUICK if quick else []), *(["train.epochs=1"] if quick else [])]
                 build_attack(clean, clean_dir)
                 card = build_attack([*recipe, f"attack.init={clean_dir / 'model.pt'}"], model.parent)
                 out = work / "repairs" / name / label
