@@ -128,7 +128,7 @@ def main() -> int:
     names = args.only or ([s.name for s in specs if s.trigger is not None][:2] if args.quick else MODELS)
     refs = {s.clean_ref for s in specs if s.name in names}
     specs = [s for s in specs if s.name in names or s.name in refs]
-    folder = work / "zoo"
+    folder = thirdparty.zoo_folder(args.quick)
     built = {s.name: card for s, card, _ in thirdparty.build_all(specs, folder)}
     rows, drops, asrs = [], {v[0]: [] for v in VARIANTS}, {v[0]: [] for v in VARIANTS}
     for spec in [s for s in specs if s.trigger is not None]:

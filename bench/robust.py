@@ -334,7 +334,7 @@ def main() -> int:
     if args.fresh:
         for d in (work, records):
             shutil.rmtree(d, ignore_errors=True)
-    folder = work / "zoo"
+    folder = thirdparty.zoo_folder(args.quick)
     specs = thirdparty.zoo_spec(args.quick)
     if args.only:
         wanted = set(args.only)

@@ -92,6 +92,11 @@ __all__ = [
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpg.tar.gz"
 WORK = ROOT / "bench" / "work"
 
+
+def zoo_folder(quick: bool = False) -> Path:
+    """The zoo's default folder, shared by the benches that use it (a model is built once)."""
+    return WORK / ("thirdparty-quick" if quick else "thirdparty")
+
 # --- architectures ----------------------------------------------------------------
 
 
@@ -884,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = f"{s.rate:.0%}" if s.trigger else "-"
             print(f"{s.name:28s} {s.data:14s} {s.arch:7s} {s.recipe:11s} {_describe(s):28s} rate {rate:4s} epochs {s.epochs}")
         return 0
-    folder = a.folder or WORK / ("thirdparty-quick" if a.quick else "thirdparty")
+    folder = a.folder or zoo_folder(a.quick)
     print(f"thirdparty zoo: {len(specs)} models into {folder}", flush=True)
     built = build_all(specs, folder)
     table = _table(built)
