@@ -137,6 +137,7 @@ def repair_one(spec: thirdparty.ModelSpec, model: Path, method: str, known: bool
         "extent": search.get("extent"),
         "trigger_size": search.get("trigger_size"),
         "restarted": search.get("restarted"),
+        "search_seconds": search.get("search_seconds"),
         "seconds": round(seconds, 1),
     }
     return write_record(record, row)
@@ -234,8 +235,8 @@ def card_of(spec: thirdparty.ModelSpec, specs: list[thirdparty.ModelSpec], folde
 
 def bench_zoo(
     specs: list[thirdparty.ModelSpec], folder: Path, work: Path, quick: bool, records: Path
-) -> tuple[list[list[str]], list[dict]]:
-    rows, records_out = [], []
+) -> tuple[list[list[str]], list[list[str]], list[dict]]:
+    rows, times, records_out = [], [], []
     for spec in [s for s in specs if s.trigger is not None]:
         card = card_of(spec, specs, folder, records, RUNS)
         results = {}
@@ -254,7 +255,14 @@ def bench_zoo(
         row += [pct(results["MESA"]["racc_after"]), "-" if results["MESA"]["der"] is None else f"{results['MESA']['der']:.3f}"]
         row += [extent_label(results["MESA"]), ",".join(map(str, results["MESA auto"]["targets"])) or "none"]
         rows.append(row)
-    return rows, records_out
+        times.append([spec.name] + [seconds_cell(results[label]) for label, _, _ in RUNS])
+    return rows, times, records_out
+
+
+def seconds_cell(r: dict) -> str:
+    """A run's search seconds / whole defend run (scan, search, retraining, measuring)."""
+    search = "-" if r.get("search_seconds") is None else f"{r['search_seconds']:.0f}"
+    return f"{search} / {r['seconds']:.0f}"
 
 
 def patch_area(spec: thirdparty.ModelSpec) -> int:
@@ -340,7 +348,7 @@ def main() -> int:
         wanted = set(args.only)
         refs = {s.clean_ref for s in specs if s.name in wanted}
         specs = [s for s in specs if s.name in wanted or s.name in refs]
-    rows, done = bench_zoo(specs, folder, work / "repairs", args.quick, records)
+    rows, times, done = bench_zoo(specs, folder, work / "repairs", args.quick, records)
     head = ["model", "trigger", "rate", "clean model's ASR", "ASR before", "acc before"]
     for label, _, _ in RUNS:
         head += [f"ASR after {label}", f"acc drop {label} (pts)"]
@@ -352,6 +360,11 @@ def main() -> int:
         markdown_table(head, rows),
         "",
         *verdicts(done),
+        "",
+        "Seconds per run: the search (MESA auto: the scan of every class and the searches of the flagged ones) / the whole "
+        "`defend` run. Records made on other machines or under other load are not comparable with each other.",
+        "",
+        markdown_table(["model", *[label for label, _, _ in RUNS]], times),
     ]
     if args.scatter:
         sc_records = scatter_repairs(args.scatter, work, records, args.quick)
