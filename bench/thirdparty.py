@@ -97,6 +97,7 @@ def zoo_folder(quick: bool = False) -> Path:
     """The zoo's default folder, shared by the benches that use it (a model is built once)."""
     return WORK / ("thirdparty-quick" if quick else "thirdparty")
 
+
 # --- architectures ----------------------------------------------------------------
 
 
