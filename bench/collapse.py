@@ -137,7 +137,7 @@ def main() -> int:
         for seed in args.seeds:
             base = None
             for label, over, is_restart in STRATEGIES:
-                if is_restart and base is not None and not base["collapsed"] and not any(base["restarted"]):
+                if is_restart and base is not None and not base["collapsed"]:  # "none" never restarts
                     r = {**base, "same_as_none": True}
                 else:
                     slug = label.split(" (")[0].replace(" ", "-")
