@@ -157,7 +157,7 @@ def test_random_bytes(tmp_path):
     _expect_error(path, input_shape=(1, 28, 28))
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    _expect_error(empty, "neither a TorchScript archive nor a safetensors file")
+    _expect_error(empty, "neither a TorchScript archive, a torch.export program .* nor a safetensors file")
 
 
 def test_truncated_torchscript(tmp_path):

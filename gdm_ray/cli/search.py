@@ -20,7 +20,7 @@ from gdm_ray.core.defense import TriggerSampler
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.metrics import EVAL_SEED_OFFSET, sampled_asr
-from gdm_ray.core.model_io import LoadedModel, file_sha256, load_model, save_torchscript
+from gdm_ray.core.model_io import LoadedModel, file_sha256, load_model, save_like
 from gdm_ray.core.plots import save_curves, save_level_grid, save_pca_scatter
 from gdm_ray.core.repair import RepairResult, Search, measure, repair, search_triggers
 from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
@@ -196,7 +196,7 @@ def defend(s: DefendSettings) -> dict[str, Any]:
         else:  # the scan found no backdoor: nothing to repair, no model written
             before = measure(loaded.module, splits.eval, {}, eval_seed, real, real_target)
             metrics.update(before=before.as_dict(), after=None, der=None, retrain_seconds=0.0, repaired_sha256=None)
-        row = repair_row(metrics, Path(loaded.path).stem, run_dir.join("model.pt"))
+        row = repair_row(metrics, Path(loaded.path).stem, run_dir.join(metrics.get("repaired_model") or "model.pt"))
         run_dir.write_table("repair.parquet", [row], REPAIR_SCHEMA, "repairs")
         write_json(run_dir.path("metrics.json"), metrics)
     if state is not None:
@@ -217,10 +217,12 @@ def _metrics(s: DefendSettings, loaded: LoadedModel, splits: Splits, targets: li
 
 
 def _write_repaired(run_dir: RunDir, fixed: RepairResult, loaded: LoadedModel, splits: Splits, method: str, metrics: dict) -> None:
-    """model.pt in the run folder and the before/after figures into metrics."""
-    save_torchscript(
+    """The repaired model in the run folder, in the format the model came in (model.pt, model.pt2 or
+    model.safetensors), and the before/after figures into metrics."""
+    written = save_like(
         fixed.repaired,
-        run_dir.path("model.pt"),
+        run_dir.path("model"),
+        loaded.meta,
         splits.shape,
         {"repaired_from": loaded.sha256, "method": method, "target_classes": fixed.targets},
     )
@@ -230,7 +232,8 @@ def _write_repaired(run_dir: RunDir, fixed: RepairResult, loaded: LoadedModel, s
         der=fixed.der,
         selection=fixed.selection,
         retrain_seconds=round(fixed.retrain_seconds, 2),
-        repaired_sha256=file_sha256(run_dir.path("model.pt")),
+        repaired_model=written.name,
+        repaired_sha256=file_sha256(written),
     )
 
 
@@ -266,7 +269,7 @@ def _print_repair(metrics: dict, run_dir: RunDir) -> None:
         ]
         rows += [
             ("seconds (search, retrain)", f"{metrics['search']['search_seconds']:.1f}, {metrics['retrain_seconds']:.1f}"),
-            ("repaired model", run_dir.join("model.pt")),
+            ("repaired model", run_dir.join(metrics["repaired_model"])),
         ]
         print_table(rows)
     print(f"wrote {run_dir.location}")

@@ -22,7 +22,7 @@ from gdm_ray.cli.settings import ZooScanSettings, plain
 from gdm_ray.core.data import Splits
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.executor import ModelBlob, one_line
-from gdm_ray.core.model_io import file_sha256
+from gdm_ray.core.model_io import MODEL_SUFFIXES, file_sha256
 from gdm_ray.core.plots import save_zoo_scores
 from gdm_ray.core.scan_workflow import MIN_ZOO, ZooScan, ZooScanPlan, plan_zoo_scan, run_zoo_scan
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json
@@ -31,9 +31,6 @@ from gdm_ray.store.rows import Provenance, class_rows, failed_row, verdict_row
 from gdm_ray.store.scanstate import ScanState
 
 __all__ = ["zoo_scan", "list_models", "MODEL_SUFFIXES", "MIN_ZOO"]
-
-# TorchScript archives and arch + safetensors state dicts (DESIGN.md section 3, "Models")
-MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".safetensors")
 
 
 def list_models(folder: Path, pattern: str = "*") -> list[Path]:

@@ -1,10 +1,13 @@
 """Save and load classifiers without unpickling untrusted files.
 
-Two formats (DESIGN.md section 3, "Models"):
+Three formats (DESIGN.md section 3, "Models"):
 - TorchScript (``torch.jit.save``), with a small JSON description stored as
   an extra file inside the archive;
+- torch.export programs (``.pt2``, TorchScript's successor), checked before
+  and after torch reads them (gdm_ray.core.program) and retrainable;
 - a known architecture name + a safetensors state dict, the architecture and
   its arguments in the safetensors metadata header.
+A repaired model is written in the format it came in (:func:`save_like`).
 
 Loading checks what it can (readable, a known format, accepts the input
 shape, returns N x K finite logits) and raises ModelLoadError with one line
@@ -27,11 +30,14 @@ from torch import nn
 
 from gdm_ray.core.errors import ModelLoadError
 from gdm_ray.core.models import ARCHS, build_model
+from gdm_ray.core.program import is_program_archive, load_program, save_program
 
 __all__ = [
     "LoadedModel",
     "save_torchscript",
     "save_safetensors",
+    "save_program",
+    "save_like",
     "load_model",
     "load_model_bytes",
     "file_sha256",
@@ -40,7 +46,9 @@ __all__ = [
 ]
 
 META_NAME = "gdm_ray.json"
-MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".safetensors")
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".jit", ".torchscript", ".safetensors")
+# the file a repaired model is written to, by the format it came in
+SUFFIX_OF = {"torchscript": ".pt", "program": ".pt2", "safetensors": ".safetensors"}
 
 
 @dataclass
@@ -120,6 +128,28 @@ def save_safetensors(
     return final
 
 
+def save_like(model: nn.Module, stem: str | Path, loaded_meta: dict, input_shape: tuple[int, int, int], meta: dict | None = None) -> Path:
+    """Write ``model`` in the format its original came in (``loaded_meta["format"]``):
+    TorchScript in, TorchScript out; .pt2 in, .pt2 out; safetensors of a known
+    architecture in, safetensors out. ``stem`` gains the format's suffix."""
+    fmt = loaded_meta.get("format", "torchscript")
+    path = Path(f"{stem}{SUFFIX_OF.get(fmt, '.pt')}")
+    if fmt == "program":
+        buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer, not the temporary file's
+        save_program(copy.deepcopy(model).cpu(), buf, input_shape, meta or {})
+        final, tmp = _atomic_target(path)
+        try:
+            tmp.write_bytes(buf.getvalue())
+            _publish(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final
+    if fmt == "safetensors":
+        arch, classes = loaded_meta["arch"], int(loaded_meta["num_classes"])
+        return save_safetensors(model, path, arch, input_shape, classes, loaded_meta.get("width"))
+    return save_torchscript(model, path, input_shape, meta)
+
+
 def clone_model(model: nn.Module) -> nn.Module:
     """An independent, trainable copy. ``copy.deepcopy`` of a ScriptModule
     gives non-leaf parameters that no optimizer accepts, so TorchScript
@@ -181,12 +211,14 @@ def load_model(
             head = f.read(8)
     except OSError as exc:
         raise ModelLoadError(f"model={p}: cannot read ({exc.strerror})") from None
-    if head[:4] == b"PK\x03\x04":
+    if head[:4] == b"PK\x03\x04" and is_program_archive(p):
+        module, meta = load_program(p, device)
+    elif head[:4] == b"PK\x03\x04":
         module, meta = _load_torchscript(p, device)
     elif len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000:
         module, meta = _load_safetensors(p, arch, device)
     else:
-        raise ModelLoadError(f"model={p}: neither a TorchScript archive nor a safetensors file")
+        raise ModelLoadError(f"model={p}: neither a TorchScript archive, a torch.export program (.pt2) nor a safetensors file")
     module.eval()
     recorded = meta.get("input_shape")
     if input_shape is not None and recorded and int(recorded[0]) != int(input_shape[0]):
