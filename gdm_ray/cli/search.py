@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gdm_ray.cli.common import card_for, load_data, model_file, print_table, progress_bar, setup
+from gdm_ray.cli.common import card_for, load_data, load_options, model_file, print_table, progress_bar, setup
 from gdm_ray.cli.settings import DefendSettings, SearchSettings, build, plain
 from gdm_ray.core.baseline import save_trigger
 from gdm_ray.core.data import Splits
@@ -33,9 +33,9 @@ __all__ = ["search", "defend", "run_search", "real_trigger"]
 
 def _load(s: SearchSettings, device: torch.device) -> tuple[LoadedModel, Splits]:
     """The model and the data; the target class checked against the model."""
-    path = model_file(s.model, s.store)
+    path = model_file(s.model.path, s.store)
     splits = load_data(s.data)
-    loaded = load_model(path, splits.shape, splits.eval.num_classes, arch=s.arch.name if s.arch else None, device=device)
+    loaded = load_model(path, splits.shape, splits.eval.num_classes, device=device, options=load_options(s.arch, s.model))
     if s.target_class != "auto" and not 0 <= s.target_class < loaded.num_classes:
         raise ConfigError(f"target_class={s.target_class} is not a class of the model (0..{loaded.num_classes - 1})")
     return loaded, splits
@@ -157,7 +157,7 @@ def _find(
     from gdm_ray.store.rows import Provenance
 
     prov = Provenance(config_hash(plain(s)), code_version())
-    verdict, _, samplers = scan_one_model(scan_settings_from(s, loaded.path), loaded, splits, run_dir, state, provenance=prov)
+    verdict, _, samplers = scan_one_model(scan_settings_from(s, s.model), loaded, splits, run_dir, state, provenance=prov)
     return dict(samplers), {"method": "mesa", "scan": verdict, "search_seconds": round(verdict["seconds"], 2)}
 
 

@@ -16,15 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gdm_ray.cli.common import load_data, setup
+from gdm_ray.cli.common import load_data, load_options, setup
 from gdm_ray.cli.scan import check_window, executor_for, stage_progress, write_model_files
 from gdm_ray.cli.settings import ZooScanSettings, plain
 from gdm_ray.core.data import Splits
-from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.errors import ConfigError, ModelLoadError
 from gdm_ray.core.executor import ModelBlob, one_line
 from gdm_ray.core.model_io import MODEL_SUFFIXES, file_sha256
 from gdm_ray.core.plots import save_zoo_scores
 from gdm_ray.core.scan_workflow import MIN_ZOO, ZooScan, ZooScanPlan, plan_zoo_scan, run_zoo_scan
+from gdm_ray.core.weights import trusted_program
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json
 from gdm_ray.store.fetch import localize
 from gdm_ray.store.rows import Provenance, class_rows, failed_row, verdict_row
@@ -53,15 +54,17 @@ def _read_models(
 ) -> tuple[list[ModelBlob], dict[str, dict[str, Any]]]:
     """Each file's bytes for the jobs; a file that cannot be read is a failed row."""
     blobs, failed = [], {}
+    opts = load_options(s.arch, s.model)
     for p in files:
         try:
-            data = p.read_bytes()
-        except OSError as exc:
+            # a trusted pickle is converted here, once; jobs get its .pt2 program and never unpickle
+            src = trusted_program(p, opts, splits.shape) if opts.allow_pickle else None
+            data = (src or p).read_bytes()
+        except (OSError, ModelLoadError) as exc:
             failed[p.stem] = failed_row(p.stem, str(p), None, one_line(exc), s.scan.method, prov)
             continue
-        blobs.append(
-            ModelBlob(p.stem, str(p), file_sha256(p), data, s.arch.name if s.arch else None, splits.shape, splits.eval.num_classes)
-        )
+        job_opts = dataclasses.replace(opts, allow_pickle=False)
+        blobs.append(ModelBlob(p.stem, str(p), file_sha256(p), data, job_opts, splits.shape, splits.eval.num_classes))
     return blobs, failed
 
 
