@@ -90,7 +90,7 @@ def test_weights_of_another_architecture_are_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="do not fit arch 'preact_resnet18'") as err:
         load_model(path, (3, 32, 32), 7, options=LoadOptions(arch="preact_resnet18"))
     assert "\n" not in str(err.value)
-    with pytest.raises(ModelLoadError, match="names no architecture; pass arch.name="):
+    with pytest.raises(ModelLoadError, match="names no architecture; pass arch=NAME"):
         load_model(path, (3, 32, 32), 7)
 
 
@@ -160,3 +160,28 @@ def test_a_pickled_model_is_refused_and_loaded_once_converted_when_trusted(tmp_p
         assert not Sneaky.canary.exists()
     finally:
         Sneaky.canary = None
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    from gdm_ray.cli.main import main
+
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_the_cli_reads_a_state_dict_with_arch_and_refuses_a_pickle_until_trusted(tmp_path, capsys, monkeypatch):
+    """`gdm-ray evaluate` on a users' PreAct-ResNet18 state dict (arch=), then on a pickled whole model."""
+    monkeypatch.setenv("GDM_RAY_CACHE", str(tmp_path / "cache"))
+    net = _net("preact_resnet18", {"width": 8, "in_channels": 1}, (1, 16, 16), classes=4)
+    torch.save(_state(net), tmp_path / "w.pth")
+    base = ["evaluate", "data=synthetic", "trigger=bw3x3", "target_class=0", "progress=false", "threads=1"]
+    code, err = _cli([*base, f"model={tmp_path / 'w.pth'}", "arch=preact_resnet18", f"out={tmp_path / 'e1'}"], capsys)
+    assert code == 0, err
+    code, err = _cli([*base, f"model={tmp_path / 'w.pth'}", f"out={tmp_path / 'e2'}"], capsys)
+    assert code != 0 and "pass arch=NAME" in err and not (tmp_path / "e2").exists()
+    torch.save(net, tmp_path / "whole.pt")
+    code, err = _cli([*base, f"model={tmp_path / 'whole.pt'}", f"out={tmp_path / 'e3'}"], capsys)
+    assert code != 0 and "model.allow_pickle=true" in err and not (tmp_path / "e3").exists()
+    code, err = _cli([*base, f"model={tmp_path / 'whole.pt'}", "model.allow_pickle=true", f"out={tmp_path / 'e4'}"], capsys)
+    assert code == 0, err
+    assert list((tmp_path / "cache" / "models" / "converted").glob("*.pt2"))

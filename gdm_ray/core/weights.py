@@ -96,7 +96,7 @@ def build_from_state(
     """A module of ``opts.arch`` holding ``state`` (renamed by ``opts.key_map``), checked key by key."""
     arch = opts.arch
     if not arch:
-        raise ModelLoadError(f"model={p}: a state dict names no architecture; pass arch.name=... ({', '.join(KNOWN_ARCHS)})")
+        raise ModelLoadError(f"model={p}: a state dict names no architecture; pass arch=NAME ({', '.join(KNOWN_ARCHS)})")
     if arch not in KNOWN_ARCHS:
         raise ModelLoadError(f"model={p}: unknown architecture {arch!r} (known: {', '.join(KNOWN_ARCHS)})")
     if input_shape is None:
