@@ -287,7 +287,7 @@ def load_program(p: Path, device: str | torch.device) -> tuple[ProgramModule, di
     extra = {META_NAME: ""}
     try:
         with _weights_only_loads():
-            ep = torch.export.load(str(p), extra_files=extra)
+            ep = torch.export.load(io.BytesIO(p.read_bytes()), extra_files=extra)  # a buffer: any file name
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad archives
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ModelLoadError(f"model={p}: corrupt or unreadable torch.export program ({text})") from None
