@@ -97,3 +97,12 @@ def test_metaparameters_outside_the_schema_are_refused(round_dir, tmp_path, caps
 def test_the_calibration_fit_separates_and_orders():
     cal = fit_calibration([0.5, 1.0, 1.2, 3.0, 4.0, 5.0], [0, 0, 0, 1, 1, 1])
     assert cal["a"] > 0 and probability(1.0, cal) < 0.5 < probability(4.0, cal)
+
+
+def test_the_shipped_metaparameters_fit_their_schema_and_compose():
+    from gdm_ray.cli.compose import compose_settings
+    from gdm_ray.cli.trojai import _metaparameters
+
+    overrides = _metaparameters(SCHEMA.with_name("metaparameters.json"), SCHEMA)
+    s = compose_settings("scan", ["model=m.pt", *overrides])
+    assert s.scan.steps == 300 and s.model.allow_pickle is False and s.model.path == "m.pt"
