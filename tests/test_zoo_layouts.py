@@ -93,3 +93,25 @@ def test_a_mixed_zoo_on_s3_is_scanned_in_one_run(s3_server, bucket, models, tmp_
     for mid in ("vendor-a", "weights"):  # the same backdoored weights, in two formats
         assert rows[mid]["backdoored"] and rows[mid]["target_class"] == 2, rows[mid]
     assert (out / "round2" / "id-00000002" / "scan.json").is_file()
+
+
+def test_each_standard_architecture_as_safetensors_is_scanned(tmp_path, capsys):
+    """One safetensors file per standard architecture (the arch in each header), zoo-scanned in one run."""
+    from gdm_ray.core.standard_models import STANDARD_ARCHS
+
+    kwargs = {
+        "preact_resnet18": {"width": 8},
+        "vgg16_bn": {"cifar_head": True},
+        "mobilenet_v2": {},
+        "vit": {"image_size": (16, 16), "patch": 4, "dim": 64, "depth": 2, "heads": 1, "mlp": 64},
+    }
+    zoo = tmp_path / "zoo"
+    for arch, kw in kwargs.items():
+        torch.manual_seed(0)
+        net = STANDARD_ARCHS[arch](in_channels=1, num_classes=8, **kw).eval()
+        save_safetensors(net, _touch(zoo, f"{arch}/weights.safetensors"), arch, (1, 16, 16), 8)
+    out = tmp_path / "out"
+    args = ["zoo-scan", f"zoo.path={zoo}", *DATA, "scan.steps=30", "full_search=false", "use_ray=false", f"out={out}"]
+    assert main(args) == 0, capsys.readouterr().err
+    rows = {r["model_id"]: r for r in pq.read_table(out / "verdicts.parquet").to_pylist()}
+    assert set(rows) == set(kwargs) and all(r["error"] is None and r["score"] is not None for r in rows.values()), rows
