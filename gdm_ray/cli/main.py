@@ -51,6 +51,7 @@ USAGE = """usage: gdm-ray <command> [key=value ...] [--cfg job] [--help]
 
 Commands:
 {commands}
+  trojai{pad}  TrojAI's detector interface: `gdm-ray trojai infer|configure|mitigate --help` (its own flags)
 
 Overrides are Hydra syntax: data=cifar10 trigger=color3x3 attack.target_class=3 out=DIR.
 `gdm-ray <command> --help` shows the command's config; `--cfg job` prints the
@@ -64,7 +65,7 @@ EXIT_INPUT = 1
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = "\n".join(f"  {c.ljust(width)}  {d.help}" for c, d in COMMANDS.items())
-    return USAGE.format(commands=lines)
+    return USAGE.format(commands=lines, pad=" " * (width - len("trojai")))
 
 
 def _error(msg: str, code: int) -> int:
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gdm-ray {code_version()}")
         return 0
     command, rest = args[0], args[1:]
+    if command == "trojai":  # TrojAI's fixed flags, not Hydra overrides
+        from gdm_ray.cli.trojai import main as trojai
+
+        return trojai(rest)
     if command not in COMMANDS:
         return _error(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})", EXIT_USAGE)
     code_version()  # the checkout as it is now, when the code runs: a commit made during a long run is not this code
