@@ -86,7 +86,7 @@ def run(spec: thirdparty.ModelSpec, model: Path, over: list[str], seed: int, out
     seconds = time.perf_counter() - t0
     _, eval_set = thirdparty.load_data(spec.data)
     trig = thirdparty.make_poison_trigger(spec, eval_set.shape[0], eval_set.shape[1:])
-    repaired = load_model(out / "model.pt", eval_set.shape, eval_set.num_classes).module
+    repaired = load_model(out / (m.get("repaired_model") or "model.pt"), eval_set.shape, eval_set.num_classes).module
     s = m["search"]
     row = {
         "entropy": s["entropy"],

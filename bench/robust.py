@@ -126,7 +126,7 @@ def repair_one(spec: thirdparty.ModelSpec, model: Path, method: str, known: bool
     if m["after"] is None:  # the scan found nothing to repair: the model is as it came
         repaired = load_model(model, eval_set.shape, eval_set.num_classes).module
     else:
-        repaired = load_model(out / "model.pt", eval_set.shape, eval_set.num_classes).module
+        repaired = load_model(out / (m.get("repaired_model") or "model.pt"), eval_set.shape, eval_set.num_classes).module
     search = m.get("search") or {}
     row = {
         "asr_after": thirdparty.measure_asr(repaired, eval_set, trig, spec.target, seed=1),
