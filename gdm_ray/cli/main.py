@@ -38,7 +38,8 @@ COMMANDS = {
     "scan": Command("is the model backdoored, to which class(es)? a verdict table, PNGs and Parquet rows", "gdm_ray.cli.scan:scan"),
     "zoo-scan": Command("scan every model file in a folder: verdicts.parquet, classes.parquet, scores.png", "gdm_ray.cli.zoo:zoo_scan"),
     "defend": Command(
-        "repair a model by retraining against the found triggers; writes model.pt + metrics.json", "gdm_ray.cli.search:defend"
+        "repair a model by retraining against the found triggers; writes the model (its own format) + metrics.json",
+        "gdm_ray.cli.search:defend",
     ),
     "sweep": Command(
         "Ray Tune sweep of MESA's alpha, trigger size (N, betas, ...) scored by the defense; trials.parquet", "gdm_ray.cli.sweep:sweep"
