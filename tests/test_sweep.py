@@ -114,7 +114,7 @@ def test_a_trial_that_cannot_run_is_an_error_row(synthetic_splits):
     ctx = TrialContext(
         model_bytes=b"not a model",
         model_suffix=".pt",
-        arch=None,
+        options=None,
         defense=synthetic_splits.defense,
         eval=synthetic_splits.eval,
         target=1,
