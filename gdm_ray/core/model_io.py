@@ -152,30 +152,23 @@ def save_like(model: nn.Module, stem: str | Path, loaded_meta: dict, input_shape
     architecture in, safetensors out. ``stem`` gains the format's suffix."""
     fmt = loaded_meta.get("format", "torchscript")
     path = Path(f"{stem}{SUFFIX_OF.get(fmt, '.pt')}")
-    if fmt == "program":
-        buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer, not the temporary file's
-        save_program(copy.deepcopy(model).cpu(), buf, input_shape, meta or {})
-        final, tmp = _atomic_target(path)
-        try:
-            tmp.write_bytes(buf.getvalue())
-            _publish(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return final
     if fmt == "safetensors":
         arch, classes = loaded_meta["arch"], int(loaded_meta["num_classes"])
         return save_safetensors(model, path, arch, input_shape, classes, loaded_meta.get("width"))
-    if fmt == "state_dict":  # a weights-only checkpoint in, one out (tensors only: loadable with weights_only=True)
-        buf = io.BytesIO()
+    if fmt not in ("program", "state_dict"):
+        return save_torchscript(model, path, input_shape, meta)
+    buf = io.BytesIO()  # written to a buffer: torch.export.save wants a .pt2 name, not the temporary file's
+    if fmt == "program":
+        save_program(copy.deepcopy(model).cpu(), buf, input_shape, meta or {})
+    else:  # a weights-only checkpoint in, one out (tensors only: loadable with weights_only=True)
         torch.save({k: v.detach().cpu() for k, v in _unwrap(model)[0].state_dict().items()}, buf)
-        final, tmp = _atomic_target(path)
-        try:
-            tmp.write_bytes(buf.getvalue())
-            _publish(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return final
-    return save_torchscript(model, path, input_shape, meta)
+    final, tmp = _atomic_target(path)
+    try:
+        tmp.write_bytes(buf.getvalue())
+        _publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
 
 
 def clone_model(model: nn.Module) -> nn.Module:
