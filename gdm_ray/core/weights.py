@@ -186,17 +186,18 @@ def zip_names(p: Path) -> list[str]:
         return []
 
 
-def trusted_program(p: Path, opts: LoadOptions, input_shape: tuple[int, int, int] | None) -> Path | None:
+def trusted_program(p: Path, opts: LoadOptions, input_shape: tuple[int, int, int] | None, refused: bool = False) -> Path | None:
     """For a checkpoint that only unpickling can read (allow_pickle: the user trusts it), the safe copy
     made of it once in the cache: a .pt2 program of a pickled module, or a tensors-only .pth of a state
     dict stored beside Python objects. None for a file that needs no unpickling."""
-    if not _pickle_head(p):
-        return None
-    try:
-        torch.load(p, map_location="cpu", weights_only=True)
-        return None
-    except Exception:  # noqa: BLE001 - the weights-only unpickler refused it: only a full unpickle reads it
-        pass
+    if not refused:  # ``refused``: the caller's weights-only load already failed; do not read it again
+        if not _pickle_head(p):
+            return None
+        try:
+            torch.load(p, map_location="cpu", weights_only=True)
+            return None
+        except Exception:  # noqa: BLE001 - the weights-only unpickler refused it: only a full unpickle reads it
+            pass
     sha = hashlib.sha256(p.read_bytes()).hexdigest()
     root = Path(opts.cache_dir or Path(tempfile.gettempdir()) / "gdm-ray") / "converted"
     for done in (root / f"{sha}.pt2", root / f"{sha}.pth"):
@@ -235,9 +236,8 @@ def _trusted_pickle(
 ) -> tuple[nn.Module, dict]:
     from gdm_ray.core.program import load_program
 
-    copy = trusted_program(p, opts, input_shape)
-    if copy is None:  # readable weights-only after all
-        return load_checkpoint(p, replace(opts, allow_pickle=False), input_shape, num_classes, device)
+    copy = trusted_program(p, opts, input_shape, refused=True)
+    assert copy is not None  # refused=True always converts (or raises)
     if copy.suffix == ".pt2":
         module, meta = load_program(copy, device)
     else:
