@@ -114,7 +114,7 @@ def test_a_trial_that_cannot_run_is_an_error_row(synthetic_splits):
     ctx = TrialContext(
         model_bytes=b"not a model",
         model_suffix=".pt",
-        arch=None,
+        options=None,
         defense=synthetic_splits.defense,
         eval=synthetic_splits.eval,
         target=1,
@@ -134,7 +134,7 @@ def test_a_trial_that_cannot_run_is_an_error_row(synthetic_splits):
         m = evaluate_trial({"mesa.alpha": 0.1}, ctx)  # pins torch's threads, as in a Ray worker
     finally:
         torch.set_num_threads(threads)
-    assert "neither a TorchScript archive nor a safetensors file" in m["error"] and math.isnan(m["objective"])
+    assert "neither a TorchScript archive" in m["error"] and math.isnan(m["objective"])
     fields = param_fields(params, GROUPS)
     (row,) = trial_rows([TrialRecord("abc_00000", {"mesa.alpha": 0.1}, m, m["error"], True)], fields, ["h"], "v")
     assert row["status"] == "ERROR" and row["objective"] is None and row["mesa.alpha"] == 0.1 and row["error"] == m["error"]

@@ -15,16 +15,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gdm_ray.cli.settings import RunSettings
+from gdm_ray.cli.settings import ArchSpec, ModelReading, RunSettings
 from gdm_ray.core.allocator import keep_freed_memory
 from gdm_ray.core.data import DataSpec, Splits, load_splits
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.metrics import predict
 from gdm_ray.core.plots import save_examples
 from gdm_ray.core.triggers import Trigger
+from gdm_ray.core.weights import LoadOptions
 from gdm_ray.store.s3 import S3Config
 
-__all__ = ["setup", "model_file", "load_data", "progress_bar", "write_examples", "print_table", "card_for", "Progress"]
+__all__ = ["setup", "model_file", "load_options", "load_data", "progress_bar", "write_examples", "print_table", "card_for", "Progress"]
 
 Progress = Callable[[int, int, float], None]
 
@@ -43,6 +44,21 @@ def setup(run: RunSettings) -> torch.device:
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={dev}: CUDA is not available on this machine")
     return torch.device(dev)
+
+
+def load_options(arch: ArchSpec | None, model: ModelReading) -> LoadOptions:
+    """How to read model files: the arch group (for state dicts) and the model group's reading keys."""
+    from gdm_ray.store.fetch import cache_root
+
+    return LoadOptions(
+        arch=arch.name if arch else None,
+        width=arch.width if arch else None,
+        key_map=tuple(model.key_map),
+        mean=tuple(arch.mean) if arch and arch.mean is not None else None,
+        std=tuple(arch.std) if arch and arch.std is not None else None,
+        allow_pickle=bool(model.allow_pickle),
+        cache_dir=str(cache_root() / "models"),
+    )
 
 
 def model_file(uri: str, store: S3Config, key: str = "model") -> Path:

@@ -21,12 +21,18 @@ def config_dir() -> Path:
     return path
 
 
+def _shorthand(overrides: list[str]) -> list[str]:
+    """``model=PATH`` is short for ``model.path=PATH`` (the model group also holds how the file is read)."""
+    return [("model.path=" + o[len("model=") :]) if o.startswith("model=") else o for o in overrides]
+
+
 def compose_config(command: str, overrides: list[str]):
     """Compose configs/<command>.yaml with Hydra overrides (no run): a DictConfig."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     register()
+    overrides = _shorthand(list(overrides))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
         cfg = compose(config_name=command, overrides=overrides)
     OmegaConf.resolve(cfg)

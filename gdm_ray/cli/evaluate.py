@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gdm_ray.cli.common import card_for, load_data, model_file, print_table, setup, write_examples
+from gdm_ray.cli.common import card_for, load_data, load_options, model_file, print_table, setup, write_examples
 from gdm_ray.cli.settings import EvaluateSettings, build, plain
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.metrics import attack_success_rate, clean_accuracy
@@ -36,10 +36,10 @@ def card_trigger(spec: TriggerSpec | None, target_class: int | None, model_path:
 def evaluate(s: EvaluateSettings) -> dict[str, Any]:
     """Clean accuracy and ASR of model= for a trigger (default: the one on its card)."""
     device = setup(s)
-    model_path = model_file(s.model, s.store)
+    model_path = model_file(s.model.path, s.store)
     splits = load_data(s.data)
     c, h, w = splits.shape
-    loaded = load_model(model_path, (c, h, w), splits.eval.num_classes, arch=s.arch.name if s.arch else None, device=device)
+    loaded = load_model(model_path, (c, h, w), splits.eval.num_classes, device=device, options=load_options(s.arch, s.model))
     spec, target = card_trigger(s.trigger, s.target_class, model_path)
     if not 0 <= target < loaded.num_classes:
         raise ConfigError(f"target_class={target} is not a class of the model (0..{loaded.num_classes - 1})")

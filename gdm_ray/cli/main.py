@@ -38,7 +38,8 @@ COMMANDS = {
     "scan": Command("is the model backdoored, to which class(es)? a verdict table, PNGs and Parquet rows", "gdm_ray.cli.scan:scan"),
     "zoo-scan": Command("scan every model file in a folder: verdicts.parquet, classes.parquet, scores.png", "gdm_ray.cli.zoo:zoo_scan"),
     "defend": Command(
-        "repair a model by retraining against the found triggers; writes model.pt + metrics.json", "gdm_ray.cli.search:defend"
+        "repair a model by retraining against the found triggers; writes the model (its own format) + metrics.json",
+        "gdm_ray.cli.search:defend",
     ),
     "sweep": Command(
         "Ray Tune sweep of MESA's alpha, trigger size (N, betas, ...) scored by the defense; trials.parquet", "gdm_ray.cli.sweep:sweep"
@@ -51,6 +52,7 @@ USAGE = """usage: gdm-ray <command> [key=value ...] [--cfg job] [--help]
 
 Commands:
 {commands}
+  trojai{pad}  TrojAI's detector interface: `gdm-ray trojai infer|configure|mitigate --help` (its own flags)
 
 Overrides are Hydra syntax: data=cifar10 trigger=color3x3 attack.target_class=3 out=DIR.
 `gdm-ray <command> --help` shows the command's config; `--cfg job` prints the
@@ -64,7 +66,7 @@ EXIT_INPUT = 1
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = "\n".join(f"  {c.ljust(width)}  {d.help}" for c, d in COMMANDS.items())
-    return USAGE.format(commands=lines)
+    return USAGE.format(commands=lines, pad=" " * (width - len("trojai")))
 
 
 def _error(msg: str, code: int) -> int:
@@ -108,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gdm-ray {code_version()}")
         return 0
     command, rest = args[0], args[1:]
+    if command == "trojai":  # TrojAI's fixed flags, not Hydra overrides
+        from gdm_ray.cli.trojai import main as trojai
+
+        return trojai(rest)
     if command not in COMMANDS:
         return _error(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})", EXIT_USAGE)
     code_version()  # the checkout as it is now, when the code runs: a commit made during a long run is not this code

@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from gdm_ray.cli.common import load_data, model_file, setup
-from gdm_ray.cli.settings import ScanSettings, plain
+from gdm_ray.cli.common import load_data, load_options, model_file, setup
+from gdm_ray.cli.settings import ModelOptions, ScanSettings, plain
 from gdm_ray.core.data import ImageSet, Splits
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.executor import Executor, InProcessExecutor, ModelBlob
 from gdm_ray.core.first_pass import ScanConfig
 from gdm_ray.core.mesa import MESA
-from gdm_ray.core.model_io import LoadedModel, load_model
+from gdm_ray.core.model_io import LoadedModel, load_model, shipped_file
 from gdm_ray.core.plots import save_curves, save_heatmap, save_level_grid
 from gdm_ray.core.scan_workflow import ModelScan, Progress, ZooScanPlan, plan_model_scan, run_zoo_scan
 from gdm_ray.core.train import model_device
@@ -225,8 +225,9 @@ def scan_one_model(
     mid = Path(loaded.path).stem
     ref, others = _reference(s, splits.classes, loaded.sha256)  # fails before the search
     plan = plan_model_scan(splits.defense, mid, s.scan, s.mesa, s.seed, s.full_search, others)
-    arch, device, ex = s.arch.name if s.arch else None, str(model_device(loaded.module)), executor or InProcessExecutor()
-    blob = ModelBlob(mid, loaded.path, loaded.sha256, Path(loaded.path).read_bytes(), arch, splits.shape, splits.eval.num_classes)
+    device, ex = str(model_device(loaded.module)), executor or InProcessExecutor()
+    opts = dataclasses.replace(load_options(s.arch, s.model), allow_pickle=False)  # jobs get a trusted pickle's program instead
+    blob = ModelBlob(mid, loaded.path, loaded.sha256, shipped_file(loaded).read_bytes(), opts, splits.shape, splits.eval.num_classes)
     done = run_zoo_scan(plan, [blob], splits.defense, splits.eval, ex, device, state, progress, loaded=loaded.module)
     scan = done.models[mid]
     if scan.error is not None:
@@ -242,7 +243,7 @@ def scan_one_model(
     return verdict, classes, {k: f.mesa for k, f in scan.searches.items() if f.mesa is not None}
 
 
-def scan_settings_from(s: Any, model: str) -> ScanSettings:
+def scan_settings_from(s: Any, model: ModelOptions) -> ScanSettings:
     """ScanSettings from another command's settings (defend's DefendSettings):
     the keys they share; full_search stays on (a repair models every flagged
     class), in one process."""
@@ -270,10 +271,10 @@ def _print_result(verdict: dict[str, Any], classes: list[dict[str, Any]], second
 def scan(s: ScanSettings) -> dict[str, Any]:
     """Scan every class of one model; print the verdict table."""
     device = setup(s)
-    path = model_file(s.model, s.store)
+    path = model_file(s.model.path, s.store)
     splits = load_data(s.data)
     check_window(s.scan, splits.shape)
-    loaded = load_model(path, splits.shape, splits.eval.num_classes, arch=s.arch.name if s.arch else None, device=device)
+    loaded = load_model(path, splits.shape, splits.eval.num_classes, device=device, options=load_options(s.arch, s.model))
     print(f"gdm-ray scan: {loaded.path}, {splits.eval.num_classes} classes, {len(splits.defense)} clean images", file=sys.stderr)
     t0 = time.perf_counter()
     with RunDir(s.out, "scan", s.store, s.dataset) as run_dir:

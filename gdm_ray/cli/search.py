@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gdm_ray.cli.common import card_for, load_data, model_file, print_table, progress_bar, setup
+from gdm_ray.cli.common import card_for, load_data, load_options, model_file, print_table, progress_bar, setup
 from gdm_ray.cli.settings import DefendSettings, SearchSettings, build, plain
 from gdm_ray.core.baseline import save_trigger
 from gdm_ray.core.data import Splits
@@ -20,7 +20,7 @@ from gdm_ray.core.defense import TriggerSampler
 from gdm_ray.core.ensemble import save_ensemble
 from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.metrics import EVAL_SEED_OFFSET, sampled_asr
-from gdm_ray.core.model_io import LoadedModel, file_sha256, load_model, save_torchscript
+from gdm_ray.core.model_io import LoadedModel, file_sha256, load_model, save_like
 from gdm_ray.core.plots import save_curves, save_level_grid, save_pca_scatter
 from gdm_ray.core.repair import RepairResult, Search, measure, repair, search_triggers
 from gdm_ray.core.triggers import Trigger, TriggerSpec, make_trigger
@@ -33,9 +33,9 @@ __all__ = ["search", "defend", "run_search", "real_trigger"]
 
 def _load(s: SearchSettings, device: torch.device) -> tuple[LoadedModel, Splits]:
     """The model and the data; the target class checked against the model."""
-    path = model_file(s.model, s.store)
+    path = model_file(s.model.path, s.store)
     splits = load_data(s.data)
-    loaded = load_model(path, splits.shape, splits.eval.num_classes, arch=s.arch.name if s.arch else None, device=device)
+    loaded = load_model(path, splits.shape, splits.eval.num_classes, device=device, options=load_options(s.arch, s.model))
     if s.target_class != "auto" and not 0 <= s.target_class < loaded.num_classes:
         raise ConfigError(f"target_class={s.target_class} is not a class of the model (0..{loaded.num_classes - 1})")
     return loaded, splits
@@ -157,7 +157,7 @@ def _find(
     from gdm_ray.store.rows import Provenance
 
     prov = Provenance(config_hash(plain(s)), code_version())
-    verdict, _, samplers = scan_one_model(scan_settings_from(s, loaded.path), loaded, splits, run_dir, state, provenance=prov)
+    verdict, _, samplers = scan_one_model(scan_settings_from(s, s.model), loaded, splits, run_dir, state, provenance=prov)
     return dict(samplers), {"method": "mesa", "scan": verdict, "search_seconds": round(verdict["seconds"], 2)}
 
 
@@ -196,7 +196,7 @@ def defend(s: DefendSettings) -> dict[str, Any]:
         else:  # the scan found no backdoor: nothing to repair, no model written
             before = measure(loaded.module, splits.eval, {}, eval_seed, real, real_target)
             metrics.update(before=before.as_dict(), after=None, der=None, retrain_seconds=0.0, repaired_sha256=None)
-        row = repair_row(metrics, Path(loaded.path).stem, run_dir.join("model.pt"))
+        row = repair_row(metrics, Path(loaded.path).stem, run_dir.join(metrics.get("repaired_model") or "model.pt"))
         run_dir.write_table("repair.parquet", [row], REPAIR_SCHEMA, "repairs")
         write_json(run_dir.path("metrics.json"), metrics)
     if state is not None:
@@ -217,10 +217,12 @@ def _metrics(s: DefendSettings, loaded: LoadedModel, splits: Splits, targets: li
 
 
 def _write_repaired(run_dir: RunDir, fixed: RepairResult, loaded: LoadedModel, splits: Splits, method: str, metrics: dict) -> None:
-    """model.pt in the run folder and the before/after figures into metrics."""
-    save_torchscript(
+    """The repaired model in the run folder, in the format the model came in (model.pt, model.pt2 or
+    model.safetensors), and the before/after figures into metrics."""
+    written = save_like(
         fixed.repaired,
-        run_dir.path("model.pt"),
+        run_dir.path("model"),
+        loaded.meta,
         splits.shape,
         {"repaired_from": loaded.sha256, "method": method, "target_classes": fixed.targets},
     )
@@ -230,7 +232,8 @@ def _write_repaired(run_dir: RunDir, fixed: RepairResult, loaded: LoadedModel, s
         der=fixed.der,
         selection=fixed.selection,
         retrain_seconds=round(fixed.retrain_seconds, 2),
-        repaired_sha256=file_sha256(run_dir.path("model.pt")),
+        repaired_model=written.name,
+        repaired_sha256=file_sha256(written),
     )
 
 
@@ -266,7 +269,7 @@ def _print_repair(metrics: dict, run_dir: RunDir) -> None:
         ]
         rows += [
             ("seconds (search, retrain)", f"{metrics['search']['search_seconds']:.1f}, {metrics['retrain_seconds']:.1f}"),
-            ("repaired model", run_dir.join("model.pt")),
+            ("repaired model", run_dir.join(metrics["repaired_model"])),
         ]
         print_table(rows)
     print(f"wrote {run_dir.location}")

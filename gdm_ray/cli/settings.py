@@ -35,6 +35,8 @@ from gdm_ray.store.s3 import S3Config
 __all__ = [
     "RunSettings",
     "ArchSpec",
+    "ModelReading",
+    "ModelOptions",
     "AttackOptions",
     "AttackSettings",
     "EvaluateSettings",
@@ -79,10 +81,29 @@ class RunSettings:
 
 @dataclass
 class ArchSpec:
-    """A known architecture (gdm_ray.core.models) for safetensors weights or a new model."""
+    """A known architecture for state-dict weights or a new model: gdm-ray's own
+    (gdm_ray.core.models: small_cnn, resnet9) or a standard one
+    (gdm_ray.core.standard_models: preact_resnet18, vgg16_bn, mobilenet_v2, vit)."""
 
     name: str = "small_cnn"
-    width: int | None = None
+    width: int | None = None  # gdm-ray's own architectures
+    mean: list[float] | None = None  # the input normalisation the weights were trained with (put inside the model)
+    std: list[float] | None = None
+
+
+@dataclass
+class ModelReading:
+    """How model files are read."""
+
+    allow_pickle: bool = False  # you trust the file: a pickled checkpoint may be unpickled (once, converted to .pt2)
+    key_map: list[str] = field(default_factory=list)  # "old=new" state-dict key-prefix renames, in order
+
+
+@dataclass
+class ModelOptions(ModelReading):
+    """The model file and how it is read; ``model=PATH`` is short for ``model.path=PATH``."""
+
+    path: str = MISSING  # a .pt2 program, TorchScript, safetensors or weights-only checkpoint (local or s3://)
 
 
 def _target(value: Any, allow_auto: bool = False) -> Any:
@@ -117,7 +138,7 @@ class AttackSettings(RunSettings):
 
 @dataclass
 class EvaluateSettings(RunSettings):
-    model: str = MISSING  # a TorchScript file, or arch + safetensors file
+    model: ModelOptions = field(default_factory=ModelOptions)
     target_class: int | None = None  # None: from the model card
     split: str = "eval"  # eval | defense | train
     data: DataSpec = field(default_factory=DataSpec)
@@ -135,7 +156,7 @@ class EvaluateSettings(RunSettings):
 
 @dataclass
 class SearchSettings(RunSettings):
-    model: str = MISSING  # the classifier to search
+    model: ModelOptions = field(default_factory=ModelOptions)  # the classifier to search
     target_class: Any = MISSING  # the class whose triggers to model
     method: str = "mesa"  # mesa | baseline (defend also: finetune)
     samples_per_level: int = 12  # triggers per level shown in samples.png
@@ -197,7 +218,7 @@ class _ScanGroups(RunSettings):
 
 @dataclass
 class ScanSettings(_ScanGroups):
-    model: str = MISSING
+    model: ModelOptions = field(default_factory=ModelOptions)
     reference: str | None = None  # a zoo-scan output folder: judge each class against the same class in its models
     use_ray: bool = False  # first-pass chunks and class searches as Ray tasks; same verdict
 
@@ -220,12 +241,13 @@ class ZooOptions:
 @dataclass
 class ZooScanSettings(_ScanGroups):
     zoo: ZooOptions = field(default_factory=ZooOptions)
+    model: ModelReading = field(default_factory=ModelReading)  # how every model file of the zoo is read
     use_ray: bool = True  # first passes and full searches as Ray tasks; false: one process
 
 
 @dataclass
 class SweepSettings(RunSettings):
-    model: str = MISSING
+    model: ModelOptions = field(default_factory=ModelOptions)
     target_class: int = MISSING  # the class whose triggers MESA models
     dataset: str | None = None
     data: DataSpec = field(default_factory=DataSpec)

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from gdm_ray.cli.common import print_table, setup
+from gdm_ray.cli.common import load_options, print_table, setup
 from gdm_ray.cli.search import _load, real_trigger
 from gdm_ray.cli.settings import SweepSettings, build, plain
 from gdm_ray.core.data import Splits
 from gdm_ray.core.defense import DefenseConfig
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.mesa import MESAConfig
-from gdm_ray.core.model_io import LoadedModel
+from gdm_ray.core.model_io import LoadedModel, shipped_file
 from gdm_ray.core.plots import save_sweep
 from gdm_ray.distributed.runtime import init_ray
 from gdm_ray.distributed.sweep import (
@@ -119,8 +119,9 @@ def _context(s: SweepSettings, loaded: LoadedModel, splits: Splits, base: dict[s
              real_spec: dict | None, real_target: int | None) -> TrialContext:  # fmt: skip
     """What every trial gets through Ray's object store: the model's bytes, the two splits, the base settings."""
     return TrialContext(
-        model_bytes=Path(loaded.path).read_bytes(), model_suffix=Path(loaded.path).suffix or ".pt",
-        arch=s.arch.name if s.arch else None, defense=splits.defense, eval=splits.eval, target=s.target_class,
+        model_bytes=shipped_file(loaded).read_bytes(), model_suffix=shipped_file(loaded).suffix or ".pt",
+        options=dataclasses.replace(load_options(s.arch, s.model), allow_pickle=False),
+        defense=splits.defense, eval=splits.eval, target=s.target_class,
         real_trigger=real_spec, real_target=real_target, base=base, keys=[p.key for p in params], seed=s.seed,
         device=s.device, cpus=float(s.ray.task_cpus), gpus=float(s.ray.task_gpus), keep_freed_memory=s.ray.keep_freed_memory,
     )  # fmt: skip

@@ -11,66 +11,104 @@ the scan goes on.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gdm_ray.cli.common import load_data, setup
+from gdm_ray.cli.common import load_data, load_options, setup
 from gdm_ray.cli.scan import check_window, executor_for, stage_progress, write_model_files
 from gdm_ray.cli.settings import ZooScanSettings, plain
 from gdm_ray.core.data import Splits
-from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.errors import ConfigError, ModelLoadError
 from gdm_ray.core.executor import ModelBlob, one_line
-from gdm_ray.core.model_io import file_sha256
+from gdm_ray.core.model_io import MODEL_SUFFIXES, file_sha256
 from gdm_ray.core.plots import save_zoo_scores
 from gdm_ray.core.scan_workflow import MIN_ZOO, ZooScan, ZooScanPlan, plan_zoo_scan, run_zoo_scan
+from gdm_ray.core.weights import trusted_program
 from gdm_ray.store import CLASS_SCHEMA, VERDICT_SCHEMA, RunDir, code_version, config_hash, write_json
 from gdm_ray.store.fetch import localize
 from gdm_ray.store.rows import Provenance, class_rows, failed_row, verdict_row
 from gdm_ray.store.scanstate import ScanState
 
-__all__ = ["zoo_scan", "list_models", "MODEL_SUFFIXES", "MIN_ZOO"]
-
-# TorchScript archives and arch + safetensors state dicts (DESIGN.md section 3, "Models")
-MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".safetensors")
+__all__ = ["zoo_scan", "list_models", "ZooModel", "MODEL_SUFFIXES", "MIN_ZOO"]
 
 
-def list_models(folder: Path, pattern: str = "*") -> list[Path]:
-    """Model files directly in ``folder`` matching ``pattern``, sorted; ids (stems) must be unique."""
+# folders beside a model that hold no models: TrojAI's example images, gdm-ray's own outputs
+_NOT_MODELS = {"clean-example-data", "poisoned-example-data", "clean_example_data", "example_data", "examples", "ensemble"}
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One model of a zoo: its id (from its folder or its file) and its file."""
+
+    model_id: str
+    path: Path
+
+
+def list_models(folder: Path, pattern: str = "*") -> list[ZooModel]:
+    """Every model file under ``folder`` (any depth) whose name or relative path matches ``pattern``.
+
+    A model alone in its own folder is named by that folder (TrojAI's
+    ``id-00000001/model.pt`` is ``id-00000001``; nested: ``round1/id-00000001``);
+    otherwise by its path less the suffix (``vendor-a.pt`` is ``vendor-a``). Example
+    data, hidden folders and ensembles are not models. Ids must be unique."""
     if not folder.is_dir():
         raise ConfigError(f"zoo.path={folder}: no such folder")
-    files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES)
-    if not files:
+    found = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if not p.is_file() or p.suffix.lower() not in MODEL_SUFFIXES:
+            continue
+        if any(part.startswith(".") or part in _NOT_MODELS for part in rel.parts[:-1]):
+            continue
+        if fnmatch.fnmatch(p.name, pattern) or fnmatch.fnmatch(rel.as_posix(), pattern):
+            found.append(p)
+    if not found:
         raise ConfigError(f"zoo.path={folder}: no model files matching {pattern!r} ({', '.join(MODEL_SUFFIXES)})")
+    per_folder = Counter(p.parent for p in found)
     seen: dict[str, Path] = {}
-    for p in files:
-        if p.stem in seen:
-            raise ConfigError(f"zoo.path={folder}: {seen[p.stem].name} and {p.name} share the model id {p.stem!r}")
-        seen[p.stem] = p
-    return files
+    models = []
+    for p in found:
+        where = p.parent.relative_to(folder)
+        if p.parent != folder and per_folder[p.parent] == 1:
+            mid = where.as_posix()
+        else:
+            mid = (where / p.stem).as_posix() if p.parent != folder else p.stem
+        if mid in seen:
+            a, b = seen[mid].relative_to(folder), p.relative_to(folder)
+            raise ConfigError(f"zoo.path={folder}: {a} and {b} share the model id {mid!r}")
+        seen[mid] = p
+        models.append(ZooModel(mid, p))
+    return models
 
 
 def _read_models(
-    files: list[Path], s: ZooScanSettings, splits: Splits, prov: Provenance
+    files: list[ZooModel], s: ZooScanSettings, splits: Splits, prov: Provenance
 ) -> tuple[list[ModelBlob], dict[str, dict[str, Any]]]:
     """Each file's bytes for the jobs; a file that cannot be read is a failed row."""
     blobs, failed = [], {}
-    for p in files:
+    opts = load_options(s.arch, s.model)
+    for m in files:
+        p = m.path
         try:
-            data = p.read_bytes()
-        except OSError as exc:
-            failed[p.stem] = failed_row(p.stem, str(p), None, one_line(exc), s.scan.method, prov)
+            # a trusted pickle is converted here, once; jobs get its .pt2 program and never unpickle
+            src = trusted_program(p, opts, splits.shape) if opts.allow_pickle else None
+            data = (src or p).read_bytes()
+        except (OSError, ModelLoadError) as exc:
+            failed[m.model_id] = failed_row(m.model_id, str(p), None, one_line(exc), s.scan.method, prov)
             continue
-        blobs.append(
-            ModelBlob(p.stem, str(p), file_sha256(p), data, s.arch.name if s.arch else None, splits.shape, splits.eval.num_classes)
-        )
+        job_opts = dataclasses.replace(opts, allow_pickle=False)
+        blobs.append(ModelBlob(m.model_id, str(p), file_sha256(p), data, job_opts, splits.shape, splits.eval.num_classes))
     return blobs, failed
 
 
 def _rows(
     run_dir: RunDir,
-    files: list[Path],
+    files: list[ZooModel],
     done: ZooScan | None,
     plan: ZooScanPlan | None,
     failed: dict[str, dict[str, Any]],
@@ -80,18 +118,19 @@ def _rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every model's verdict row in folder order (and its files), and the class rows."""
     verdicts, classes = [], []
-    for p in files:
-        scan = done.models.get(p.stem) if done is not None else None
+    for m in files:
+        mid = m.model_id
+        scan = done.models.get(mid) if done is not None else None
         if scan is None:
-            verdict = failed[p.stem]
+            verdict = failed[mid]
         else:
             verdict = verdict_row(scan, s.scan.method, done.reference, prov)
             if scan.error is None:
-                extra = write_model_files(run_dir, f"{p.stem}/", scan, splits.defense, plan, s.samples_per_level)
+                extra = write_model_files(run_dir, f"{mid}/", scan, splits.defense, plan, s.samples_per_level)
                 rows = class_rows(scan, splits.classes, prov)
                 detail = {str(k): v for k, v in extra.items()}
                 write_json(
-                    run_dir.path(f"{p.stem}/scan.json"),
+                    run_dir.path(f"{mid}/scan.json"),
                     {
                         **verdict,
                         "classes": rows,
@@ -110,7 +149,7 @@ def _rows(
             else (f"BACKDOORED -> {verdict['flagged']}" if verdict["backdoored"] else "clean")
         )
         score = f"{verdict['score']:6.2f}" if verdict["score"] is not None else "     -"
-        print(f"  {p.stem:<24} score {score}  {state}", file=sys.stderr, flush=True)
+        print(f"  {mid:<24} score {score}  {state}", file=sys.stderr, flush=True)
     return verdicts, classes
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from gdm_ray.core.errors import ModelLoadError
 from gdm_ray.core.model_io import load_model_bytes
+from gdm_ray.core.weights import LoadOptions
 
 __all__ = ["ModelBlob", "ModelContext", "JobResult", "Executor", "InProcessExecutor", "one_line", "OnResult"]
 
@@ -42,7 +43,7 @@ class ModelBlob:
     path: str
     sha256: str
     data: bytes = field(repr=False)
-    arch: str | None
+    options: LoadOptions | None  # how to read it (a state dict's architecture, key renames, normalisation); None: as it says itself
     shape: tuple[int, int, int]
     num_classes: int
 
@@ -68,7 +69,7 @@ class ModelContext:
             return self._last[1]
         m = self.models[model_id]
         try:
-            module = load_model_bytes(m.data, m.path, m.shape, m.num_classes, m.arch, self.device).module
+            module = load_model_bytes(m.data, m.path, m.shape, m.num_classes, None, self.device, m.options).module
         except ModelLoadError as exc:  # the error names the temporary copy; name the model's own path
             raise ModelLoadError(re.sub(r"model=\S+?(?=:)", f"model={m.path}", str(exc), count=1)) from None
         self._last = (key, module)

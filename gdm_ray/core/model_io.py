@@ -1,10 +1,13 @@
 """Save and load classifiers without unpickling untrusted files.
 
-Two formats (DESIGN.md section 3, "Models"):
+Three formats (DESIGN.md section 3, "Models"):
 - TorchScript (``torch.jit.save``), with a small JSON description stored as
   an extra file inside the archive;
+- torch.export programs (``.pt2``, TorchScript's successor), checked before
+  and after torch reads them (gdm_ray.core.program) and retrainable;
 - a known architecture name + a safetensors state dict, the architecture and
   its arguments in the safetensors metadata header.
+A repaired model is written in the format it came in (:func:`save_like`).
 
 Loading checks what it can (readable, a known format, accepts the input
 shape, returns N x K finite logits) and raises ModelLoadError with one line
@@ -14,6 +17,7 @@ naming the file and the problem.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -26,12 +30,18 @@ import torch
 from torch import nn
 
 from gdm_ray.core.errors import ModelLoadError
-from gdm_ray.core.models import ARCHS, build_model
+from gdm_ray.core.program import is_program_archive, load_program, save_program
+from gdm_ray.core.standard_models import Normalized
+from gdm_ray.core.weights import KNOWN_ARCHS, LoadOptions, build_from_state, is_checkpoint_zip, load_checkpoint, zip_names
 
 __all__ = [
     "LoadedModel",
+    "LoadOptions",
     "save_torchscript",
     "save_safetensors",
+    "save_program",
+    "save_like",
+    "shipped_file",
     "load_model",
     "load_model_bytes",
     "file_sha256",
@@ -40,7 +50,9 @@ __all__ = [
 ]
 
 META_NAME = "gdm_ray.json"
-MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".safetensors")
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".jit", ".torchscript", ".safetensors")
+# the file a repaired model is written to, by the format it came in
+SUFFIX_OF = {"torchscript": ".pt", "program": ".pt2", "safetensors": ".safetensors", "state_dict": ".pth"}
 
 
 @dataclass
@@ -99,21 +111,60 @@ def save_torchscript(model: nn.Module, path: str | Path, input_shape: tuple[int,
 def save_safetensors(
     model: nn.Module, path: str | Path, arch: str, input_shape: tuple[int, int, int], num_classes: int, width: int | None = None
 ) -> Path:
-    """Save a state dict with the architecture description in the header."""
+    """Save a state dict with the architecture description (and any input normalisation) in the header."""
     from safetensors.torch import save_file
 
-    if arch not in ARCHS:
-        raise ModelLoadError(f"cannot save arch {arch!r}: not one of {', '.join(ARCHS)}")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if arch not in KNOWN_ARCHS:
+        raise ModelLoadError(f"cannot save arch {arch!r}: not one of {', '.join(KNOWN_ARCHS)}")
+    net, norm = _unwrap(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = {
         "arch": arch,
         "input_shape": json.dumps(list(input_shape)),
         "num_classes": str(num_classes),
         "width": "" if width is None else str(width),
+        **({"mean": json.dumps(norm[0]), "std": json.dumps(norm[1])} if norm else {}),
     }
     final, tmp = _atomic_target(Path(path))
     try:
         save_file(state, str(tmp), metadata=meta)
+        _publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, tuple[list[float], list[float]] | None]:
+    """A Normalized wrapper's network and its mean/std (the checkpoint's keys are the network's)."""
+    if isinstance(model, Normalized):
+        return model.net, (model.norm_mean.flatten().tolist(), model.norm_std.flatten().tolist())
+    return model, None
+
+
+def shipped_file(loaded: LoadedModel) -> Path:
+    """The file to hand to jobs for ``loaded``: a trusted pickle's safe copy (jobs never unpickle), else the file itself."""
+    return Path(loaded.meta.get("converted_program") or loaded.path)
+
+
+def save_like(model: nn.Module, stem: str | Path, loaded_meta: dict, input_shape: tuple[int, int, int], meta: dict | None = None) -> Path:
+    """Write ``model`` in the format its original came in (``loaded_meta["format"]``):
+    TorchScript in, TorchScript out; .pt2 in, .pt2 out; safetensors of a known
+    architecture in, safetensors out. ``stem`` gains the format's suffix."""
+    fmt = loaded_meta.get("format", "torchscript")
+    path = Path(f"{stem}{SUFFIX_OF.get(fmt, '.pt')}")
+    if fmt == "safetensors":
+        arch, classes = loaded_meta["arch"], int(loaded_meta["num_classes"])
+        return save_safetensors(model, path, arch, input_shape, classes, loaded_meta.get("width"))
+    if fmt not in ("program", "state_dict"):
+        return save_torchscript(model, path, input_shape, meta)
+    buf = io.BytesIO()  # written to a buffer: torch.export.save wants a .pt2 name, not the temporary file's
+    if fmt == "program":
+        save_program(copy.deepcopy(model).cpu(), buf, input_shape, meta or {})
+    else:  # a weights-only checkpoint in, one out (tensors only: loadable with weights_only=True)
+        torch.save({k: v.detach().cpu() for k, v in _unwrap(model)[0].state_dict().items()}, buf)
+    final, tmp = _atomic_target(path)
+    try:
+        tmp.write_bytes(buf.getvalue())
         _publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -147,6 +198,7 @@ def load_model_bytes(
     num_classes: int | None = None,
     arch: str | None = None,
     device: str | torch.device = "cpu",
+    options: LoadOptions | None = None,
 ) -> LoadedModel:
     """``load_model`` for a model file's bytes: a Ray worker on another node
     gets the file through the object store, not a shared file system.
@@ -154,7 +206,7 @@ def load_model_bytes(
     with tempfile.TemporaryDirectory(prefix="gdm-ray-model-") as tmp:
         p = Path(tmp) / Path(name).name
         p.write_bytes(blob)
-        loaded = load_model(p, input_shape, num_classes, arch, device)
+        loaded = load_model(p, input_shape, num_classes, arch, device, options)
     loaded.path = name
     return loaded
 
@@ -165,14 +217,20 @@ def load_model(
     num_classes: int | None = None,
     arch: str | None = None,
     device: str | torch.device = "cpu",
+    options: LoadOptions | None = None,
 ) -> LoadedModel:
     """Load and check a classifier file.
 
     input_shape: C x H x W the caller will feed (checked by a forward pass);
     num_classes: the number of classes the data has (the model must output at
-    least that many logits). ``arch`` is only needed for a safetensors file
-    whose header does not name one.
+    least that many logits). ``arch`` (or ``options.arch``) is only needed for
+    a state dict whose file does not name its architecture; ``options`` says
+    how to read weights (key renames, normalisation) and whether a pickled
+    checkpoint may be unpickled (gdm_ray.core.weights).
     """
+    opts = options or LoadOptions()
+    if arch and not opts.arch:
+        opts = dataclasses.replace(opts, arch=arch)
     p = Path(path)
     if not p.is_file():
         raise ModelLoadError(f"model={p}: no such file")
@@ -181,12 +239,20 @@ def load_model(
             head = f.read(8)
     except OSError as exc:
         raise ModelLoadError(f"model={p}: cannot read ({exc.strerror})") from None
-    if head[:4] == b"PK\x03\x04":
+    if head[:4] == b"PK\x03\x04" and is_program_archive(p):
+        module, meta = load_program(p, device)
+    elif head[:4] == b"PK\x03\x04" and is_checkpoint_zip(zip_names(p)):
+        module, meta = load_checkpoint(p, opts, input_shape, num_classes, device)
+    elif head[:4] == b"PK\x03\x04":
         module, meta = _load_torchscript(p, device)
+    elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a legacy (non-zip) torch.save pickle
+        module, meta = load_checkpoint(p, opts, input_shape, num_classes, device)
     elif len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000:
-        module, meta = _load_safetensors(p, arch, device)
+        module, meta = _load_safetensors(p, opts, input_shape, num_classes, device)
     else:
-        raise ModelLoadError(f"model={p}: neither a TorchScript archive nor a safetensors file")
+        raise ModelLoadError(
+            f"model={p}: neither a TorchScript archive, a torch.export program (.pt2), a torch.save checkpoint nor a safetensors file"
+        )
     module.eval()
     recorded = meta.get("input_shape")
     if input_shape is not None and recorded and int(recorded[0]) != int(input_shape[0]):
@@ -213,7 +279,9 @@ def _load_torchscript(p: Path, device: str | torch.device) -> tuple[nn.Module, d
     return module, meta
 
 
-def _load_safetensors(p: Path, arch: str | None, device: str | torch.device) -> tuple[nn.Module, dict]:
+def _load_safetensors(
+    p: Path, opts: LoadOptions, input_shape: tuple[int, int, int] | None, num_classes: int | None, device: str | torch.device
+) -> tuple[nn.Module, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -223,25 +291,20 @@ def _load_safetensors(p: Path, arch: str | None, device: str | torch.device) -> 
         state = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"model={p}: corrupt safetensors file ({_first_line(exc)})") from None
-    arch = arch or header.get("arch")
-    if not arch:
-        raise ModelLoadError(f"model={p}: safetensors header names no architecture; pass model.arch=...")
-    if arch not in ARCHS:
-        raise ModelLoadError(f"model={p}: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
-    try:
-        input_shape = json.loads(header["input_shape"]) if header.get("input_shape") else None
-        num_classes = int(header.get("num_classes") or 0)
-        width = int(header["width"]) if header.get("width") else None
+    try:  # what the header records wins over the caller's guesses: it was written with the weights
+        shape = json.loads(header["input_shape"]) if header.get("input_shape") else input_shape
+        classes = int(header["num_classes"]) if header.get("num_classes") else num_classes
+        width = int(header["width"]) if header.get("width") else opts.width
+        mean = json.loads(header["mean"]) if header.get("mean") else opts.mean
+        std = json.loads(header["std"]) if header.get("std") else opts.std
     except (ValueError, json.JSONDecodeError):
         raise ModelLoadError(f"model={p}: malformed safetensors metadata {header}") from None
-    if not input_shape or num_classes < 2:
-        raise ModelLoadError(f"model={p}: safetensors metadata lacks input_shape/num_classes")
-    module = build_model(arch, int(input_shape[0]), num_classes, width)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"model={p}: weights do not fit arch {arch!r} ({_first_line(exc)})") from None
-    meta = {"format": "safetensors", "arch": arch, "input_shape": input_shape, "num_classes": num_classes, "width": width}
+    if shape is not None and input_shape is not None and int(shape[0]) != int(input_shape[0]):
+        rs, cs = "x".join(map(str, shape)), "x".join(map(str, input_shape))
+        raise ModelLoadError(f"model={p}: made for {rs} images ({shape[0]} channels), but the data is {cs}")
+    arch = header.get("arch") or opts.arch
+    opts = dataclasses.replace(opts, arch=arch, width=width, mean=mean, std=std)
+    module, meta = build_from_state(p, state, opts, tuple(shape) if shape else None, classes, "safetensors")
     return module.to(device), meta
 
 

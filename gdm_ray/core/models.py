@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.standard_models import STANDARD_ARCHS
 
 __all__ = ["Normalize", "SmallCNN", "ResNet9", "ARCHS", "build_model"]
 
@@ -92,9 +93,15 @@ ARCHS: dict[str, type[nn.Module]] = {"small_cnn": SmallCNN, "resnet9": ResNet9}
 
 
 def build_model(arch: str, in_channels: int, num_classes: int, width: int | None = None) -> nn.Module:
-    """A fresh model of a known architecture."""
+    """A fresh model of a known architecture: gdm-ray's own or a standard one (gdm_ray.core.standard_models;
+    ``width`` is PreAct-ResNet18's base width there, ignored by the others)."""
+    if arch in STANDARD_ARCHS:
+        if in_channels < 1 or num_classes < 2:
+            raise ConfigError(f"model needs in_channels >= 1 and num_classes >= 2 (got {in_channels}, {num_classes})")
+        extra = {"width": int(width)} if width is not None and arch == "preact_resnet18" else {}
+        return STANDARD_ARCHS[arch](in_channels=in_channels, num_classes=num_classes, **extra)
     if arch not in ARCHS:
-        raise ConfigError(f"model.arch={arch!r} is not one of {', '.join(ARCHS)}")
+        raise ConfigError(f"arch={arch!r} is not one of {', '.join([*ARCHS, *STANDARD_ARCHS])}")
     if in_channels < 1 or num_classes < 2:
         raise ConfigError(f"model needs in_channels >= 1 and num_classes >= 2 (got {in_channels}, {num_classes})")
     kwargs = {} if width is None else {"width": int(width)}

@@ -19,6 +19,7 @@ from torch.nn.functional import kl_div, log_softmax
 
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.program import ProgramBatchNorm
 
 __all__ = ["TrainConfig", "train_classifier", "augment", "model_device", "frozen"]
 
@@ -96,8 +97,9 @@ _BATCHNORMS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
 
 
 def _is_batchnorm(m: nn.Module) -> bool:
-    """A BatchNorm layer, also inside a loaded TorchScript model (whose submodules keep only their original name)."""
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(m, "original_name", None) in _BATCHNORMS
+    """A BatchNorm layer, also inside a loaded TorchScript model (whose submodules keep only their original name)
+    or a torch.export program (a marker module per BatchNorm node)."""
+    return isinstance(m, (nn.modules.batchnorm._BatchNorm, ProgramBatchNorm)) or getattr(m, "original_name", None) in _BATCHNORMS
 
 
 def augment(x: torch.Tensor, crop_pad: int, flip: bool, rng: torch.Generator) -> torch.Tensor:

@@ -36,6 +36,7 @@ import pyarrow as pa
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.errors import ConfigError, GdmRayError
 from gdm_ray.core.metrics import EVAL_SEED_OFFSET
+from gdm_ray.core.weights import LoadOptions
 from gdm_ray.distributed.runtime import RayConfig, pin_threads
 
 __all__ = [
@@ -264,7 +265,7 @@ class TrialContext:
 
     model_bytes: bytes  # the model file, so trials need no shared file system
     model_suffix: str
-    arch: str | None
+    options: LoadOptions | None  # how to read the model file (a state dict's architecture, key renames, normalisation)
     defense: ImageSet  # the defender's clean split: search and retraining
     eval: ImageSet  # the held-out split: every metric
     target: int
@@ -309,7 +310,9 @@ def evaluate_trial(params: Mapping[str, Any], ctx: TrialContext) -> dict[str, An
         mesa_cfg, defense_cfg = MESAConfig(**groups["mesa"]), DefenseConfig(**groups["defense"])
         device = _trial_device(ctx)
         c, h, w = ctx.eval.shape
-        model = load_model_bytes(ctx.model_bytes, f"model{ctx.model_suffix}", (c, h, w), ctx.eval.num_classes, ctx.arch, device).module
+        model = load_model_bytes(
+            ctx.model_bytes, f"model{ctx.model_suffix}", (c, h, w), ctx.eval.num_classes, None, device, ctx.options
+        ).module
         real = make_trigger(TriggerSpec(**ctx.real_trigger), c, (h, w))
         rng = torch.Generator().manual_seed(ctx.seed)
         found = search_triggers("mesa", model, ctx.defense, ctx.target, mesa_cfg, None, rng)

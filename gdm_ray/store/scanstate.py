@@ -40,7 +40,7 @@ class ScanState:
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threshold", "moving_window", "window", "stride")}
         h = hashlib.sha256(json.dumps([sha256, settings, plan.seed, plan.chunks[chunk], chunk], sort_keys=True).encode())
         h.update(plan.eval_idx.numpy().tobytes())
-        return f"{model_id}-{h.hexdigest()[:24]}"
+        return f"{model_id.replace('/', '--')}-{h.hexdigest()[:24]}"  # a nested zoo's ids hold slashes: one flat folder
 
     def clear(self) -> None:
         """The run is published: nothing left to resume."""
