@@ -12,7 +12,9 @@ poisoning), one `gdm-ray defend method=mesa` run at the defaults, told the
 target class, finds the trigger ensemble; then the core repair retrains the
 model against that same ensemble under each variant of the defense settings:
 
-- defaults: configs as shipped;
+- defaults: configs as shipped (the retraining rate probed first: core/lr_probe.py);
+- no lr probe: the defaults before the probe (defense.lr used as configured),
+  and a stricter probe (defense.lr_probe_tolerance=0.02);
 - distillation from the original model on the image before its trigger
   (defense.distill=1, temperature 2);
 - BatchNorm statistics kept as the model came (defense.batchnorm=frozen);
@@ -64,6 +66,8 @@ MODELS = ["fm-lenet-noise5-fixed", "fm-vgg-ring7-fixed", "fm-preact-bar2x7-rando
 # (label, defense overrides, retrain against the found triggers?)
 VARIANTS = [
     ("defaults", {}, True),
+    ("no lr probe", {"lr_probe_steps": 0}, True),
+    ("probe tolerance 0.02", {"lr_probe_tolerance": 0.02}, True),
     ("distill", {"distill": 1.0}, True),
     ("BN frozen", {"batchnorm": "frozen"}, True),
     ("holdout 0.1", {"holdout": 0.1}, True),
@@ -103,6 +107,7 @@ def variant(spec: thirdparty.ModelSpec, model: Path, found: Path, label: str, ov
         "asr": thirdparty.measure_asr(fixed.repaired, eval_set, trig, spec.target, seed=1),
         "accuracy": thirdparty.measure_accuracy(fixed.repaired, eval_set),
         "selection": fixed.selection,
+        "lr_probe": fixed.lr_probe,
         "seconds": round(fixed.retrain_seconds, 1),
         "defense": dataclasses.asdict(cfg),
         "code_version": code_version(),
@@ -143,7 +148,9 @@ def main() -> int:
             drops[label].append(drop)
             asrs[label].append(r["asr"])
             chosen = (r.get("selection") or {}).get("chosen_epoch")
-            row.append(f"{r['asr']:.2%} / {drop:+.2f}" + (f" (epoch {chosen})" if chosen else ""))
+            probe = r.get("lr_probe")
+            lowered = probe is not None and probe["lr"] != probe["trials"][0]["lr"]
+            row.append(f"{r['asr']:.2%} / {drop:+.2f}" + (f" (epoch {chosen})" if chosen else "") + (f" (lr {probe['lr']:.3g})" if lowered else ""))
         rows.append(row)
     summary = [
         [label, f"{statistics.median(drops[label]):+.2f}", f"{max(drops[label]):+.2f}", f"{statistics.median(asrs[label]):.2%}",
@@ -155,7 +162,7 @@ def main() -> int:
             "One MESA search per model (`defend` at the defaults, target known); then the same ensemble retrains the"
             " model under each variant of the defense settings (seed 0). Cell: ASR of the real trigger after / clean-"
             "accuracy loss in points (negative: a gain), measured by bench/thirdparty.py's code on gdm-ray's eval split;"
-            " holdout variants name the epoch they kept.",
+            " holdout variants name the epoch they kept; (lr x): the rate probe (core/lr_probe.py) lowered defense.lr to x.",
             "",
             markdown_table(["model", "trigger", "ASR before", "acc before", *[v[0] for v in VARIANTS]], rows),
             "",

@@ -231,6 +231,7 @@ def _write_repaired(run_dir: RunDir, fixed: RepairResult, loaded: LoadedModel, s
         after=fixed.after.as_dict(),
         der=fixed.der,
         selection=fixed.selection,
+        lr_probe=fixed.lr_probe,
         retrain_seconds=round(fixed.retrain_seconds, 2),
         repaired_model=written.name,
         repaired_sha256=file_sha256(written),
@@ -267,6 +268,11 @@ def _print_repair(metrics: dict, run_dir: RunDir) -> None:
             (f"ASR of the found triggers, class {k}", f"{before['found_asr_by_class'][k]:.2%} -> {v:.2%}")
             for k, v in after["found_asr_by_class"].items()
         ]
+        probe = metrics.get("lr_probe")
+        if probe is not None and probe["trials"][0]["lr"] != probe["lr"]:  # say so when the model could not take defense.lr
+            first = probe["trials"][0]
+            rows.append(("retraining rate", f"{probe['lr']:g} (defense.lr={first['lr']:g} took clean accuracy "
+                         f"{probe['accuracy_before']:.2%} -> {first['accuracy']:.2%} in a probe)"))  # fmt: skip
         rows += [
             ("seconds (search, retrain)", f"{metrics['search']['search_seconds']:.1f}, {metrics['retrain_seconds']:.1f}"),
             ("repaired model", run_dir.join(metrics["repaired_model"])),

@@ -51,12 +51,18 @@ class DefenseConfig:
     distill: float = 0.0  # weight of distillation from the original model (0: off)
     temperature: float = 2.0
     holdout: float = 0.0  # share of the clean images kept out to choose the stopping epoch on (0: off; core/selection.py)
+    lr_probe_steps: int = 25  # steps a copy trains at each tried rate before the retraining (0: off; core/lr_probe.py)
+    lr_probe_tolerance: float = 0.05  # clean-accuracy drop (a fraction) the probe allows a rate
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.rate) <= 1.0:
             raise ConfigError(f"defense.rate={self.rate} must be in (0, 1]")
         if not 0.0 <= float(self.holdout) < 1.0:
             raise ConfigError(f"defense.holdout={self.holdout} must be in [0, 1)")
+        if int(self.lr_probe_steps) < 0:
+            raise ConfigError(f"defense.lr_probe_steps={self.lr_probe_steps} must be >= 0 (0 turns the probe off)")
+        if not 0.0 <= float(self.lr_probe_tolerance) <= 1.0:
+            raise ConfigError(f"defense.lr_probe_tolerance={self.lr_probe_tolerance} must be in [0, 1]")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(

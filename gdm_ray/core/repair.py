@@ -17,6 +17,7 @@ after see the same trigger placements.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from gdm_ray.core.baseline import BaselineConfig, BaselineResult, PixelBaseline
 from gdm_ray.core.data import ImageSet
 from gdm_ray.core.defense import DefenseConfig, TriggerSampler, retrain
 from gdm_ray.core.errors import ConfigError
+from gdm_ray.core.lr_probe import probe_lr
 from gdm_ray.core.mesa import MESA, MESAConfig, MESAResult
 from gdm_ray.core.metrics import asr_and_robust_accuracy, clean_accuracy, defense_effectiveness_rating, sampled_asr
 from gdm_ray.core.model_io import clone_model
@@ -139,6 +141,7 @@ class RepairResult:
     retrain_seconds: float
     losses: list[float]
     selection: dict | None = None  # the held-out epoch choice (core/selection.py), when defense.holdout > 0
+    lr_probe: dict | None = None  # the rates tried and the one used (core/lr_probe.py), when defense.lr_probe_steps > 0
 
     @property
     def der(self) -> float | None:
@@ -182,9 +185,14 @@ def repair(
     if float(cfg.holdout) > 0:
         clean, held = holdout_split(clean, cfg.holdout, rng)
         picker = EpochPicker(repaired, held, samplers, eval_seed)
+    probe = None
+    if int(cfg.lr_probe_steps) > 0:
+        probe = probe_lr(repaired, clean, list(samplers.values()), cfg, eval_seed)
+        cfg = dataclasses.replace(cfg, lr=probe["lr"])
     losses = retrain(repaired, clean, list(samplers.values()), cfg, rng, progress, picker)
     if picker is not None:
         picker.restore()
     seconds = time.perf_counter() - t0
     after = measure(repaired, eval_data, samplers, eval_seed, real, real_target)
-    return RepairResult(list(samplers), before, after, repaired, seconds, losses, None if picker is None else picker.summary())
+    selection = None if picker is None else picker.summary()
+    return RepairResult(list(samplers), before, after, repaired, seconds, losses, selection, probe)
