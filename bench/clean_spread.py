@@ -64,6 +64,9 @@ def main() -> None:
     scores: dict[str, dict[int, tuple[float, list[int]]]] = {m.model_id: {} for m in clean}
     for seed in args.seeds:
         out = work / f"clean-spread{'-clean' if args.clean_only else ''}-seed{seed}"
+        ids = {m.model_id for m in (clean if args.clean_only else spec)}
+        if (out / "zoo.json").is_file() and {v["model_id"] for v in json.loads((out / "zoo.json").read_text())["verdicts"]} != ids:
+            raise SystemExit(f"{out} holds a scan of another zoo than {folder}: move it away and run again")
         if not (out / "zoo.json").is_file():
             print(f"zoo-scan, seed={seed}", flush=True)
             cfg = compose_settings("zoo-scan", [f"zoo.path={folder}", f"seed={seed}", "threads=2", "progress=false", f"out={out}"])
