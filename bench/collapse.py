@@ -57,7 +57,7 @@ from gdm_ray.core.model_io import load_model  # noqa: E402
 from gdm_ray.store.provenance import code_version  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "collapse"
-MODELS = ["fm-lenet-noise5-fixed", "fm-preact-bar2x7-random", "c10-preact-noise3-random"]
+MODELS = ["fm-lenet-noise5-fixed", "fm-preact-bar2x7-random", "c10-vgg-noise3-random"]
 # (label, mesa overrides, is it a restart strategy (same run as "none" where nothing collapsed)?)
 STRATEGIES = [
     ("none", ["mesa.restarts=0"], False),

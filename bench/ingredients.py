@@ -62,7 +62,7 @@ WORK = ROOT / "bench" / "work" / "ingredients"
 DATA = {"fashion_mnist": ["data=fashion_mnist"], "cifar10": ["data=cifar10", f"data.path={thirdparty.CIFAR}"]}
 QUICK = ["data.limit_defense=1000", "data.limit_eval=1000", "mesa.steps=200", "mesa.extent_steps=100", "defense.epochs=1"]
 # three architectures (BatchNorm or not), three recipes, both data sets, 3x3 to 8x8, fixed and random places
-MODELS = ["fm-lenet-noise5-fixed", "fm-vgg-ring7-fixed", "fm-preact-bar2x7-random", "c10-preact-noise3-random", "c10-vgg-checker8-fixed"]
+MODELS = ["fm-lenet-noise5-fixed", "fm-vgg-ring7-fixed", "fm-preact-bar2x7-random", "c10-preact-blend", "c10-vgg-checker8-fixed"]
 # (label, defense overrides, retrain against the found triggers?)
 VARIANTS = [
     ("defaults", {}, True),
