@@ -150,7 +150,8 @@ def main() -> int:
             chosen = (r.get("selection") or {}).get("chosen_epoch")
             probe = r.get("lr_probe")
             lowered = probe is not None and probe["lr"] != probe["trials"][0]["lr"]
-            row.append(f"{r['asr']:.2%} / {drop:+.2f}" + (f" (epoch {chosen})" if chosen else "") + (f" (lr {probe['lr']:.3g})" if lowered else ""))
+            cell = f"{r['asr']:.2%} / {drop:+.2f}" + (f" (epoch {chosen})" if chosen else "")
+            row.append(cell + (f" (lr {probe['lr']:.3g})" if lowered else ""))
         rows.append(row)
     summary = [
         [label, f"{statistics.median(drops[label]):+.2f}", f"{max(drops[label]):+.2f}", f"{statistics.median(asrs[label]):.2%}",

@@ -24,7 +24,8 @@ def trained():
     splits = load_splits(DataSpec(name="synthetic", samples=1500, num_classes=4, image_size=[12, 12], seed=5))
     torch.manual_seed(0)
     model = build_model("small_cnn", 1, 4, 8)
-    train_classifier(model, splits.train, TrainConfig(epochs=3, batch_size=64, lr=0.05, channels_last=False), torch.Generator().manual_seed(0))
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, channels_last=False)
+    train_classifier(model, splits.train, cfg, torch.Generator().manual_seed(0))
     model.eval()
     assert clean_accuracy(model, splits.eval) > 0.8
     return model, splits
@@ -74,7 +75,10 @@ def test_a_lowered_rate_is_the_one_the_retraining_uses(trained):
     assert fixed.after.clean_accuracy > fixed.before.clean_accuracy - 0.1  # lr 10 would have wrecked it
 
 
-@pytest.mark.parametrize(("over", "name"), [({"lr_probe_steps": -1}, "lr_probe_steps=-1"), ({"lr_probe_tolerance": 2}, "lr_probe_tolerance=2")])
+BAD = [({"lr_probe_steps": -1}, "lr_probe_steps=-1"), ({"lr_probe_tolerance": 2}, "lr_probe_tolerance=2")]
+
+
+@pytest.mark.parametrize(("over", "name"), BAD)
 def test_bad_probe_settings_are_named(over, name):
     with pytest.raises(ConfigError, match=name):
         DefenseConfig(**over)

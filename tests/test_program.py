@@ -184,6 +184,7 @@ def test_an_unsafe_program_is_refused_before_torch_reads_it(pt2, tmp_path, entry
 def test_a_graph_calling_python_is_refused():
     gm = torch.export.export(nn.Linear(2, 2), (torch.zeros(2, 2),)).module(check_guards=False)  # as load_program builds it
     check_graph(Path("x.pt2"), gm)  # aten.linear only
+
     def leak(x):  # any Python callable: a crafted graph could name one
         return x
 
