@@ -205,6 +205,8 @@ def trusted_program(p: Path, opts: LoadOptions, input_shape: tuple[int, int, int
             return done
     if input_shape is None:
         raise ModelLoadError(f"model={p}: input shape unknown, needed to convert the pickled model; give the data")
+    if not opts.allow_pickle:  # the one full unpickle in gdm-ray: only on the user's word that the file is trusted
+        raise ModelLoadError(f"model={p}: only unpickling reads this checkpoint; pass model.allow_pickle=true if you trust it")
     print(f"gdm-ray: WARNING: model={p}: unpickling a checkpoint (model.allow_pickle=true: you trust this file); "
           f"converting it once into {root}", file=sys.stderr)  # fmt: skip
     try:
@@ -224,11 +226,15 @@ def trusted_program(p: Path, opts: LoadOptions, input_shape: tuple[int, int, int
         out = root / f"{sha}.pt2"
     else:
         raise ModelLoadError(f"model={p}: the pickle holds a {type(obj).__name__}, neither a module nor a state dict")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".partial")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(out)
-    return out
+    from gdm_ray.core.model_io import _atomic_target, _publish  # model_io imports this module
+
+    final, tmp = _atomic_target(out)  # a unique temporary name: two scans may convert the same file at once
+    try:
+        tmp.write_bytes(buf.getvalue())
+        _publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
 
 
 def _trusted_pickle(
