@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gdm_ray.core.atomic import atomic_target, publish
 from gdm_ray.core.errors import ModelLoadError
 from gdm_ray.core.program import is_program_archive, load_program, save_program
 from gdm_ray.core.standard_models import Normalized
@@ -73,20 +73,6 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files 0600
-    os.replace(tmp, final)
-
-
-def _atomic_target(path: Path) -> tuple[Path, Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return path, Path(tmp)
-
-
 def save_torchscript(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], meta: dict | None = None) -> Path:
     """Script (or, failing that, trace) the model and save it atomically."""
     was_training = model.training
@@ -99,10 +85,10 @@ def save_torchscript(model: nn.Module, path: str | Path, input_shape: tuple[int,
     finally:
         model.train(was_training)
     info = {"input_shape": list(input_shape), **(meta or {})}
-    final, tmp = _atomic_target(Path(path))
+    final, tmp = atomic_target(Path(path))
     try:
         torch.jit.save(scripted.cpu(), str(tmp), _extra_files={META_NAME: json.dumps(info)})
-        _publish(tmp, final)
+        publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     return final
@@ -125,10 +111,10 @@ def save_safetensors(
         "width": "" if width is None else str(width),
         **({"mean": json.dumps(norm[0]), "std": json.dumps(norm[1])} if norm else {}),
     }
-    final, tmp = _atomic_target(Path(path))
+    final, tmp = atomic_target(Path(path))
     try:
         save_file(state, str(tmp), metadata=meta)
-        _publish(tmp, final)
+        publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     return final
@@ -162,10 +148,10 @@ def save_like(model: nn.Module, stem: str | Path, loaded_meta: dict, input_shape
         save_program(copy.deepcopy(model).cpu(), buf, input_shape, meta or {})
     else:  # a weights-only checkpoint in, one out (tensors only: loadable with weights_only=True)
         torch.save({k: v.detach().cpu() for k, v in _unwrap(model)[0].state_dict().items()}, buf)
-    final, tmp = _atomic_target(path)
+    final, tmp = atomic_target(path)
     try:
         tmp.write_bytes(buf.getvalue())
-        _publish(tmp, final)
+        publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     return final

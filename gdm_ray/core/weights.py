@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gdm_ray.core.atomic import atomic_target, publish
 from gdm_ray.core.errors import ModelLoadError
 from gdm_ray.core.models import ARCHS, build_model
 from gdm_ray.core.program import save_program
@@ -226,12 +227,10 @@ def trusted_program(p: Path, opts: LoadOptions, input_shape: tuple[int, int, int
         out = root / f"{sha}.pt2"
     else:
         raise ModelLoadError(f"model={p}: the pickle holds a {type(obj).__name__}, neither a module nor a state dict")
-    from gdm_ray.core.model_io import _atomic_target, _publish  # model_io imports this module
-
-    final, tmp = _atomic_target(out)  # a unique temporary name: two scans may convert the same file at once
+    final, tmp = atomic_target(out)  # a unique temporary name: two scans may convert the same file at once
     try:
         tmp.write_bytes(buf.getvalue())
-        _publish(tmp, final)
+        publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     return final

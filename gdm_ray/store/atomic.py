@@ -1,6 +1,6 @@
 """Files that appear whole or not at all: write to a temp name beside the
 destination, then rename into place. The bottom of gdm_ray.store: it imports
-nothing of the package, so every store module may use it."""
+nothing of the store (only the core's rename), so every store module may use it."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gdm_ray.core.atomic import publish
+
 __all__ = ["publish", "write_json"]
-
-
-def publish(tmp: str | Path, final: str | Path) -> None:
-    """Rename a finished temp file into place with ordinary permissions
-    (mkstemp makes files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, final)
 
 
 def write_json(path: Path, obj: Any) -> None:
