@@ -74,6 +74,11 @@ VARIANTS = [
     ("lr 0.003", {"lr": 0.003}, True),
     ("rate 0.2", {"rate": 0.2}, True),
     ("distill + BN frozen + holdout", {"distill": 1.0, "batchnorm": "frozen", "holdout": 0.1}, True),
+    ("rate 0.1", {"rate": 0.1}, True),
+    ("append 0.5", {"mix": "append"}, True),
+    ("append 0.2", {"mix": "append", "rate": 0.2}, True),
+    ("append 0.2 + distill", {"mix": "append", "rate": 0.2, "distill": 1.0}, True),
+    ("rate 0.2 + epochs 1", {"rate": 0.2, "epochs": 1}, True),
     ("fine-tune (control)", {}, False),
 ]
 
@@ -106,6 +111,7 @@ def variant(spec: thirdparty.ModelSpec, model: Path, found: Path, label: str, ov
     row = {
         "asr": thirdparty.measure_asr(fixed.repaired, eval_set, trig, spec.target, seed=1),
         "accuracy": thirdparty.measure_accuracy(fixed.repaired, eval_set),
+        "target_accuracy": thirdparty.measure_accuracy(fixed.repaired, eval_set.subset(eval_set.y == spec.target)),
         "selection": fixed.selection,
         "lr_probe": fixed.lr_probe,
         "seconds": round(fixed.retrain_seconds, 1),
@@ -118,34 +124,52 @@ def variant(spec: thirdparty.ModelSpec, model: Path, found: Path, label: str, ov
     return row
 
 
+def _target_accuracy(spec: thirdparty.ModelSpec, model: Path) -> float:
+    """The model's accuracy, as it came, on the eval images of its target class."""
+    _, eval_set = thirdparty.load_data(spec.data)
+    net = load_model(model, eval_set.shape, eval_set.num_classes).module
+    return thirdparty.measure_accuracy(net, eval_set.subset(eval_set.y == spec.target))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the quick zoo, short searches, small splits")
     ap.add_argument("--only", nargs="*", help="zoo models by name")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--dev", action="store_true", help="thirdparty.dev_spec()'s models (the ones settings are chosen on)")
+    ap.add_argument("--variants", nargs="+", help="only these variants, by label")
     args = ap.parse_args()
     code_version()  # fixed now: results record the code that ran
-    work = args.work or WORK / ("quick" if args.quick else "full")
+    work = args.work or WORK / ("quick" if args.quick else "dev" if args.dev else "full")
     if args.fresh and work.exists():
         shutil.rmtree(work)
-    specs = thirdparty.zoo_spec(args.quick)
-    names = args.only or ([s.name for s in specs if s.trigger is not None][:2] if args.quick else MODELS)
+    variants = [v for v in VARIANTS if not args.variants or v[0] in args.variants]
+    if args.variants and len(variants) != len(args.variants):
+        ap.error(f"no such variant among: {'; '.join(v[0] for v in VARIANTS)}")
+    specs = thirdparty.dev_spec() if args.dev else thirdparty.zoo_spec(args.quick)
+    default = [s.name for s in specs if s.trigger is not None]
+    names = args.only or (default[:2] if args.quick else default if args.dev else MODELS)
     refs = {s.clean_ref for s in specs if s.name in names}
     specs = [s for s in specs if s.name in names or s.name in refs]
     folder = thirdparty.zoo_folder(args.quick)
     built = {s.name: card for s, card, _ in thirdparty.build_all(specs, folder)}
-    rows, drops, asrs = [], {v[0]: [] for v in VARIANTS}, {v[0]: [] for v in VARIANTS}
+    rows, drops, asrs, tdrops = [], {v[0]: [] for v in variants}, {v[0]: [] for v in variants}, {v[0]: [] for v in variants}
     for spec in [s for s in specs if s.trigger is not None]:
         card, model = built[spec.name], folder / f"{spec.name}.pt"
         print(f"{spec.name}: search", flush=True)
         found = work / spec.name / "search"
         search(spec, model, found, args.quick)
         row = [spec.name, thirdparty._describe(spec), f"{card['asr']:.2%}", f"{card['clean_accuracy']:.2%}"]
-        for label, over, triggers in VARIANTS:
+        target_before = None
+        for label, over, triggers in variants:
             r = variant(spec, model, found, label, over, triggers, work / spec.name, args.quick)
             drop = 100 * (card["clean_accuracy"] - r["accuracy"])
             drops[label].append(drop)
+            if r.get("target_accuracy") is not None:
+                if target_before is None:
+                    target_before = _target_accuracy(spec, model)
+                tdrops[label].append(100 * (target_before - r["target_accuracy"]))
             asrs[label].append(r["asr"])
             chosen = (r.get("selection") or {}).get("chosen_epoch")
             probe = r.get("lr_probe")
@@ -155,8 +179,8 @@ def main() -> int:
         rows.append(row)
     summary = [
         [label, f"{statistics.median(drops[label]):+.2f}", f"{max(drops[label]):+.2f}", f"{statistics.median(asrs[label]):.2%}",
-         f"{max(asrs[label]):.2%}"]
-        for label, _, _ in VARIANTS
+         f"{max(asrs[label]):.2%}", f"{statistics.median(tdrops[label]):+.2f}" if tdrops[label] else "-"]
+        for label, _, _ in variants
     ]  # fmt: skip
     body = "\n".join(
         [
@@ -165,14 +189,17 @@ def main() -> int:
             "accuracy loss in points (negative: a gain), measured by bench/thirdparty.py's code on gdm-ray's eval split;"
             " holdout variants name the epoch they kept; (lr x): the rate probe (core/lr_probe.py) lowered defense.lr to x.",
             "",
-            markdown_table(["model", "trigger", "ASR before", "acc before", *[v[0] for v in VARIANTS]], rows),
+            markdown_table(["model", "trigger", "ASR before", "acc before", *[v[0] for v in variants]], rows),
             "",
-            markdown_table(["variant", "acc loss: median (pts)", "worst", "ASR after: median", "worst"], summary),
+            markdown_table(
+                ["variant", "acc loss: median (pts)", "worst", "ASR after: median", "worst", "target-class acc loss: median"], summary
+            ),
             "",
-            "- Variants: " + "; ".join(f"{label}: {over or 'the defaults'}" for label, over, _ in VARIANTS),
+            "- Variants: " + "; ".join(f"{label}: {over or 'the defaults'}" for label, over, _ in variants),
         ]
     )
-    path = write_result("ingredients-quick" if args.quick else "ingredients", "Repair ingredients: what keeps clean accuracy", body)
+    name = "ingredients-quick" if args.quick else "ingredients-dev" if args.dev else "ingredients"
+    path = write_result(name, "Repair ingredients: what keeps clean accuracy", body)
     print(body)
     print(f"wrote {path}")
     return 0

@@ -4,6 +4,7 @@
     python bench/thirdparty.py                  # the whole zoo_spec() zoo (hours on 2 cores)
     python bench/thirdparty.py --only c10-vgg-noise4-fixed fm-lenet-sig
     python bench/thirdparty.py --scatter 20     # scatter_spec(20): the MESA paper's 3x3 colour-trigger figure
+    python bench/thirdparty.py --dev            # dev_spec(): the models repair settings are chosen on
     python bench/thirdparty.py --list           # the specs, nothing built
 
 Repairs must hold on models made the way another team or a poisoning library
@@ -75,6 +76,7 @@ __all__ = [
     "KINDS",
     "zoo_spec",
     "scatter_spec",
+    "dev_spec",
     "build",
     "build_all",
     "make_poison_trigger",
@@ -791,6 +793,39 @@ def zoo_spec(quick: bool = False) -> list[ModelSpec]:
     return clean + backdoored
 
 
+def dev_spec() -> list[ModelSpec]:
+    """Models to choose repair settings on, kept apart from zoo_spec (the models the
+    settings are judged on): the same three architectures and three recipes, other
+    recipe/architecture pairs, other triggers, places, rates, targets and seeds, on
+    Fashion-MNIST (cheap on 2 cores). Their clean references are zoo_spec's."""
+    fm = "fashion_mnist"
+
+    def bd(name: str, arch: str, recipe: str, **kw) -> ModelSpec:
+        return ModelSpec(
+            name=f"dev-fm-{arch}-{name}",
+            data=fm,
+            arch=arch,
+            recipe=recipe,
+            epochs=_EPOCHS[(fm, arch)],
+            train_images=_IMAGES[fm],
+            clean_ref=f"fm-{arch}-clean",
+            **kw,
+        )
+
+    backdoored = [
+        bd("ring5-random", "lenet", "sgd_cosine", trigger="ring", size=(5, 5), rate=0.05, target=3, seed=31),
+        bd("noise6-random", "vgg", "adam_aug", trigger="noise", size=(6, 6), rate=0.1, target=1, seed=32),
+        bd("checker4-fixed", "preact", "sgd_step", trigger="checker", size=(4, 4), placement="fixed", row=0, col=-1, rate=0.03,
+           target=8, seed=33),
+        bd("ell4x3-random", "preact", "adam_aug", trigger="ell", size=(4, 3), rate=0.1, target=5, seed=34),
+        bd("cross5-fixed", "vgg", "sgd_cosine", trigger="cross", size=(5, 5), placement="fixed", row=-3, col=2, rate=0.02,
+           target=7, seed=35),
+    ]  # fmt: skip
+    recipe_of = {"lenet": "sgd_step", "vgg": "sgd_cosine", "preact": "adam_aug"}  # zoo_spec's clean references
+    clean = [_clean(fm, a, recipe_of[a], False) for a in sorted({s.arch for s in backdoored})]
+    return clean + backdoored
+
+
 def scatter_spec(n: int = 20, quick: bool = False, recipe: str = "finetune", rate: float = 0.1, epochs: int = 1) -> list[ModelSpec]:
     """n CIFAR-10 models, each a different random 3x3 colour trigger at random places
     (the MESA paper's scatter figure), each fine-tuned (``recipe``, ``epochs``, ``rate``)
@@ -873,13 +908,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folder", type=Path, default=None, help="the zoo folder (default bench/work/thirdparty[-quick])")
     ap.add_argument("--only", nargs="+", default=None, help="build only these spec names (and the clean models they need)")
     ap.add_argument("--scatter", type=int, default=0, help="build scatter_spec(N) instead of zoo_spec")
+    ap.add_argument("--dev", action="store_true", help="build dev_spec() (the models repair settings are chosen on) instead")
     ap.add_argument("--list", action="store_true", help="print the specs and exit")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; 1 is faster on a busy machine)")
     ap.add_argument("--no-report", action="store_true", help="do not write bench/results/thirdparty*.md")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    specs = scatter_spec(a.scatter, a.quick) if a.scatter else zoo_spec(a.quick)
+    specs = scatter_spec(a.scatter, a.quick) if a.scatter else dev_spec() if a.dev else zoo_spec(a.quick)
     if a.only:
         wanted = set(a.only)
         unknown = wanted - {s.name for s in specs}
@@ -900,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_report:
         from report import write_result
 
-        name = "thirdparty" + ("-scatter" if a.scatter else "") + ("-quick" if a.quick else "")
+        name = "thirdparty" + ("-scatter" if a.scatter else "") + ("-dev" if a.dev else "") + ("-quick" if a.quick else "")
         body = (
             f"Zoo folder: `{folder}`. Clean accuracy and ASR on gdm-ray's eval split (5,000 held-out CIFAR-10 or "
             "Fashion-MNIST test images; ASR on those whose true class is not the target), measured by bench/thirdparty.py's "

@@ -117,3 +117,29 @@ def test_repair_with_a_holdout_records_its_choice_and_leaves_the_default_alone()
     assert sel["chosen_epoch"] in (1, 2)
     best = max(e["score"] for e in sel["epochs"])
     assert sel["epochs"][sel["chosen_epoch"] - 1]["score"] == best
+
+
+def test_append_mix_keeps_every_clean_image_and_adds_triggered_copies():
+    from gdm_ray.core.defense import _trigger_hook
+
+    x = torch.zeros(64, 1, 8, 8)
+    y = torch.arange(64) % 4
+    hook = _trigger_hook(_FixedTrigger(), 0.5, (1, 8, 8), append=True)
+    out_x, out_y, source = hook(x, y, torch.Generator().manual_seed(0))
+    k = len(out_x) - 64
+    assert 10 < k < 54  # about half the images got a triggered copy
+    assert torch.equal(out_x[:64], x)  # the clean batch is untouched
+    assert torch.equal(out_y, y[source]) and torch.equal(source[:64], torch.arange(64))
+    assert (out_x[64:].flatten(1).sum(1) == 9).all()  # each copy carries the 3x3 trigger
+    # replace (the default) swaps the same share in place: the batch keeps its size
+    rx, ry = _trigger_hook(_FixedTrigger(), 0.5, (1, 8, 8))(x, y, torch.Generator().manual_seed(0))
+    assert rx.shape == x.shape and torch.equal(ry, y) and int((rx.flatten(1).sum(1) == 9).sum()) == k
+
+
+def test_append_mix_trains_with_distillation_and_is_checked():
+    model, data = _model_and_data()
+    cfg = DefenseConfig(epochs=1, batch_size=64, lr=0.01, mix="append", distill=1.0, lr_probe_steps=0)
+    fixed = repair(model, data, data, {0: _FixedTrigger()}, cfg, torch.Generator().manual_seed(0), 1, measure_before=False)
+    assert len(fixed.losses) == 1 and fixed.losses[0] > 0
+    with pytest.raises(ConfigError, match="defense.mix='both'"):
+        DefenseConfig(mix="both")

@@ -24,7 +24,9 @@ from gdm_ray.core.model_io import clone_model
 from gdm_ray.core.train import TrainConfig, train_classifier
 from gdm_ray.core.triggers import apply_trigger, place
 
-__all__ = ["TriggerSampler", "DefenseConfig", "retrain"]
+__all__ = ["TriggerSampler", "DefenseConfig", "retrain", "MIXES"]
+
+MIXES = ("replace", "append")
 
 
 class TriggerSampler(Protocol):
@@ -38,6 +40,7 @@ class DefenseConfig:
     """Retraining settings: ``rate`` is r', the share of images given a sampled trigger."""
 
     rate: float = 0.5
+    mix: str = "replace"  # replace: a triggered image takes its clean original's place; append: it joins the batch beside it
     epochs: float = 3
     batch_size: int = 128
     lr: float = 0.01
@@ -57,6 +60,8 @@ class DefenseConfig:
     def __post_init__(self) -> None:
         if not 0.0 < float(self.rate) <= 1.0:
             raise ConfigError(f"defense.rate={self.rate} must be in (0, 1]")
+        if self.mix not in MIXES:
+            raise ConfigError(f"defense.mix={self.mix!r} must be one of {', '.join(MIXES)}")
         if not 0.0 <= float(self.holdout) < 1.0:
             raise ConfigError(f"defense.holdout={self.holdout} must be in [0, 1)")
         if int(self.lr_probe_steps) < 0:
@@ -117,7 +122,7 @@ def retrain(
     for i, sampler in enumerate(samplers):
         # every phase has the same step count: one progress bar spans them
         report = None if progress is None else (lambda step, total, loss, i=i: progress(i * total + step, k * total, loss))
-        hook = _trigger_hook(sampler, cfg.rate, clean.shape)
+        hook = _trigger_hook(sampler, cfg.rate, clean.shape, cfg.mix == "append")
         losses += train_classifier(model, clean, phase_cfg, rng, hook, report, teacher, epoch_end)
     return losses
 
@@ -130,23 +135,31 @@ def _teacher(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def _trigger_hook(sampler: TriggerSampler, rate: float, shape: tuple[int, int, int]) -> Callable:
-    """The batch hook of one repair phase: a share ``rate`` of the images get a sample of ``sampler``."""
+def _trigger_hook(sampler: TriggerSampler, rate: float, shape: tuple[int, int, int], append: bool = False) -> Callable:
+    """The batch hook of one repair phase: a share ``rate`` of the images get a sample of ``sampler``,
+    in place of the clean image or (``append``) as a copy added to the batch beside it."""
     _, H, W = shape
 
-    def hook(x: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = (torch.rand(len(x), generator=rng) < rate).nonzero().squeeze(1)
-        if len(idx) == 0:
-            return x, y
-        x = x.clone()
+    def stamp(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Every image of ``x`` with a trigger sampled from ``sampler``."""
         # the draw that picked a sampler per image when the phases were one: kept so
         # that one-target repairs (the common case) repeat their earlier results
-        torch.randint(0, 1, (len(idx),), generator=rng)
-        pattern, mask = sampler.sample(len(idx), rng=rng)
+        torch.randint(0, 1, (len(x),), generator=rng)
+        pattern, mask = sampler.sample(len(x), rng=rng)
         # a fixed-location trigger distribution keeps its place
-        pos = place(len(idx), tuple(mask.shape[-2:]), (H, W), getattr(sampler, "position", None), rng)
-        dev = x.device
-        x[idx.to(dev)] = apply_trigger(x[idx.to(dev)], pattern.to(dev), mask.to(dev), pos)
-        return x, y  # labels stay true: the trigger must stop meaning "target"
+        pos = place(len(x), tuple(mask.shape[-2:]), (H, W), getattr(sampler, "position", None), rng)
+        return apply_trigger(x, pattern.to(x.device), mask.to(x.device), pos)
+
+    def hook(x: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, ...]:
+        idx = (torch.rand(len(x), generator=rng) < rate).nonzero().squeeze(1).to(x.device)
+        if len(idx) == 0:
+            return x, y
+        # labels stay true: the trigger must stop meaning "target"
+        if append:
+            source = torch.cat([torch.arange(len(x), device=x.device), idx])
+            return torch.cat([x, stamp(x[idx], rng)]), y[source.to(y.device)], source
+        x = x.clone()
+        x[idx] = stamp(x[idx], rng)
+        return x, y
 
     return hook

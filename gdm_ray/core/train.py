@@ -23,7 +23,8 @@ from gdm_ray.core.program import ProgramBatchNorm
 
 __all__ = ["TrainConfig", "train_classifier", "augment", "model_device", "frozen"]
 
-BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+# (x, y, rng) -> (x, y), or (x, y, source) when the hook adds rows: source[i] is the input row output row i came from
+BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, ...]]
 
 
 @dataclass
@@ -220,7 +221,9 @@ def _loop(
                 with torch.no_grad():
                     soft = log_softmax(distill[0](x).float() / distill[2], dim=1)
             if batch_hook is not None:
-                x, y = batch_hook(x, y, rng)
+                x, y, *source = batch_hook(x, y, rng)
+                if source and soft is not None:
+                    soft = soft[source[0]]  # an added row learns the teacher's answer on the image it was made from
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)
@@ -236,8 +239,8 @@ def _loop(
                 sched.step()
             step += 1
             lv = float(loss.detach())
-            epoch_loss += lv * len(idx)
-            epoch_count += len(idx)
+            epoch_loss += lv * len(y)
+            epoch_count += len(y)
             if progress is not None:
                 progress(step, total, lv)
         losses.append(epoch_loss / max(1, epoch_count))
