@@ -83,13 +83,13 @@ VARIANTS = [
 ]
 
 
-def search(spec: thirdparty.ModelSpec, model: Path, out: Path, quick: bool) -> dict:
+def search(spec: thirdparty.ModelSpec, model: Path, out: Path, quick: bool, extra: list[str] | None = None) -> dict:
     """The one MESA search of a model (`defend` at the defaults, target known); reused when finished."""
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     over = [f"model={model}", f"target_class={spec.target}", "method=mesa", f"out={out}", "progress=false", *DATA[spec.data]]
-    return defend(compose_settings("defend", [*over, *(QUICK if quick else [])]))
+    return defend(compose_settings("defend", [*over, *(QUICK if quick else []), *(extra or [])]))
 
 
 def variant(spec: thirdparty.ModelSpec, model: Path, found: Path, label: str, over: dict, triggers: bool, out: Path, quick: bool) -> dict:
@@ -139,6 +139,7 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--dev", action="store_true", help="thirdparty.dev_spec()'s models (the ones settings are chosen on)")
     ap.add_argument("--variants", nargs="+", help="only these variants, by label")
+    ap.add_argument("--search", nargs="+", default=[], help="overrides of each model's search (mesa.mask_l1=0.3); with its own --work")
     args = ap.parse_args()
     code_version()  # fixed now: results record the code that ran
     work = args.work or WORK / ("quick" if args.quick else "dev" if args.dev else "full")
@@ -159,7 +160,7 @@ def main() -> int:
         card, model = built[spec.name], folder / f"{spec.name}.pt"
         print(f"{spec.name}: search", flush=True)
         found = work / spec.name / "search"
-        search(spec, model, found, args.quick)
+        search(spec, model, found, args.quick, args.search)
         row = [spec.name, thirdparty._describe(spec), f"{card['asr']:.2%}", f"{card['clean_accuracy']:.2%}"]
         target_before = None
         for label, over, triggers in variants:
@@ -184,7 +185,8 @@ def main() -> int:
     ]  # fmt: skip
     body = "\n".join(
         [
-            "One MESA search per model (`defend` at the defaults, target known); then the same ensemble retrains the"
+            f"One MESA search per model (`defend` at the defaults{', ' + ' '.join(args.search) if args.search else ''}, target known);"
+            " then the same ensemble retrains the"
             " model under each variant of the defense settings (seed 0). Cell: ASR of the real trigger after / clean-"
             "accuracy loss in points (negative: a gain), measured by bench/thirdparty.py's code on gdm-ray's eval split;"
             " holdout variants name the epoch they kept; (lr x): the rate probe (core/lr_probe.py) lowered defense.lr to x.",
@@ -199,6 +201,8 @@ def main() -> int:
         ]
     )
     name = "ingredients-quick" if args.quick else "ingredients-dev" if args.dev else "ingredients"
+    if args.search:  # another search: another table
+        name += "-" + "-".join(o.replace("mesa.", "").replace("=", "") for o in args.search)
     path = write_result(name, "Repair ingredients: what keeps clean accuracy", body)
     print(body)
     print(f"wrote {path}")

@@ -101,7 +101,7 @@ def test_history_and_ensemble_weights(fits):
     assert [row["step"] for row in result.history if row["level"] == 0] == [50, 100, 150, 200, 250, 300]
     assert {row["level"] for row in result.history} == {0, 1, 2}
     for row in result.history:
-        assert set(row) == {"step", "level", "beta", "asr", "score", "hinge", "mi"}
+        assert set(row) == {"step", "level", "beta", "asr", "score", "hinge", "mi", "mask"}
         assert all(math.isfinite(v) for v in row.values())
     last = [row for row in result.history if row["step"] == STEPS]
     assert last[2]["asr"] > last[2]["beta"] and last[2]["hinge"] < 0.2

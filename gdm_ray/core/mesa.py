@@ -92,6 +92,9 @@ class MESAConfig:
       beta_i has collapsed onto one trigger (MESA degenerates into the
       one-trigger baseline); it is trained again from a fresh start, up to
       ``restarts`` times, with its entropy weight times restart_alpha.
+    mask_l1: with a learned mask, the weight of its mean value (Neural Cleanse's
+      mask norm) in each level's loss: the entropy term alone fills the whole
+      box with half-transparent noise, which the repair then trains against.
     testing: "softmax" or "ce" (see the module docstring).
     images_per_trigger: clean images each trigger is tested on per step
       (F is their mean; 1 is cheapest).
@@ -124,6 +127,7 @@ class MESAConfig:
     ensemble: str = "staircase"
     extent_steps: int = 300  # the extent estimate's first-pass search steps (gdm_ray.core.extent)
     collapse_entropy: float = 0.05
+    mask_l1: float = 0.0  # weight of the mean mask value (the trigger's footprint) in each level's loss; with_mask only
     restarts: int = 1
     restart_alpha: float = 10.0
     seed: int = 0
@@ -174,6 +178,8 @@ class MESAConfig:
             )
         if not (math.isfinite(float(self.collapse_entropy)) and float(self.collapse_entropy) >= 0):
             raise ConfigError(f"mesa.collapse_entropy={self.collapse_entropy} must be a finite number >= 0")
+        if not (math.isfinite(float(self.mask_l1)) and float(self.mask_l1) >= 0):
+            raise ConfigError(f"mesa.mask_l1={self.mask_l1} must be a finite number >= 0")
         if int(self.restarts) < 0:
             raise ConfigError(f"mesa.restarts={self.restarts} must be >= 0")
         if not (math.isfinite(float(self.restart_alpha)) and float(self.restart_alpha) > 0):
@@ -203,7 +209,8 @@ class MESAResult:
       the target with a fresh sample of that level's triggers applied.
     history: one row per level per logging interval, with the interval's
       means: step, level, beta, asr (of the training samples), score (mean
-      F), hinge, mi; a restart's rows also carry ``restart`` (its round).
+      F), hinge, mi, mask (mean mask value); a restart's rows also carry
+      ``restart`` (its round).
     """
 
     target: int
@@ -395,7 +402,8 @@ class MESA:
         opt = torch.optim.Adam(list(gens.parameters()) + list(mine.parameters()), lr=float(cfg.lr))
 
         history: list[dict[str, float]] = []
-        sums = torch.zeros(4, n_lv, device=device)  # asr, score, hinge, mi over the interval
+        sums = torch.zeros(5, n_lv, device=device)  # asr, score, hinge, mi, mask over the interval
+        mask_l1 = float(cfg.mask_l1) if cfg.with_mask else 0.0
         count = 0
         mi_ema, ema_rate = torch.zeros(n_lv, device=device), 0.02
         for step in range(1, int(cfg.steps) + 1):
@@ -408,14 +416,15 @@ class MESA:
             mi = mine(z, scale_grad(x_flat, alpha), rng=rng)  # N
             logits = self._classify(model, pool, pattern, mask, k, rng)  # (N*B*k) x K
             score, hinge, asr = self._testing(logits, target, betas, n_lv, bs, k)
-            # L_i = -alpha_i * I_hat_i + hinge_i for G_i (alpha applied through scale_grad above)
-            loss = (hinge - mi).sum()
+            footprint = mask.flatten(2).mean(2).mean(1)  # N: each level's mean mask value
+            # L_i = -alpha_i * I_hat_i + hinge_i (+ mask_l1 * footprint_i) for G_i (alpha applied through scale_grad above)
+            loss = (hinge - mi + mask_l1 * footprint).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
             with torch.no_grad():
-                sums += torch.stack([asr, score, hinge, mi.detach()])
+                sums += torch.stack([asr, score, hinge, mi.detach(), footprint.detach()])
                 mi_ema.mul_(1 - ema_rate).add_(mi.detach(), alpha=ema_rate)
             count += 1
             if step % int(cfg.log_every) == 0 or step == int(cfg.steps):
@@ -430,6 +439,7 @@ class MESA:
                             score=float(means[1, j]),
                             hinge=float(means[2, j]),
                             mi=float(means[3, j]),
+                            mask=float(means[4, j]),
                         )
                     )
                 sums.zero_()
