@@ -79,6 +79,9 @@ VARIANTS = [
     ("append 0.2", {"mix": "append", "rate": 0.2}, True),
     ("append 0.2 + distill", {"mix": "append", "rate": 0.2, "distill": 1.0}, True),
     ("rate 0.2 + epochs 1", {"rate": 0.2, "epochs": 1}, True),
+    ("rate 0.05", {"rate": 0.05}, True),
+    ("rate 0.1 + distill", {"rate": 0.1, "distill": 1.0}, True),
+    ("rate 0.1 + lr 0.003", {"rate": 0.1, "lr": 0.003}, True),
     ("fine-tune (control)", {}, False),
 ]
 
@@ -139,6 +142,7 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--dev", action="store_true", help="thirdparty.dev_spec()'s models (the ones settings are chosen on)")
     ap.add_argument("--variants", nargs="+", help="only these variants, by label")
+    ap.add_argument("--name", default=None, help="the result's file name under bench/results (default from the options)")
     ap.add_argument("--search", nargs="+", default=[], help="overrides of each model's search (mesa.mask_l1=0.3); with its own --work")
     args = ap.parse_args()
     code_version()  # fixed now: results record the code that ran
@@ -203,7 +207,7 @@ def main() -> int:
     name = "ingredients-quick" if args.quick else "ingredients-dev" if args.dev else "ingredients"
     if args.search:  # another search: another table
         name += "-" + "-".join(o.replace("mesa.", "").replace("=", "") for o in args.search)
-    path = write_result(name, "Repair ingredients: what keeps clean accuracy", body)
+    path = write_result(args.name or name, "Repair ingredients: what keeps clean accuracy", body)
     print(body)
     print(f"wrote {path}")
     return 0
