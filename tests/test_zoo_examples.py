@@ -172,3 +172,23 @@ def test_examples_of_another_shape_or_class_are_refused(held_out, tmp_path):
     (d / "trojai-round-image.json").write_text('{"clean_label": 5}')  # a .json beside an image names its label
     x, y = load_examples(d)
     assert x.shape == (9, 16, 16, 1) and y.tolist()[-1] == 5 and sorted(y.tolist()[:8]) == sorted(held_out[1][:8].tolist())
+
+
+def test_an_s3_zoo_brings_its_example_folders(trojai_zoo, s3_server, bucket, tmp_path, capsys, monkeypatch):
+    """zoo.path=s3://...: the prefix is mirrored whole, example folders with their models."""
+    from gdm_ray.store.s3 import S3
+
+    monkeypatch.setenv("GDM_RAY_CACHE", str(tmp_path / "cache"))
+    s3 = S3(s3_server.store())
+    for p in sorted(trojai_zoo.rglob("*")):
+        if p.is_file():
+            s3.put_file(f"s3://{bucket}/round/{p.relative_to(trojai_zoo).as_posix()}", p)
+    out = tmp_path / "out"
+    args = ["zoo-scan", f"zoo.path=s3://{bucket}/round", *DATA, "scan.steps=20", "full_search=false", "use_ray=false",
+            f"out={out}", *s3_server.overrides()]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert {m: r["examples"] for m, r in _rows(out).items()} == {
+        "id-00000000": f"own:{OWN}",
+        "id-00000001": f"shared (own:{FEW} < zoo.min_examples=100)",
+        "id-00000002": "shared",
+    }
