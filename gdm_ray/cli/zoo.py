@@ -241,7 +241,7 @@ def zoo_scan(s: ZooScanSettings) -> dict[str, Any]:
     ex = _examples(files, s, splits)
     print(
         f"gdm-ray zoo-scan: {len(files)} models in {folder}, {splits.eval.num_classes} classes, "
-        f"{len(splits.defense)} clean images ({len(ex.own)} models on their own examples), method {s.scan.method}",
+        f"{len(splits.defense)} clean images ({len(ex.own)} model(s) on their own examples), method {s.scan.method}",
         file=sys.stderr,
     )
     t0 = time.perf_counter()
