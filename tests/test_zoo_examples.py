@@ -192,3 +192,10 @@ def test_an_s3_zoo_brings_its_example_folders(trojai_zoo, s3_server, bucket, tmp
         "id-00000001": f"shared (own:{FEW} < zoo.min_examples=100)",
         "id-00000002": "shared",
     }
+
+
+def test_zoo_min_examples_below_two_is_a_config_error(trojai_zoo, tmp_path, capsys):
+    assert main(["zoo-scan", f"zoo.path={trojai_zoo}", *FAST, "zoo.min_examples=1", f"out={tmp_path / 'out'}"]) != 0
+    err = capsys.readouterr().err
+    assert "zoo.min_examples=1 must be >= 2" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
