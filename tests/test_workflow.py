@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gdm_ray.core.data import DataSpec, load_splits
+from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.executor import InProcessExecutor, ModelBlob, ModelContext
 from gdm_ray.core.first_pass import ScanConfig
 from gdm_ray.core.mesa import MESAConfig
@@ -93,6 +94,35 @@ def test_one_plan_same_answer_in_process_and_on_ray(zoo, splits, one_thread):
     broken = verdict_row(local.models["broken"], "batched", "zoo", prov)
     assert broken["error"] == a["broken"] and broken["backdoored"] is None and broken["model_sha256"] == local.models["broken"].sha256
     assert class_rows(local.models["broken"], splits.classes, prov) == []
+
+
+def test_own_examples_same_answer_in_process_and_on_ray(zoo, splits, one_thread):
+    """A model with clean examples of its own (vendor-a, backdoored) is searched on them
+    in every stage (first pass, windows, MESA) on either executor, with the same answer."""
+    from gdm_ray.distributed.executor import RayExecutor
+    from gdm_ray.distributed.runtime import RayConfig
+
+    blobs = [b for b in _blobs(zoo, splits) if b.model_id != "broken"]
+    own = {"vendor-a": splits.eval.subset(torch.arange(200))}  # clean images the shared set does not hold
+    scan = ScanConfig(steps=150, moving_window=True, stride=[4, 4])
+    plan = plan_zoo_scan(splits.defense, [b.model_id for b in blobs], scan, MESA, seed=0, examples=own)
+    assert plan.first_pass_of("vendor-a") is plan.own["vendor-a"] and len(plan.own["vendor-a"].eval_idx) == 40
+    assert plan.first_pass_of("vendor-b") is plan.first_pass and plan.class_seed(2) == plan.base + 2
+    local = run_zoo_scan(plan, blobs, splits.defense, splits.eval, InProcessExecutor(), examples=own)
+    with RayExecutor(RayConfig(num_cpus=2, log_to_driver=False)) as ray_ex:
+        remote = run_zoo_scan(plan, blobs, splits.defense, splits.eval, ray_ex, examples=own)
+    a, b = _table(local), _table(remote)
+    assert 2 in a["vendor-a"][4] and a["vendor-b"][4] == a["vendor-c"][4] == []
+    assert {m: s.examples for m, s in local.models.items()} == {"vendor-a": 200, "vendor-b": None, "vendor-c": None}
+    for m in a:
+        assert b[m][:6] == a[m][:6], m
+        assert set(b[m][6]) == set(a[m][6]), m
+        for k, (lv, w, e, params) in a[m][6].items():
+            assert b[m][6][k][:3] == (lv, w, e) and all(torch.equal(p, q) for p, q in zip(params, b[m][6][k][3]))
+        heats = [(local.models[m].searches[k].heat, remote.models[m].searches[k].heat) for k in a[m][6]]
+        assert all(h.box == g.box and torch.equal(h.heat, g.heat) for h, g in heats), m
+    with pytest.raises(ConfigError, match=r"own examples given for \[\], planned for \['vendor-a'\]"):
+        run_zoo_scan(plan, blobs, splits.defense, splits.eval, InProcessExecutor())
 
 
 def test_single_model_plan_keeps_the_scan_commands_seeds(models, splits):

@@ -236,6 +236,12 @@ class ZooOptions:
     path: str = MISSING  # a folder or s3:// prefix of model files
     glob: str = "*"  # which files in zoo.path (model suffixes only)
     calibrate: bool = True  # with >= 3 models, judge each class against the same class in the other models
+    examples: bool = True  # a model alone in its folder with clean-example-data/ (or clean_example_data/, examples/) is scanned on it
+    min_examples: int = 100  # fewer own example images than this: the shared data= set (bench/min_examples.py)
+
+    def __post_init__(self) -> None:
+        if int(self.min_examples) < 2:  # a first pass needs images to search and images to measure
+            raise ConfigError(f"zoo.min_examples={self.min_examples} must be >= 2")
 
 
 @dataclass

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -35,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from gdm_ray.core.errors import DataError
+
 __all__ = ["main", "load_examples", "fit_calibration"]
 
 DEFAULT_CALIBRATION = {"a": 2.0, "b": -4.0, "fitted_on": None}  # sigmoid(2 * (score - 2)): 0.5 at the scan's threshold
-_IMAGES = (".png", ".jpg", ".jpeg", ".bmp")
-_CLASS_IN_NAME = re.compile(r"class_(\d+)")
 
 
 class TrojaiError(Exception):
@@ -47,36 +46,13 @@ class TrojaiError(Exception):
 
 
 def load_examples(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N x H x W x C uint8) and labels from a TrojAI example folder."""
-    from PIL import Image
+    """Images (N x H x W x C uint8) and labels from a TrojAI example folder (``gdm_ray.core.examples``)."""
+    from gdm_ray.core.examples import load_examples as read  # torch: only when a command runs, not for --help
 
-    if not folder.is_dir():
-        raise TrojaiError(f"--examples_dirpath {folder}: no such folder")
-    xs, ys = [], []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() not in _IMAGES:
-            continue
-        side = p.with_suffix(".json")
-        m = _CLASS_IN_NAME.search(p.stem)
-        if m:
-            label = int(m.group(1))
-        elif side.is_file():
-            meta = json.loads(side.read_text())
-            found = next((meta[k] for k in ("clean_label", "label", "class") if k in meta), None) if isinstance(meta, dict) else meta
-            if not isinstance(found, int):
-                raise TrojaiError(f"--examples_dirpath {folder}: {side.name} names no integer label")
-            label = found
-        else:
-            raise TrojaiError(f"--examples_dirpath {folder}: {p.name} has no class in its name (class_K_...) and no .json label")
-        with Image.open(p) as im:
-            arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
-        xs.append(arr[..., None] if arr.ndim == 2 else arr)
-        ys.append(label)
-    if not xs:
-        raise TrojaiError(f"--examples_dirpath {folder}: no example images ({', '.join(_IMAGES)})")
-    if len({x.shape for x in xs}) != 1:
-        raise TrojaiError(f"--examples_dirpath {folder}: the images differ in size ({sorted({x.shape for x in xs})[:3]})")
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+    try:
+        return read(folder)
+    except DataError as exc:  # the core names the folder; TrojAI's users know it by its flag
+        raise TrojaiError(f"--examples_dirpath {exc}") from None
 
 
 def _metaparameters(path: Path | None, schema: Path | None) -> list[str]:

@@ -4,7 +4,11 @@ The plan fixes every seed before anything runs: the first-pass plan
 (``plan_scan`` with ``torch.Generator().manual_seed(seed)``, the same for
 every model, so a model's verdict does not depend on its neighbours) and the
 seed base of the class searches, drawn from the same generator right after
-(class k of any model searches with base + k). The run is stages of jobs
+(class k of any model searches with base + k). A model with clean examples
+of its own (``examples``: TrojAI's ``clean-example-data/``) is searched and
+judged on them instead of the shared data: its first pass is planned on them
+from a generator seeded alike (the split ``gdm-ray scan`` would make of that
+set), and its windows and MESA search them. The run is stages of jobs
 (``gdm_ray.core.executor``): every (model, chunk of classes) of the first
 pass; then the zoo reference (>= ``MIN_ZOO`` models, ``calibrate``) or a
 given reference of other models' sizes; then, for each flagged class, every
@@ -17,7 +21,8 @@ No printing, no files: the result is one ``ModelScan`` per model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,6 +65,7 @@ __all__ = [
     "window_chunk",
     "class_mesa_job",
     "search_base",
+    "examples_digest",
 ]
 
 # fewer models than this cannot say what a class's trigger size usually is
@@ -87,9 +93,14 @@ class ZooScanPlan:
     eval_seed: int  # seeds the held-out ASR of each MESA's samples
     calibrate: bool = True  # judge classes against the same class in the other models (>= MIN_ZOO)
     reference: list[list[float]] | None = None  # other models' per-class sizes (a finished zoo-scan)
+    own: dict[str, ScanPlan] = field(default_factory=dict)  # model id -> its first pass on its own examples
 
     def class_seed(self, k: int) -> int:
         return self.base + int(k)
+
+    def first_pass_of(self, model_id: str) -> ScanPlan:
+        """The model's first-pass plan: on its own examples if it has them, else the shared one."""
+        return self.own.get(model_id, self.first_pass)
 
 
 def plan_zoo_scan(
@@ -101,11 +112,14 @@ def plan_zoo_scan(
     full_search: bool = True,
     calibrate: bool = True,
     reference: list[list[float]] | None = None,
+    examples: Mapping[str, ImageSet] | None = None,
 ) -> ZooScanPlan:
     """Plan the scan of ``models`` on the defender's clean ``data``.
     ``scan.method=baseline`` is the first pass alone (no window, no MESA);
     ``full_search=False`` skips MESA; ``reference`` judges each model's classes
-    against those sizes (one per other model, every class) instead of the zoo."""
+    against those sizes (one per other model, every class) instead of the zoo;
+    ``examples``: model id -> that model's own clean images, used for it
+    instead of ``data`` (the same classes)."""
     ids = list(models)
     if not ids:
         raise ConfigError("scan: no models to scan")
@@ -117,6 +131,7 @@ def plan_zoo_scan(
     base = search_base(rng)  # drawn right after the plan, as `gdm-ray scan` always has
     if reference is not None and any(len(r) != data.num_classes for r in reference):
         raise ConfigError(f"reference: every model needs sizes for all {data.num_classes} classes")
+    own = {m: _own_plan(m, ids, data, x, cfg, seed) for m, x in (examples or {}).items()}
     return ZooScanPlan(
         ids,
         cfg,
@@ -127,7 +142,26 @@ def plan_zoo_scan(
         int(seed),
         calibrate,
         reference,
+        own,
     )
+
+
+def _own_plan(model_id: str, ids: list[str], data: ImageSet, own: ImageSet, cfg: ScanConfig, seed: int) -> ScanPlan:
+    """The first pass of a model on its own examples, seeded as the shared one is."""
+    if model_id not in ids:
+        raise ConfigError(f"scan: examples for {model_id!r}, which is not a planned model")
+    if own.classes != data.classes or own.shape != data.shape:
+        raise ConfigError(
+            f"scan: {model_id}'s examples are {own.shape} with {own.num_classes} classes, the data {data.shape} with {data.num_classes}"
+        )
+    return plan_scan(own, cfg, torch.Generator().manual_seed(int(seed)))
+
+
+def examples_digest(data: ImageSet) -> str:
+    """A fingerprint of a set of clean images (what a resumed first pass must have searched)."""
+    h = hashlib.sha256(data.x.contiguous().numpy().tobytes())
+    h.update(data.y.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def plan_model_scan(
@@ -155,6 +189,7 @@ class ModelScan:
     searches: dict[int, ClassSearch] = field(default_factory=dict)  # flagged class -> its full search
     error: str | None = None
     seconds: float = 0.0  # summed job time
+    examples: int | None = None  # how many own clean examples it was scanned on (None: the shared data)
 
 
 @dataclass
@@ -165,11 +200,30 @@ class ZooScan:
 
 
 class ScanContext(ModelContext):
-    """What every job of a scan shares: the models, the clean data and the plan."""
+    """What every job of a scan shares: the models, the clean data (shared, and
+    the models' own examples) and the plan."""
 
-    def __init__(self, models: Sequence[ModelBlob], data: ImageSet, eval_data: ImageSet, plan: ZooScanPlan, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        models: Sequence[ModelBlob],
+        data: ImageSet,
+        eval_data: ImageSet,
+        plan: ZooScanPlan,
+        device: str = "cpu",
+        examples: Mapping[str, ImageSet] | None = None,
+    ) -> None:
         super().__init__(models, device)
         self.data, self.eval_data, self.plan = data, eval_data, plan
+        self.examples = dict(examples or {})
+
+    def data_of(self, model_id: str) -> ImageSet:
+        """The clean images the model's searches use: its own examples, or the shared set."""
+        return self.examples.get(model_id, self.data)
+
+    def eval_of(self, model_id: str) -> ImageSet:
+        """Where the model's MESA samples' ASR is measured: its own examples (there is no
+        held-out part of so small a set), or the shared held-out split."""
+        return self.examples.get(model_id, self.eval_data)
 
 
 class ResumeState(Protocol):
@@ -205,19 +259,20 @@ class MesaJob:
 
 
 def first_pass_chunk(ctx: ScanContext, job: FirstPassJob) -> list[ClassTrigger]:
-    return scan_chunks(ctx.model(job.model_id), ctx.data, ctx.plan.scan, ctx.plan.first_pass, [job.chunk])
+    m = job.model_id
+    return scan_chunks(ctx.model(m), ctx.data_of(m), ctx.plan.scan, ctx.plan.first_pass_of(m), [job.chunk])
 
 
 def window_chunk(ctx: ScanContext, job: WindowJob) -> dict[int, WindowFind]:
-    return search_windows(ctx.model(job.model_id), ctx.data, ctx.plan.scan, job.plan, [job.chunk])
+    return search_windows(ctx.model(job.model_id), ctx.data_of(job.model_id), ctx.plan.scan, job.plan, [job.chunk])
 
 
 def class_mesa_job(ctx: ScanContext, job: MesaJob) -> tuple[MESA, MESAResult, float]:
     assert ctx.plan.mesa is not None
     return class_mesa(
         ctx.model(job.model_id),
-        ctx.data,
-        ctx.eval_data,
+        ctx.data_of(job.model_id),
+        ctx.eval_of(job.model_id),
         job.target,
         ctx.plan.mesa,
         job.heat,
@@ -247,6 +302,8 @@ class _Run:
     ) -> None:
         self.plan, self.ctx, self.executor, self.state, self.progress = plan, ctx, executor, state, progress
         self.out = {m: ModelScan(m, ctx.models[m].sha256, ctx.models[m].path, None, None) for m in plan.models}
+        for m, own in ctx.examples.items():
+            self.out[m].examples = len(own)
         self.resumed = 0
 
     def ok(self) -> list[str]:
@@ -271,13 +328,18 @@ class _Run:
 
         self.executor.map(fn, jobs, self.ctx, on_result=handle)
 
+    def _identity(self, m: str) -> str:
+        """What a kept first-pass chunk must match besides the plan: the model file, and its own examples."""
+        own = self.ctx.examples.get(m)
+        return self.ctx.models[m].sha256 + (f"+examples-{examples_digest(own)}" if own is not None else "")
+
     def first_pass(self) -> None:
-        plan, fp = self.plan, self.plan.first_pass
+        plan = self.plan
         found: dict[str, dict[int, list[ClassTrigger]]] = {m: {} for m in plan.models}
         keys = {
-            (m, i): self.state.key(m, self.ctx.models[m].sha256, plan.scan, fp, i) if self.state is not None else ""
+            (m, i): self.state.key(m, self._identity(m), plan.scan, plan.first_pass_of(m), i) if self.state is not None else ""
             for m in plan.models
-            for i in range(fp.passes)
+            for i in range(plan.first_pass_of(m).passes)
         }
         jobs = []
         for (m, i), key in keys.items():
@@ -297,7 +359,7 @@ class _Run:
         self.stage("first pass", first_pass_chunk, jobs, done)
         for m in self.ok():
             triggers = [t for i in sorted(found[m]) for t in found[m][i]]
-            result = scan_result(fp, plan.scan, triggers, self.out[m].seconds)
+            result = scan_result(plan.first_pass_of(m), plan.scan, triggers, self.out[m].seconds)
             self.out[m].result, self.out[m].within = result, list(result.anomaly)
 
     def judge(self) -> str:
@@ -319,7 +381,7 @@ class _Run:
         return [(m, k) for m in self.ok() for k in self.out[m].result.flagged]
 
     def windows(self) -> dict[tuple[str, int], HeatMap]:
-        plans = {(m, k): _window_plan(self.ctx.data, self.plan.scan, k, self.plan.class_seed(k)) for m, k in self.flagged()}
+        plans = {(m, k): _window_plan(self.ctx.data_of(m), self.plan.scan, k, self.plan.class_seed(k)) for m, k in self.flagged()}
         finds: dict[tuple[str, int], dict[int, WindowFind]] = {key: {} for key in plans}
         seconds: dict[tuple[str, int], float] = dict.fromkeys(plans, 0.0)
         jobs = [WindowJob(m, p, i) for (m, _), p in plans.items() for i in range(len(p.chunks))]
@@ -362,17 +424,23 @@ def run_zoo_scan(
     state: ResumeState | None = None,
     progress: Progress | None = None,
     loaded: nn.Module | None = None,
+    examples: Mapping[str, ImageSet] | None = None,
 ) -> ZooScan:
     """Run ``plan`` on ``models`` (one ``ModelBlob`` per planned id) through
     ``executor``: the first pass (chunks resumed from / kept in ``state``),
     the reference, then each flagged class's windows and MESA. A model whose
     job fails gets that error and no later stage; the others go on.
     ``loaded``: the one planned model, already loaded on ``device`` (the
-    in-process executor then does not load it again)."""
+    in-process executor then does not load it again). ``examples``: the own
+    clean images the plan was made with (model id -> images)."""
     given = {m.model_id for m in models}
     if given != set(plan.models):
         raise ConfigError(f"scan: models {sorted(given ^ set(plan.models))} are not both planned and given")
-    ctx = ScanContext(models, data, eval_data, plan, device)
+    examples = dict(examples or {})
+    planned = {m: len(p.eval_idx) + len(p.search_idx) for m, p in plan.own.items()}
+    if {m: len(x) for m, x in examples.items()} != planned:
+        raise ConfigError(f"scan: own examples given for {sorted(examples)}, planned for {sorted(planned)} (or of other sizes)")
+    ctx = ScanContext(models, data, eval_data, plan, device, examples)
     if loaded is not None:
         if len(plan.models) != 1:
             raise ConfigError(f"scan: a loaded model is for a one-model plan, not {len(plan.models)} models")

@@ -11,7 +11,7 @@ from typing import Any
 
 from gdm_ray.core.scan_workflow import ModelScan
 
-__all__ = ["Provenance", "verdict_row", "class_rows", "failed_row"]
+__all__ = ["Provenance", "verdict_row", "class_rows", "failed_row", "examples_note"]
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,19 @@ class Provenance:
         return {"config_hash": self.config_hash, "code_version": self.code_version}
 
 
-def verdict_row(scan: ModelScan, method: str, reference: str, provenance: Provenance, seconds: float | None = None) -> dict[str, Any]:
-    """The model's verdict; ``seconds`` defaults to the scan's summed job time.
-    A scan that failed gives its ``failed_row``."""
+def verdict_row(
+    scan: ModelScan,
+    method: str,
+    reference: str,
+    provenance: Provenance,
+    seconds: float | None = None,
+    examples: str | None = None,
+) -> dict[str, Any]:
+    """The model's verdict; ``seconds`` defaults to the scan's summed job time;
+    ``examples`` says which clean images it was scanned on (zoo-scan: see
+    ``examples_note``). A scan that failed gives its ``failed_row``."""
     if scan.error is not None or scan.result is None:
-        return failed_row(scan.model_id, scan.path, scan.sha256, scan.error or "not scanned", method, provenance)
+        return failed_row(scan.model_id, scan.path, scan.sha256, scan.error or "not scanned", method, provenance, examples)
     r = scan.result
     return {
         "model_id": scan.model_id,
@@ -43,6 +51,7 @@ def verdict_row(scan: ModelScan, method: str, reference: str, provenance: Proven
         "method": method,
         "reference": reference,
         "seconds": scan.seconds if seconds is None else seconds,
+        "examples": examples,
         **provenance.fields(),
     }
 
@@ -71,7 +80,9 @@ def class_rows(scan: ModelScan, names: list[str], provenance: Provenance) -> lis
     ]
 
 
-def failed_row(model_id: str, path: str, sha256: str | None, error: str, method: str, provenance: Provenance) -> dict[str, Any]:
+def failed_row(
+    model_id: str, path: str, sha256: str | None, error: str, method: str, provenance: Provenance, examples: str | None = None
+) -> dict[str, Any]:
     """The verdict row of a model that could not be loaded or scanned: its error, no verdict."""
     return {
         "model_id": model_id,
@@ -85,5 +96,14 @@ def failed_row(model_id: str, path: str, sha256: str | None, error: str, method:
         "method": method,
         "reference": None,
         "seconds": None,
+        "examples": examples,
         **provenance.fields(),
     }
+
+
+def examples_note(own: int | None, why_shared: str | None = None) -> str:
+    """The verdict row's ``examples``: ``own:N`` (scanned on its own N example
+    images) or ``shared`` (the data= set), with why when it had examples of its own."""
+    if own is not None:
+        return f"own:{own}"
+    return f"shared ({why_shared})" if why_shared else "shared"

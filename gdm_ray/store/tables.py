@@ -33,6 +33,9 @@ VERDICT_SCHEMA = _table(
     pa.field("method", pa.string()),
     pa.field("reference", pa.string()),  # what the anomaly is measured against: "model" (its classes) or "zoo"
     pa.field("seconds", pa.float64()),
+    # zoo-scan: the clean images the model was scanned on: "own:N" (its own example folder, N images)
+    # or "shared" (data=), with why in brackets when it had examples of its own; null from scan
+    pa.field("examples", pa.string()),
 )
 
 # One row per (model, class).
