@@ -65,6 +65,15 @@ class S3Server:
             aws_secret_access_key=self.secret_access_key,
         )
 
+    def upload_tree(self, folder: Path, url: str) -> None:
+        """Every file under ``folder`` to ``url`` (s3://bucket/prefix), keyed by its relative path, through gdm-ray's client."""
+        from gdm_ray.store.s3 import S3
+
+        s3 = S3(self.store())
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                s3.put_file(f"{url.rstrip('/')}/{p.relative_to(folder).as_posix()}", p)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

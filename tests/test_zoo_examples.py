@@ -176,13 +176,8 @@ def test_examples_of_another_shape_or_class_are_refused(held_out, tmp_path):
 
 def test_an_s3_zoo_brings_its_example_folders(trojai_zoo, s3_server, bucket, tmp_path, capsys, monkeypatch):
     """zoo.path=s3://...: the prefix is mirrored whole, example folders with their models."""
-    from gdm_ray.store.s3 import S3
-
     monkeypatch.setenv("GDM_RAY_CACHE", str(tmp_path / "cache"))
-    s3 = S3(s3_server.store())
-    for p in sorted(trojai_zoo.rglob("*")):
-        if p.is_file():
-            s3.put_file(f"s3://{bucket}/round/{p.relative_to(trojai_zoo).as_posix()}", p)
+    s3_server.upload_tree(trojai_zoo, f"s3://{bucket}/round")
     out = tmp_path / "out"
     args = ["zoo-scan", f"zoo.path=s3://{bucket}/round", *DATA, "scan.steps=20", "full_search=false", "use_ray=false",
             f"out={out}", *s3_server.overrides()]  # fmt: skip

@@ -16,7 +16,6 @@ from gdm_ray.core.errors import ConfigError
 from gdm_ray.core.model_io import load_model, save_safetensors
 from gdm_ray.core.models import build_model
 from gdm_ray.core.program import save_program
-from gdm_ray.store.s3 import S3
 
 FAST = [*DATA, "scan.steps=150", *PINNED_MESA, "mesa.steps=100", "mesa.eval_samples=128", "samples_per_level=4"]
 
@@ -79,10 +78,7 @@ def test_a_mixed_zoo_on_s3_is_scanned_in_one_run(s3_server, bucket, models, tmp_
     save_safetensors(clean, _touch(local, "round2/id-00000002/model.safetensors"), "small_cnn", shape, classes, 8)
     torch.save(dict(bd.state_dict()), _touch(local, "weights/w.pth"))  # a weights-only checkpoint of the backdoored net
     torch.save(clean, _touch(local, "pickled/model.pt"))  # a whole pickled module (trusted below)
-    s3 = S3(s3_server.store())
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            s3.put_file(f"s3://{bucket}/zoo/{p.relative_to(local).as_posix()}", p)
+    s3_server.upload_tree(local, f"s3://{bucket}/zoo")
     out = tmp_path / "out"
     args = ["zoo-scan", f"zoo.path=s3://{bucket}/zoo", *FAST, "use_ray=false", "arch=small_cnn", "arch.width=8",
             "model.allow_pickle=true", f"out={out}", *s3_server.overrides()]  # fmt: skip

@@ -39,11 +39,8 @@ class TriggerSampler(Protocol):
 class DefenseConfig:
     """Retraining settings: ``rate`` is r', the share of images given a sampled trigger."""
 
-    # 0.2, not 0.5: on five Fashion-MNIST models built apart from the judged zoo (bench/thirdparty.dev_spec),
-    # 0.5 cost +0.86 points of clean accuracy at the median and +3.62 at worst (a VGG without BatchNorm),
-    # 0.2 +0.58 / +1.62 with the real trigger's ASR <= 2.4%. 0.1 cost less (+0.22 / +0.70) but is too weak
-    # a repair: a synthetic model with two backdoors kept 45% ASR on the second (each phase has half the epochs)
-    # and 0.05 left 4.8% on a dev LeNet (bench/results/ingredients-dev*.md; tests/test_scan_cli.py)
+    # 0.2: less accuracy lost than 0.5 on models built apart from the judged zoo, while 0.1 left backdoors
+    # in place (two-target repairs, a ring-trigger LeNet); figures in README and bench/results/ingredients-dev*.md
     rate: float = 0.2
     mix: str = "replace"  # replace: a triggered image takes its clean original's place; append: it joins the batch beside it
     epochs: float = 3
