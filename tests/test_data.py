@@ -99,7 +99,20 @@ def test_limits_cap_each_split():
     s = load_splits(DataSpec(name="synthetic", samples=400, limit_train=10, limit_defense=7, limit_eval=5))
     assert (len(s.train), len(s.defense), len(s.eval)) == (10, 7, 5)
     full = load_splits(DataSpec(name="synthetic", samples=400))
-    assert torch.equal(s.train.x, full.train.x[:10])
+    assert set(_rows(s.train)) <= set(_rows(full.train))
+    assert torch.equal(s.defense.x, full.defense.x[:7])
+
+
+def test_limit_train_samples_every_class_of_a_class_sorted_train_folder(tmp_path):
+    """A train/ folder is read class by class: a prefix of it would hold the first classes only
+    (limit_train=20000 on CIFAR-10 gave classes 0-3 and a 36%-accurate model)."""
+    root = tmp_path / "sorted"
+    _write_tree(root / "train", classes=("a", "b", "c", "d"), per_class=10)
+    _write_tree(root / "test", classes=("a", "b", "c", "d"), per_class=4, start=100)
+    spec = dict(name="imagefolder", path=str(root), cache_dir=str(tmp_path / "cache"), limit_train=12)
+    s = load_splits(DataSpec(**spec))
+    assert len(s.train) == 12 and set(s.train.y.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(load_splits(DataSpec(**spec)).train.x, s.train.x)  # seeded: the same subset every time
 
 
 @pytest.mark.parametrize(

@@ -196,9 +196,12 @@ def _apply_limits(s: Splits, spec: DataSpec) -> Splits:
     def cap(part: ImageSet, k: int) -> ImageSet:
         return part.subset(torch.arange(k)) if 0 < k < len(part) else part
 
-    # Splits are already shuffled, so a prefix is a uniform sample.
+    # defense and eval are seeded shuffles already, so a prefix is a uniform sample; a train/ folder is
+    # not (an ImageFolder lists it class by class: its first 20,000 CIFAR-10 images are classes 0-3 only)
+    k = int(spec.limit_train)
+    train = s.train.subset(_perm(len(s.train), int(spec.seed), 3)[:k].sort().values) if 0 < k < len(s.train) else s.train
     return Splits(
-        cap(s.train, int(spec.limit_train)),
+        train,
         cap(s.defense, int(spec.limit_defense)),
         cap(s.eval, int(spec.limit_eval)),
         s.name,
