@@ -82,8 +82,21 @@ def main() -> None:
         [
             f"{'Judged' if args.judged else 'Dev'} Fashion-MNIST models of bench/thirdparty.py; target class given; "
             f"defender's data: the Fashion-MNIST defense split; extent_steps={steps}.",
-            markdown_table(["model", "true size", "true place", "estimate", "estimated place", "place right", "found box",
-                            "ASR whole / box at found / box at random", "area / true", "s"], rows),  # fmt: skip
+            markdown_table(
+                [
+                    "model",
+                    "true size",
+                    "true place",
+                    "estimate",
+                    "estimated place",
+                    "place right",
+                    "found box",
+                    "ASR whole / box at found / box at random",
+                    "area / true",
+                    "s",
+                ],
+                rows,
+            ),  # fmt: skip
             f"Area over the true trigger's: median {statistics.median(ratios):.1f}, worst {max(ratios):.1f}; "
             f"placement right on {place_right}/{len(names)}.",
         ]

@@ -171,7 +171,9 @@ def build(m: ZooModel, base: torch.nn.Module, splits, zoo: Path, cards: Path, qu
         "train_seconds": round(seconds, 1),
     }
     card_path.write_text(json.dumps(card, indent=2))
-    print(f"  built {m.model_id} ({m.label}): acc {card['clean_accuracy']:.2%}, ASR {[f'{a:.1%}' for a in asr]}, {seconds:.0f}s", flush=True)
+    print(
+        f"  built {m.model_id} ({m.label}): acc {card['clean_accuracy']:.2%}, ASR {[f'{a:.1%}' for a in asr]}, {seconds:.0f}s", flush=True
+    )
     return card
 
 
@@ -251,11 +253,23 @@ def main() -> None:
             f"(clean accuracy and ASR on {len(splits.eval)} CIFAR-10 test images).",
             "Per model (score = max anomaly index; flagged = classes above the threshold; s = that model's scan; "
             "examples = the images the scan used; p = leave-one-out calibrated probability of a backdoor):",
-            markdown_table(["model", "format", "backdoor", "true targets", "clean acc", "ASR", "examples", "score", "flagged", "s", "p"],
-                           per_model),  # fmt: skip
+            markdown_table(
+                ["model", "format", "backdoor", "true targets", "clean acc", "ASR", "examples", "score", "flagged", "s", "p"], per_model
+            ),  # fmt: skip
             "Summary:",
-            markdown_table(["scan", "ROC AUC", "verdict accuracy", "backdoored detected", "top target right", "all targets reported",
-                            "false positives", "median s/model"], [row]),  # fmt: skip
+            markdown_table(
+                [
+                    "scan",
+                    "ROC AUC",
+                    "verdict accuracy",
+                    "backdoored detected",
+                    "top target right",
+                    "all targets reported",
+                    "false positives",
+                    "median s/model",
+                ],
+                [row],
+            ),  # fmt: skip
             f"Scan time per model: median {statistics.median(secs):.0f} s, range {min(secs):.0f}-{max(secs):.0f} s.",
             "TrojAI calibration (logistic score -> probability, as `gdm-ray trojai configure` fits it): "
             f"cross-entropy leave-one-out {ce_loo:.3f}, fitted on all {len(ids)} models {ce_fit:.3f} "
